@@ -1,0 +1,20 @@
+# Each target is one README command. CPU machines get the CPU torch wheel from constraints.txt.
+PY ?= python
+export HF_HUB_OFFLINE = 1
+
+.PHONY: install main test test-slow lint
+
+install:
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+
+main: install
+	$(PY) -m lightning_ft.run fit --config experiments/dreambooth_bnn.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+lint:
+	$(PY) -m ruff check lightning_ft tests benchmarks

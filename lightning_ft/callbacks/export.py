@@ -1,0 +1,31 @@
+"""Export the trained model in diffusers format when training ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+
+class DiffusersExport(L.Callback):
+    """At the end of ``fit``, write ``module.save_pretrained(dirpath)`` on rank 0.
+
+    Args:
+        dirpath: output folder (default: ``<log dir>/export``).
+        lora_only: write only the LoRA weights (``load_lora_weights`` format) instead of a full pipeline
+            (default False; a full export of a LoRA run holds the merged weights).
+    """
+
+    def __init__(self, dirpath: str | None = None, lora_only: bool = False):
+        self.dirpath, self.lora_only = dirpath, lora_only
+        self.exported_to: Path | None = None
+
+    def resolve_dir(self, trainer: L.Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "export"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.exported_to = pl_module.save_pretrained(self.resolve_dir(trainer), lora_only=self.lora_only)
+            print(f"lightning-ft: exported diffusers model to {self.exported_to}")

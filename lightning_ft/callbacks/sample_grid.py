@@ -1,0 +1,94 @@
+"""Sample a fixed grid of images during training and write it to disk and to the logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] to one uint8 HxWx3 grid of ``columns`` columns (empty cells stay black)."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.zeros(c, rows * h, columns * w)
+    for i, image in enumerate(images):
+        r, k = divmod(i, columns)
+        grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = image
+    return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+class SampleGridLogger(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) sample ``prompts`` (or ``labels``)
+    with fixed ``seeds`` and save ``samples/step_XXXXXX.png`` under the log dir; TensorBoard and W&B loggers also
+    receive the grid.
+
+    Args:
+        prompts: prompts to sample (text models); each is drawn once per seed.
+        labels: class labels to sample (class-conditional models), instead of prompts.
+        seeds: sampling seeds (default [0, 1, 2, 3]); the same every time, so grids compare across steps.
+        every_n_steps: sampling period in optimizer steps (default 100; 0 = only at the end).
+        steps: sampler steps (default: the model's ``sample_steps``).
+        guidance_scale: classifier-free guidance (default: the model's).
+        upscale: nearest-neighbour enlargement of the saved grid (default 4), for small models.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        labels: list[int] | None = None,
+        seeds: list[int] = [0, 1, 2, 3],
+        every_n_steps: int = 100,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        upscale: int = 4,
+    ):
+        self.prompts, self.labels, self.seeds = prompts, labels, list(seeds)
+        self.every_n_steps, self.steps, self.guidance_scale, self.upscale = (
+            every_n_steps,
+            steps,
+            guidance_scale,
+            upscale,
+        )
+        self._last_step = -1
+
+    def sample(self, pl_module) -> torch.Tensor:
+        conds = self.prompts if self.prompts is not None else self.labels
+        if conds is None:
+            return pl_module.generate(seeds=self.seeds, steps=self.steps)
+        expanded = [c for c in conds for _ in self.seeds]
+        seeds = [s for _ in conds for s in self.seeds]
+        key = "prompts" if self.prompts is not None else "labels"
+        return pl_module.generate(**{key: expanded}, seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale)
+
+    def log_grid(self, trainer: L.Trainer, pl_module) -> Path | None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        images = self.sample(pl_module)
+        if not trainer.is_global_zero:
+            return None
+        grid = make_grid(images, columns=len(self.seeds))
+        if self.upscale > 1:
+            grid = grid.repeat(self.upscale, axis=0).repeat(self.upscale, axis=1)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:06d}.png"
+        Image.fromarray(grid).save(path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key="samples", images=[grid], step=step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                logger.experiment.add_image("samples", grid, step, dataformats="HWC")
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.log_grid(trainer, pl_module)

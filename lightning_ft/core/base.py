@@ -1,0 +1,455 @@
+"""``DiffusionBase``: the LightningModule every fine-tuning method subclasses.
+
+It owns the components (denoiser, scheduler, optional VAE and text encoder), the trainable set, the noise and
+timestep sampling, the prediction target (epsilon / v / sample, from the scheduler config), min-SNR weighting,
+noise offset, EMA, the optimizer and LR schedule, sampling (``generate``) and export (``save_pretrained``).
+
+A method overrides a few hooks:
+
+- ``training_loss(batch) -> (loss, logs)``: the objective (default: the plain denoising loss);
+- ``sample_timesteps(n)`` and ``timestep_weights(t)``: how timesteps are drawn and weighted;
+- ``configure_trainable()``: which parameters train, and any modules the method inserts;
+- ``on_fit_start()``: precomputation (memory banks, class images).
+
+Checkpoints hold only the trainable parameters (plus EMA and optimizer state) and restore on top of ``pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler as get_lr_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+
+from lightning_ft.core import pipeline as pipe_utils
+from lightning_ft.core.components import load_components
+from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable, has_lora, lora_state_dict
+
+
+class DiffusionBase(L.LightningModule):
+    """Fine-tune a pretrained diffusion model.
+
+    Args:
+        pretrained: local diffusers folder or hub id of the model (default None: build from ``components``).
+        components: config dicts that build or override components (see ``lightning_ft.core.components``).
+        trainable: ``full`` | ``attention`` | ``lora`` | ``none`` (default ``full``).
+        lora_rank, lora_alpha, lora_target_modules, lora_dropout: PEFT LoRA settings for ``trainable='lora'``
+            (defaults 4, None = rank, q/k/v/out projections, 0.0).
+        train_text_encoder: also train the text encoder (default False).
+        lr, betas, weight_decay, adam_eps: AdamW settings (defaults 5e-6, (0.9, 0.999), 1e-2, 1e-8).
+        lr_scheduler: diffusers schedule name, ``constant`` | ``constant_with_warmup`` | ``cosine`` | ``linear``
+            (default ``constant``); ``warmup_steps`` (default 0).
+        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction`` / ``sample`` (default: scheduler's).
+        snr_gamma: min-SNR-gamma loss weighting (default None = off; 5.0 is the paper's value).
+        noise_offset: offset-noise strength (default 0.0).
+        condition_dropout: probability of training a sample with the empty prompt / null class, which teaches the
+            unconditional branch that classifier-free guidance needs (default 0.0).
+        ema_decay: keep an EMA of the trainable weights, used for sampling and export (default None = off).
+        sample_scheduler, sample_scheduler_kwargs: diffusers scheduler class used for sampling and written with the
+            export, built from the training scheduler's config (default ``DDIMScheduler``, no overrides).
+        sample_steps, guidance_scale: defaults for ``generate`` (25, 3.0).
+        null_class: class index used as the unconditional class for class-conditional models (default None).
+    """
+
+    #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
+    requires_frozen_denoiser: bool = False
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        components: dict | None = None,
+        trainable: str = "full",
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),
+        lora_dropout: float = 0.0,
+        train_text_encoder: bool = False,
+        lr: float = 5e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        adam_eps: float = 1e-8,
+        lr_scheduler: str = "constant",
+        warmup_steps: int = 0,
+        prediction_type: str | None = None,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        condition_dropout: float = 0.0,
+        ema_decay: float | None = None,
+        sample_scheduler: str = "DDIMScheduler",
+        sample_scheduler_kwargs: dict | None = None,
+        sample_steps: int = 25,
+        guidance_scale: float = 3.0,
+        null_class: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        parts = load_components(pretrained, components)
+        self.denoiser = parts.denoiser
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = parts.scheduler
+        if prediction_type is not None:
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        for frozen in (self.vae, self.text_encoder):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.frozen_denoiser = None
+        if self.requires_frozen_denoiser:
+            self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.configure_trainable()
+        # Checkpoints hold only trainable weights; the rest comes from `pretrained` (see on_load_checkpoint).
+        self.strict_loading = False
+        self.ema = None
+
+    # ----------------------------------------------------------------------------------------------- components
+    @property
+    def parts(self) -> pipe_utils.Components:
+        return pipe_utils.Components(self.denoiser, self.noise_scheduler, self.vae, self.text_encoder, self.tokenizer)
+
+    @property
+    def conditioning(self) -> str:
+        return self.parts.conditioning
+
+    def model_identity(self) -> str:
+        """A short hash of what defines the pretrained model (path or component configs): keys on-disk caches."""
+        h = self.hparams
+        spec = {"pretrained": h.pretrained, "components": h.components}
+        if h.pretrained and Path(h.pretrained).exists():
+            # A local folder that is overwritten with new weights must not reuse caches made from the old ones.
+            files = sorted(p for p in Path(h.pretrained).rglob("*") if p.is_file())
+            spec["files"] = [
+                (str(p.relative_to(h.pretrained)), p.stat().st_size, int(p.stat().st_mtime)) for p in files
+            ]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def native_resolution(self) -> int:
+        """Image side the denoiser was built for: its sample size times the VAE's downsampling factor."""
+        size = self.denoiser.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return size * self.vae_scale_factor()
+
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def check_resolution(self, resolution: int) -> None:
+        """Fail fast, naming ``data.resolution``, when the denoiser cannot take images of that size."""
+        native = self.native_resolution()
+        blocks = getattr(self.denoiser.config, "block_out_channels", None)
+        if blocks is None:  # transformers (DiT) have a fixed positional grid
+            if resolution != native:
+                raise ValueError(f"data.resolution={resolution} but this model only takes {native}x{native} images")
+            return
+        multiple = self.vae_scale_factor() * 2 ** (len(blocks) - 1)
+        if resolution % multiple:
+            raise ValueError(f"data.resolution={resolution} is not a multiple of {multiple}, which this model needs")
+        if resolution > 4 * native:
+            raise ValueError(
+                f"data.resolution={resolution} is over 4x the model's native {native} px; "
+                "it would not be fine-tuning the pretrained model any more"
+            )
+
+    def configure_trainable(self) -> None:
+        """Choose the trainable parameters; methods that insert modules override this and call ``super()``."""
+        h = self.hparams
+        apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, h.lora_target_modules, h.lora_dropout)
+        if self.text_encoder is not None and h.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts never leave eval mode (dropout off), whatever Lightning does to the module tree.
+        for frozen in (self.frozen_denoiser, self.vae):
+            if frozen is not None:
+                frozen.eval()
+        if self.text_encoder is not None and not self.hparams.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels."""
+        if self.vae is None:
+            return pixel_values
+        with torch.no_grad():
+            latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states, tokenised exactly as diffusers' StableDiffusionPipeline does."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        context = torch.enable_grad() if self.hparams.train_text_encoder and self.training else torch.no_grad()
+        with context:
+            return self.text_encoder(ids)[0]
+
+    def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
+        """The denoiser's condition for a batch (text embeddings, class labels or None), with condition dropout."""
+        p = self.hparams.condition_dropout if self.training else 0.0
+        if self.conditioning == "text":
+            prompts = list(batch[prompts_key])
+            if p > 0:
+                drop = torch.rand(len(prompts)) < p
+                prompts = ["" if d else s for s, d in zip(prompts, drop.tolist())]
+            return self.encode_prompts(prompts)
+        if self.conditioning == "class":
+            labels = batch[labels_key].to(self.device)
+            if p > 0:
+                labels = torch.where(torch.rand(len(labels), device=self.device) < p, self.hparams.null_class, labels)
+            return labels
+        return None
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition, denoiser=None) -> torch.Tensor:
+        """Run a denoiser (default ``self.denoiser``) and return its prediction with the input's channel count."""
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        if self.conditioning == "text":
+            out = denoiser(noisy, timesteps, encoder_hidden_states=condition).sample
+        elif self.conditioning == "class":
+            out = denoiser(noisy, timesteps, class_labels=condition).sample
+        else:
+            out = denoiser(noisy, timesteps).sample
+        # Learned-variance models (DiT, IF) predict 2x channels; the mean part is the first half.
+        return out[:, : noisy.shape[1]] if out.shape[1] != noisy.shape[1] else out
+
+    # -------------------------------------------------------------------------------------------------- the loss
+    def sample_timesteps(self, n: int) -> torch.Tensor:
+        """Training timesteps for ``n`` samples (default uniform over the scheduler's range)."""
+        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=self.device)
+
+    def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (default: min-SNR-gamma when ``snr_gamma`` is set, else 1)."""
+        gamma = self.hparams.snr_gamma
+        if gamma is None:
+            return torch.ones(len(timesteps), device=timesteps.device)
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        clipped = snr.clamp(max=gamma)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr.clamp(min=1e-8)
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, timesteps)
+        if kind == "sample":
+            return x0
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def make_noise(self, x0: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x0)
+        if self.hparams.noise_offset:
+            noise = noise + self.hparams.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
+        return noise
+
+    def diffusion_loss(
+        self,
+        x0: torch.Tensor,
+        condition,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        weighted: bool = True,
+    ) -> torch.Tensor:
+        """Per-sample denoising loss (shape [B]): MSE to the prediction target, mean over dimensions, times
+        ``timestep_weights`` when ``weighted``."""
+        timesteps = self.sample_timesteps(x0.shape[0]) if timesteps is None else timesteps
+        noise = self.make_noise(x0) if noise is None else noise
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        pred = self.predict(noisy, timesteps, condition)
+        target = self.prediction_target(x0, noise, timesteps)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        return loss * self.timestep_weights(timesteps) if weighted else loss
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of one batch; returns the loss and a dict of values to log. Default: denoising loss."""
+        x0 = self.encode_images(batch["pixel_values"])
+        loss = self.diffusion_loss(x0, self.encode_conditions(batch)).mean()
+        return loss, {"loss/diffusion": loss.detach()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.training_loss(batch)
+        batch_size = len(batch["pixel_values"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        return loss
+
+    # --------------------------------------------------------------------------------------- optimisation, EMA
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; override to give inserted modules their own learning rate."""
+        return [{"params": self.trainable_parameters()}]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = [g for g in self.param_groups() if g["params"]]
+        if not groups:
+            raise ValueError(f"nothing to train: model.trainable={h.trainable!r} left no parameter with requires_grad")
+        optimizer = torch.optim.AdamW(
+            groups, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay, eps=h.adam_eps
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = int(total) if total and total != float("inf") else 1
+        schedule = get_lr_scheduler(
+            h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.hparams.ema_decay is not None and self.ema is None:
+            self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters())
+
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """Within this block the module holds the weights used to sample and export (EMA if enabled), in eval."""
+        was_training = self.training
+        self.eval()
+        if self.ema is not None:
+            params = self.trainable_parameters()
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
+            self.train(was_training)
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: trainable parameters (frozen weights come from ``pretrained``)."""
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lightning_ft"] = {"model_identity": self.model_identity(), "trainable_keys": sorted(keep)}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {sorted(missing)[:3]}): "
+                "it was written by a different method or trainable set"
+            )
+        if "ema" in checkpoint and self.hparams.ema_decay is not None:
+            self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ------------------------------------------------------------------------------------------ sampling, export
+    def sampling_scheduler(self):
+        h = self.hparams
+        return pipe_utils.sampling_scheduler(self.noise_scheduler, h.sample_scheduler, h.sample_scheduler_kwargs)
+
+    def build_pipeline(self):
+        """The diffusers pipeline of the current weights (shares the modules; nothing is copied)."""
+        return pipe_utils.build_pipeline(self.parts, self.sampling_scheduler())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 32,
+        negative_prompt: str | None = None,
+    ) -> torch.Tensor:
+        """Sample images in [0, 1], shape (N, C, H, W), one per prompt / label / seed.
+
+        ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
+        steps = steps or self.hparams.sample_steps
+        guidance = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
+        seeds = list(range(n)) if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts/labels")
+        chunks = []
+        with self.sampling_weights():
+            pipe = self.build_pipeline()
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
+            for start in range(0, n, batch_size):
+                part = slice(start, start + batch_size)
+                if self.conditioning == "text":
+                    chunks.append(
+                        pipe_utils.sample_text(pipe, prompts[part], seeds[part], steps, guidance, negative_prompt)
+                    )
+                elif self.conditioning == "class":
+                    chunks.append(
+                        pipe_utils.sample_class_conditional(
+                            self.parts,
+                            self.sampling_scheduler(),
+                            labels[part],
+                            seeds[part],
+                            steps,
+                            guidance,
+                            self.hparams.null_class,
+                            self.predict,
+                        )
+                    )
+                else:
+                    chunks.append(pipe_utils.sample_unconditional(pipe, seeds[part], steps))
+        return torch.cat(chunks).cpu()
+
+    def export_state(self) -> None:
+        """Hook: put the module in the state export writes (e.g. Bayesian layers back to plain means)."""
+
+    def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:
+        """Write a diffusers folder (full pipeline) or, with ``lora_only``, LoRA weights for ``load_lora_weights``.
+
+        A full export of a LoRA model writes the merged weights: the folder has exactly the base architecture."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self.sampling_weights():
+            if lora_only:
+                if not has_lora(self.denoiser):
+                    raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
+                from diffusers import StableDiffusionPipeline
+
+                StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=lora_state_dict(self.denoiser))
+                return path
+            parts = self.parts
+            parts.denoiser = self.exportable_denoiser()
+            pipe = pipe_utils.build_pipeline(parts, self.sampling_scheduler())
+            if pipe is None:
+                parts.denoiser.save_pretrained(path / "denoiser")
+                self.noise_scheduler.save_pretrained(path / "scheduler")
+            else:
+                pipe.save_pretrained(path)
+        return path
+
+    def exportable_denoiser(self) -> torch.nn.Module:
+        """The denoiser as plain diffusers weights: LoRA merged into a copy; ``export_state`` applied."""
+        self.export_state()
+        if not has_lora(self.denoiser):
+            return self.denoiser
+        merged = copy.deepcopy(self.denoiser)
+        merged.fuse_lora()
+        merged.unload_lora()
+        return merged

@@ -1,0 +1,151 @@
+"""Load or build the parts of a diffusion model: denoiser, noise scheduler, VAE, text encoder, tokenizer.
+
+A model comes either from a diffusers folder or hub id (``pretrained``), read component by component from its
+``model_index.json``, or from config dicts (tests, pretraining from scratch). Each entry of ``components`` is
+``{"class": "UNet2DConditionModel", "config": {...}}`` (built fresh) or ``{"pretrained": PATH}`` /
+``{"class": ..., "pretrained": PATH, "subfolder": ...}`` (loaded); the tokenizer may also be
+``{"words": [...], "model_max_length": N}`` (a word-level tokenizer built offline). Entries given in
+``components`` override the same entry of ``pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_ft.core.tokenizer import build_word_tokenizer
+
+# model_index.json names the denoiser "unet" (UNets) or "transformer" (DiT); both are the denoiser here.
+DENOISER_KEYS = ("unet", "transformer")
+COMPONENT_KEYS = ("denoiser", "scheduler", "vae", "text_encoder", "tokenizer")
+
+
+@dataclass
+class Components:
+    """The loaded parts; ``vae``, ``text_encoder`` and ``tokenizer`` are ``None`` when the model has none."""
+
+    denoiser: torch.nn.Module
+    scheduler: Any
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: Any = None
+
+    @property
+    def conditioning(self) -> str:
+        """'text' (prompts), 'class' (integer labels) or 'none' (unconditional)."""
+        if self.text_encoder is not None:
+            return "text"
+        config = self.denoiser.config
+        if getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None):
+            return "class"
+        return "none"
+
+
+def _import_class(name: str):
+    """Find a component class by name in diffusers, then transformers (a dotted path is imported as given)."""
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+    for library in ("diffusers", "transformers"):
+        module = importlib.import_module(library)
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise ValueError(f"unknown component class {name!r}: not found in diffusers or transformers")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def check_pretrained(pretrained: str, key: str = "model.pretrained") -> None:
+    """Fail fast, naming the config key, when a local ``pretrained`` path does not exist or is not a model."""
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if path.is_dir() and not any((path / f).exists() for f in ("model_index.json", "config.json")):
+            raise FileNotFoundError(f"{key}={pretrained!r} is a folder but holds no model_index.json or config.json")
+        return
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise FileNotFoundError(f"{key}={pretrained!r} does not exist (neither a local folder nor a hub id 'org/name')")
+
+
+def _load_pretrained_entry(cls_name: str, path: str, subfolder: str | None):
+    cls = _import_class(cls_name)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    return cls.from_pretrained(path, **kwargs)
+
+
+def _build_entry(key: str, spec: dict):
+    if not isinstance(spec, dict):
+        raise TypeError(f"model.components.{key} must be a mapping, got {type(spec).__name__}: {spec!r}")
+    if key == "tokenizer" and "words" in spec:
+        return build_word_tokenizer(spec["words"], spec.get("model_max_length", 16))
+    if "pretrained" in spec:
+        path = spec["pretrained"]
+        check_pretrained(path, f"model.components.{key}.pretrained")
+        if "class" not in spec:
+            return _load_from_folder_config(path, spec.get("subfolder"), key)
+        return _load_pretrained_entry(spec["class"], path, spec.get("subfolder"))
+    if "class" not in spec or "config" not in spec:
+        raise ValueError(
+            f"model.components.{key} needs 'class' and 'config' (or 'pretrained'); got keys {sorted(spec)}"
+        )
+    cls = _import_class(spec["class"])
+    if key == "scheduler":
+        return cls.from_config(spec["config"])
+    config_cls = getattr(importlib.import_module("transformers"), spec["class"].replace("Model", "Config"), None)
+    if config_cls is not None and spec["class"].startswith(("CLIP", "T5", "Bert")):
+        return cls(config_cls(**spec["config"]))
+    return cls(**spec["config"])
+
+
+def _load_from_folder_config(path: str, subfolder: str | None, key: str):
+    """Load a single diffusers/transformers component folder whose class is named in its own config."""
+    import json
+
+    folder = Path(path) / (subfolder or "")
+    for config_name in ("config.json", "scheduler_config.json"):
+        config_file = folder / config_name
+        if config_file.exists():
+            config = json.loads(config_file.read_text())
+            name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+            if name:
+                return _load_pretrained_entry(name, path, subfolder)
+    if (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    raise FileNotFoundError(f"model.components.{key}: no config naming a class in {folder}")
+
+
+def load_components(pretrained: str | None = None, components: dict | None = None) -> Components:
+    """Load ``pretrained`` (folder or hub id) and/or build ``components``; see the module docstring."""
+    components = dict(components or {})
+    unknown = set(components) - set(COMPONENT_KEYS)
+    if unknown:
+        raise ValueError(f"model.components has unknown keys {sorted(unknown)}; expected some of {COMPONENT_KEYS}")
+    parts: dict[str, Any] = {}
+    if pretrained is not None:
+        check_pretrained(pretrained)
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(pretrained)
+        for name, value in index.items():
+            if name.startswith("_") or not isinstance(value, (list, tuple)) or value[1] is None:
+                continue
+            key = "denoiser" if name in DENOISER_KEYS else name
+            if key in COMPONENT_KEYS and key not in components:
+                parts[key] = _load_pretrained_entry(value[1], pretrained, name)
+    for key, spec in components.items():
+        if spec is not None:
+            parts[key] = _build_entry(key, spec)
+    for required in ("denoiser", "scheduler"):
+        if required not in parts:
+            raise ValueError(f"the model has no {required}: give model.pretrained or model.components.{required}")
+    if (parts.get("text_encoder") is None) != (parts.get("tokenizer") is None):
+        raise ValueError("model: a text encoder needs a tokenizer and vice versa (components.text_encoder/tokenizer)")
+    return Components(**parts)

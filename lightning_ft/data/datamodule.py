@@ -1,0 +1,186 @@
+"""``LimitedDataModule``: a handful to a few hundred images, with optional prior-preservation class images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ft.data.class_images import class_cache_folder, generate_class_images
+from lightning_ft.data.folder import list_images, load_image, read_captions, to_tensor
+
+
+class LimitedDataset(Dataset):
+    """Item ``i`` pairs instance image ``i mod N`` with class image ``i mod M`` (DreamBooth's pairing).
+
+    Augmentation (random crop, flip) is drawn from a generator seeded by ``(seed, i)``: the same index always gives
+    the same tensor, so runs are reproducible whatever the worker count."""
+
+    def __init__(
+        self,
+        images,
+        prompts,
+        class_images=None,
+        class_prompts=None,
+        resolution=32,
+        center_crop=True,
+        random_flip=False,
+        repeats=1,
+        seed=0,
+        labels=None,
+    ):
+        self.images, self.prompts, self.labels = images, prompts, labels
+        self.class_images, self.class_prompts = class_images or [], class_prompts or []
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.length = max(len(images) * repeats, len(self.class_images))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng((self.seed, index))
+        i = index % len(self.images)
+        item = {
+            "pixel_values": to_tensor(self.images[i], self.resolution, self.center_crop, self.random_flip, rng),
+            "prompts": self.prompts[i],
+        }
+        if self.labels is not None:
+            item["class_labels"] = self.labels[i]
+        if self.class_images:
+            j = index % len(self.class_images)
+            item["class_pixel_values"] = to_tensor(
+                self.class_images[j], self.resolution, self.center_crop, self.random_flip, rng
+            )
+            item["class_prompts"] = self.class_prompts[j]
+        return item
+
+
+class LimitedDataModule(L.LightningDataModule):
+    """Few-shot training data from an image folder.
+
+    Args:
+        instance_dir: folder of training images (png/jpg/jpeg/webp/bmp).
+        instance_prompt: caption for every instance image, used when there is no ``captions_file`` and no
+            per-image ``.txt`` (e.g. ``"a sks star on a gray background"``).
+        captions_file: ``.jsonl`` (``{"file": ..., "caption": ...}`` per line) or ``.csv`` (``file,caption``).
+        class_dir: folder of class images for prior preservation (default None: only generated ones).
+        class_prompt: prompt of the class images (e.g. ``"a star on a gray background"``); enables prior
+            preservation together with ``num_class_images``.
+        num_class_images: class images wanted (default 0 = no prior preservation); the shortfall of ``class_dir``
+            is sampled from the pretrained model and cached on disk.
+        class_cache_dir: where generated class images are cached (default: the project cache).
+        class_label: integer label for class-conditional models, given to every instance image (default None).
+        resolution: training resolution in pixels (default 512).
+        center_crop: centre crop (default True) instead of a random crop.
+        random_flip: horizontal flip with probability 0.5 (default False).
+        repeats: how many times the instance set is repeated in one epoch (default 100), so an epoch is not 4 steps.
+        batch_size: instance images per batch (default 1); with prior preservation a batch holds as many class images.
+        num_workers: dataloader workers (default 0).
+        seed: augmentation and shuffling seed (default 0).
+    """
+
+    def __init__(
+        self,
+        instance_dir: str,
+        instance_prompt: str | None = None,
+        captions_file: str | None = None,
+        class_dir: str | None = None,
+        class_prompt: str | None = None,
+        num_class_images: int = 0,
+        class_cache_dir: str | None = None,
+        class_label: int | None = None,
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        repeats: int = 100,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if num_class_images > 0 and not class_prompt:
+            raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
+        if resolution <= 0 or repeats <= 0 or batch_size <= 0:
+            raise ValueError(
+                f"data.resolution/repeats/batch_size must be positive, got {resolution}/{repeats}/{batch_size}"
+            )
+        self.dataset: LimitedDataset | None = None
+
+    # ----------------------------------------------------------------------------------------- class images
+    def _user_class_files(self) -> list[Path]:
+        h = self.hparams
+        if not h.class_dir or not Path(h.class_dir).exists():
+            return []
+        return list_images(h.class_dir, "data.class_dir")[: h.num_class_images]
+
+    def _generated_class_folder(self) -> Path | None:
+        h = self.hparams
+        shortfall = h.num_class_images - len(self._user_class_files())
+        if shortfall <= 0:
+            return None
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "generate"):
+            raise ValueError(
+                f"data: {shortfall} class images are missing and there is no DiffusionBase model to generate them"
+            )
+        root = Path(h.class_cache_dir) if h.class_cache_dir else None
+        return class_cache_folder(h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root)
+
+    def prepare_data(self) -> None:
+        # Runs once per machine (local rank 0) before `setup`: the class images are sampled once, not per rank.
+        folder = self._generated_class_folder() if self.hparams.num_class_images > 0 else None
+        if folder is not None and not folder.exists():
+            shortfall = self.hparams.num_class_images - len(self._user_class_files())
+            generate_class_images(
+                self.trainer.lightning_module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed
+            )
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        h = self.hparams
+        files = list_images(h.instance_dir, "data.instance_dir")
+        prompts = read_captions(files, h.captions_file, h.instance_prompt, "data.instance_dir")
+        images = [load_image(f) for f in files]
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and hasattr(module, "check_resolution"):
+            module.check_resolution(h.resolution)
+        class_images, class_prompts = None, None
+        if h.num_class_images > 0:
+            class_files = self._user_class_files()
+            folder = self._generated_class_folder()
+            if folder is not None:
+                class_files += list_images(folder, "data.class_images (generated cache)")
+            class_images = [load_image(f) for f in class_files]
+            class_prompts = [h.class_prompt] * len(class_images)
+        labels = [h.class_label] * len(images) if h.class_label is not None else None
+        self.dataset = LimitedDataset(
+            images,
+            prompts,
+            class_images,
+            class_prompts,
+            h.resolution,
+            h.center_crop,
+            h.random_flip,
+            h.repeats,
+            h.seed,
+            labels,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.dataset,
+            batch_size=h.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(h.seed),
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            drop_last=False,
+        )

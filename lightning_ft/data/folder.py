@@ -1,0 +1,127 @@
+"""Read a small image folder and its captions, failing fast with errors that name the file at fault."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Modes PIL converts to RGB without losing meaning; e.g. 32-bit integer or float images are rejected.
+CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "RGBX")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
+
+
+def list_images(folder: str | Path, key: str) -> list[Path]:
+    """Sorted image files of ``folder``; ``key`` (the config key) is named in the error if there are none."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{key}: {str(path)!r} is not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        others = sorted(p.name for p in path.iterdir())[:5]
+        raise ValueError(
+            f"{key}: folder {str(path)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}); found {others or 'nothing'}"
+        )
+    return files
+
+
+def load_image(file: Path) -> Image.Image:
+    """Open and fully decode an image as RGB; a truncated, unreadable or unconvertible file raises naming it."""
+    try:
+        with Image.open(file) as image:
+            image.load()  # decodes everything now, so a truncated file fails here and not mid-training
+            if image.mode in SIXTEEN_BIT_MODES:
+                # 16-bit grayscale (scientific or medical PNGs): scale to 8 bits instead of clipping at 255.
+                array = np.asarray(image, dtype=np.float64)
+                array = array / 257.0 if array.max() > 255 else array
+                return Image.fromarray(array.clip(0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+            if image.mode not in CONVERTIBLE_MODES:
+                raise ValueError(f"image {str(file)!r} has mode {image.mode!r}, which cannot be converted to RGB")
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                # Transparent pixels become white, as most viewers show them, instead of arbitrary colour.
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"image {str(file)!r} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def read_captions(files: list[Path], captions_file: str | None, prompt: str | None, key: str) -> list[str]:
+    """Captions for ``files``: from ``captions_file`` (jsonl with file/caption, or csv file,caption), else from
+    per-image ``.txt`` files, else ``prompt``. Mismatches name the files at fault."""
+    if captions_file:
+        table = _read_caption_table(Path(captions_file), key)
+        names = {f.name for f in files}
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise ValueError(f"{key}: captions file {captions_file!r} names images not in the folder: {unknown[:5]}")
+        uncaptioned = sorted(names - set(table))
+        if uncaptioned:
+            raise ValueError(f"{key}: captions file {captions_file!r} has no caption for {uncaptioned[:5]}")
+        return [table[f.name] for f in files]
+    sidecars = [f.with_suffix(".txt") for f in files]
+    present = [s.exists() for s in sidecars]
+    if any(present):
+        if not all(present):
+            missing = [f.name for f, p in zip(files, present) if not p]
+            raise ValueError(f"{key}: some images have a .txt caption but these have none: {missing[:5]}")
+        return [s.read_text().strip() for s in sidecars]
+    if prompt is None:
+        raise ValueError(f"{key}: no captions (no captions file, no .txt beside the images) and no prompt given")
+    return [prompt] * len(files)
+
+
+def _read_caption_table(path: Path, key: str) -> dict[str, str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: captions file {str(path)!r} does not exist")
+    table: dict[str, str] = {}
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                table[Path(row["file"]).name] = str(row["caption"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{key}: {str(path)!r} line {number} is not a JSON object with 'file' and 'caption' ({error})"
+                ) from None
+    elif path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            for number, row in enumerate(csv.reader(handle), 1):
+                if number == 1 and [c.strip().lower() for c in row] == ["file", "caption"]:
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{key}: {str(path)!r} line {number} does not have two fields file,caption")
+                table[Path(row[0]).name] = row[1]
+    else:
+        raise ValueError(f"{key}: captions file {str(path)!r} must be .jsonl or .csv")
+    return table
+
+
+def to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip; CHW in [-1, 1]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+    if flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1) / 127.5 - 1.0

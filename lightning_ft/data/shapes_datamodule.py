@@ -1,0 +1,74 @@
+"""A datamodule streaming the procedural shapes world: the source domain the embedded models are pretrained on."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ft.data import shapes
+
+
+class ShapesDataset(Dataset):
+    """``length`` deterministic renders of the shapes world; item ``i`` depends only on ``(seed, i)``.
+
+    Items are dicts with ``pixel_values`` (float, [-1, 1], CHW), ``prompts`` (the caption) and the integer
+    attribute labels ``shape``, ``color``, ``background``."""
+
+    def __init__(self, length: int, seed: int = 0, resolution: int = 32):
+        self.length, self.seed, self.resolution = length, seed, resolution
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        spec = shapes.spec_for_index(self.seed, index)
+        image = shapes.render(spec, self.resolution)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return {"pixel_values": pixels, "prompts": spec.caption, **shapes.labels(spec)}
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Unlimited, deterministic source-domain data for pretraining and for source-domain evaluation.
+
+    Args:
+        batch_size: images per batch (default 32).
+        num_train: length of one training epoch in images (default 1,000,000: pretraining is bounded by
+            ``trainer.max_steps``, not by epochs).
+        num_val: held-out renders for validation (default 512), drawn from a different seed.
+        resolution: image side in pixels (default 32).
+        seed: training stream seed (default 0); validation uses ``seed + 1``.
+        num_workers: dataloader workers (default 0).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_train: int = 1_000_000,
+        num_val: int = 512,
+        resolution: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        dataset = ShapesDataset(h.num_train, h.seed, h.resolution)
+        generator = torch.Generator().manual_seed(h.seed)
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=h.num_workers,
+            drop_last=True,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        dataset = ShapesDataset(h.num_val, h.seed + 1, h.resolution)
+        return DataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers)

@@ -1,0 +1,98 @@
+"""Few-shot targets of the embedded world, written on demand as ordinary image folders.
+
+``LimitedDataModule`` reads them exactly as it reads a user's folder. Two targets:
+
+- ``subject``: 5 images of a novel object the source domain never shows: an orange star with blue stripes on a
+  gray background (DreamBooth-style, token ``sks``), plus held-out renders of the same subject for fidelity and
+  the evaluation prompts (the subject on new backgrounds).
+- ``domain``: 32 images of a new style, shapes drawn as outlines ("a red outlined star on a black background"),
+  plus 2,000 held-out renders of the same distribution so that FID is measured against the distribution.
+
+Folders live under the project cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``) in a versioned
+subfolder, are written to a temporary name and renamed when complete, and are never rewritten once present.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lightning_ft.data import shapes
+from lightning_ft.paths import cache_dir
+
+VERSION = 1
+SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.14), "background": "gray"}
+SUBJECT_PROMPT = "a sks star on a gray background"
+SUBJECT_CLASS_PROMPT = "a star on a gray background"
+SUBJECT_EVAL_PROMPTS = [f"a sks star on a {bg} background" for bg in shapes.BACKGROUNDS]
+DOMAIN_OUTLINE = 0.35
+
+
+def subject_spec(rng: np.random.Generator, **overrides) -> shapes.ShapeSpec:
+    """A render of the subject with random pose; size kept large enough that the stripes show at 32 px."""
+    fixed = {**SUBJECT, "size": float(rng.uniform(0.34, 0.42)), **overrides}
+    return shapes.sample_spec(rng, **fixed)
+
+
+def domain_spec(rng: np.random.Generator) -> tuple[shapes.ShapeSpec, str]:
+    spec = shapes.sample_spec(rng, outline=DOMAIN_OUTLINE)
+    return spec, f"a {spec.color} outlined {spec.shape} on a {spec.background} background"
+
+
+def _save(folder: Path, name: str, spec: shapes.ShapeSpec, resolution: int) -> str:
+    Image.fromarray(shapes.render(spec, resolution)).save(folder / name)
+    return name
+
+
+def write_subject(
+    folder: Path, num_images: int = 5, num_heldout: int = 64, resolution: int = 32, seed: int = 0
+) -> None:
+    rng = np.random.default_rng((seed, 1))
+    (folder / "train").mkdir(parents=True)
+    (folder / "heldout").mkdir()
+    for i in range(num_images):
+        _save(folder / "train", f"subject_{i:02d}.png", subject_spec(rng), resolution)
+    for i in range(num_heldout):
+        _save(folder / "heldout", f"subject_{i:04d}.png", subject_spec(rng), resolution)
+    meta = {
+        "instance_prompt": SUBJECT_PROMPT,
+        "class_prompt": SUBJECT_CLASS_PROMPT,
+        "eval_prompts": SUBJECT_EVAL_PROMPTS,
+        "subject": {**SUBJECT, "stripes": list(SUBJECT["stripes"])},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def write_domain(
+    folder: Path, num_images: int = 32, num_heldout: int = 2000, resolution: int = 32, seed: int = 0
+) -> None:
+    rng = np.random.default_rng((seed, 2))
+    for split, count in (("train", num_images), ("heldout", num_heldout)):
+        (folder / split).mkdir(parents=True)
+        rows = []
+        for i in range(count):
+            spec, caption = domain_spec(rng)
+            rows.append({"file": _save(folder / split, f"{split}_{i:04d}.png", spec, resolution), "caption": caption})
+        (folder / split / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps({"style": "outlined", "outline": DOMAIN_OUTLINE}, indent=2))
+
+
+WRITERS = {"subject": write_subject, "domain": write_domain}
+
+
+def ensure_target(name: str, root: Path | None = None) -> Path:
+    """Folder of the embedded target ``name`` (``subject`` or ``domain``), written if it does not exist yet."""
+    if name not in WRITERS:
+        raise ValueError(f"unknown embedded target {name!r}; expected one of {sorted(WRITERS)}")
+    folder = (root or cache_dir() / "embedded") / f"{name}-v{VERSION}"
+    if folder.exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    WRITERS[name](partial)
+    partial.rename(folder)
+    return folder

@@ -1,0 +1,71 @@
+"""Command-line entry: ``python -m lightning_ft.run {fit,validate,test,predict} --config experiment.yaml``.
+
+A thin ``LightningCLI``: the model is any ``LightningModule`` (normally a ``DiffusionBase`` subclass) and the data
+any ``LightningDataModule``, both given by ``class_path`` + ``init_args``. YAML is parsed in OmegaConf mode, so
+``${...}`` interpolation works, and two resolvers are registered:
+
+- ``${asset:NAME}``: absolute path of a model shipped in ``lightning_ft/assets/NAME``.
+- ``${embedded:NAME}``: folder of an embedded few-shot target (written on first use, then reused).
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
+
+from lightning_ft.paths import asset_path
+
+
+def _embedded_target(name: str) -> str:
+    # Imported lazily: writing a target renders images, which the other subcommands never need.
+    from lightning_ft.data.targets import ensure_target
+
+    return str(ensure_target(name))
+
+
+def register_resolvers() -> None:
+    """Register the project's OmegaConf resolvers (idempotent)."""
+    for name, fn in {"asset": lambda n: str(asset_path(n)), "embedded": _embedded_target}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+class LightningFTCLI(LightningCLI):
+    """LightningCLI with the project's resolvers and defaults (resolved config saved beside the logs)."""
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could log online: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningFTCLI:
+    """Run the CLI on ``args`` (default: sys.argv); with ``run=False`` only parse and instantiate (tests)."""
+    register_resolvers()
+    # W&B must work with no account: offline unless credentials exist or the user chose a mode.
+    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    return LightningFTCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

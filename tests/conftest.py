@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny components built from config (nothing is downloaded), small image folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lightning_ft.data import shapes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session writes caches (class images, targets) under its own temporary folder."""
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_components() -> dict:
+    """The component configs of configs/model/tiny_t2i.yaml (a random tiny latent text-to-image model)."""
+    config = yaml.safe_load((REPO / "configs/model/tiny_t2i.yaml").read_text())
+    return config["model"]["init_args"]["components"]
+
+
+def tiny_module(cls=None, **kwargs):
+    from lightning_ft.methods import DreamBooth
+
+    cls = cls or DreamBooth
+    kwargs.setdefault("sample_steps", 2)
+    return cls(components=tiny_components(), **kwargs)
+
+
+def write_images(folder: Path, count: int, resolution: int = 32, seed: int = 0, captions: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        spec = shapes.spec_for_index(seed, i)
+        Image.fromarray(shapes.render(spec, resolution)).save(folder / f"img_{i:02d}.png")
+        if captions:
+            (folder / f"img_{i:02d}.txt").write_text(spec.caption)
+    return folder
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    return write_images(tmp_path / "subject", 3)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

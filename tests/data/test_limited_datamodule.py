@@ -1,0 +1,164 @@
+"""LimitedDataModule: captions, prior-preservation batches, class-image cache, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_module, write_images
+from PIL import Image
+
+from lightning_ft.data import LimitedDataModule
+from lightning_ft.data.class_images import generate_class_images
+
+
+def _setup(**kwargs):
+    data = LimitedDataModule(resolution=32, **kwargs)
+    data.setup("fit")
+    return data
+
+
+def test_captions_from_txt_jsonl_csv_and_prompt(tmp_path):
+    folder = write_images(tmp_path / "a", 3, captions=True)
+    data = _setup(instance_dir=str(folder))
+    assert data.dataset.prompts[0].startswith("a ") and "background" in data.dataset.prompts[0]
+
+    plain = write_images(tmp_path / "b", 2)
+    rows = [{"file": "img_00.png", "caption": "first"}, {"file": "img_01.png", "caption": "second"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert _setup(instance_dir=str(plain), captions_file=str(tmp_path / "c.jsonl")).dataset.prompts == [
+        "first",
+        "second",
+    ]
+    (tmp_path / "c.csv").write_text("file,caption\nimg_01.png,two\nimg_00.png,one\n")
+    assert _setup(instance_dir=str(plain), captions_file=str(tmp_path / "c.csv")).dataset.prompts == ["one", "two"]
+    assert _setup(instance_dir=str(plain), instance_prompt="a sks star").dataset.prompts == ["a sks star"] * 2
+
+
+def test_epoch_repeats_instances_and_is_deterministic_per_seed(subject_dir):
+    data = _setup(instance_dir=str(subject_dir), instance_prompt="x", repeats=5, random_flip=True, center_crop=False)
+    assert len(data.dataset) == 15
+    again = _setup(instance_dir=str(subject_dir), instance_prompt="x", repeats=5, random_flip=True, center_crop=False)
+    assert all(torch.equal(data.dataset[i]["pixel_values"], again.dataset[i]["pixel_values"]) for i in range(15))
+    order = lambda d: [b["pixel_values"].sum().item() for b in d.train_dataloader()]  # noqa: E731
+    assert order(data) == order(again)
+    other = _setup(
+        instance_dir=str(subject_dir), instance_prompt="x", repeats=5, random_flip=True, center_crop=False, seed=1
+    )
+    assert order(data) != order(other)
+
+
+class _CountingGenerator:
+    """Stands in for the model: counts generate() calls and returns flat images."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, seeds, batch_size=16):
+        self.calls += 1
+        return torch.stack([torch.full((3, 32, 32), (s % 7) / 7) for s in seeds])
+
+    def model_identity(self):
+        return "fake-model"
+
+
+def test_prior_preservation_batches_hold_instance_and_class_halves(subject_dir, tmp_path):
+    class_dir = write_images(tmp_path / "cls", 4, seed=5)
+    data = _setup(
+        instance_dir=str(subject_dir),
+        instance_prompt="a sks star",
+        class_dir=str(class_dir),
+        class_prompt="a star",
+        num_class_images=4,
+        batch_size=2,
+        repeats=1,
+    )
+    batch = next(iter(data.train_dataloader()))
+    assert batch["pixel_values"].shape == batch["class_pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["prompts"] == ["a sks star"] * 2 and batch["class_prompts"] == ["a star"] * 2
+    assert len(data.dataset) == 4  # max(instances x repeats, class images)
+
+
+def test_class_images_are_generated_once_and_cached(subject_dir, tmp_path):
+    fake = _CountingGenerator()
+    folder = tmp_path / "cache" / "k"
+    generate_class_images(fake, "a star", 5, folder)
+    generate_class_images(fake, "a star", 5, folder)
+    assert fake.calls == 1 and len(list(folder.glob("*.png"))) == 5
+    assert not folder.with_name("k.partial").exists()
+
+
+def test_datamodule_generates_missing_class_images_with_the_model(subject_dir, tmp_path):
+    import lightning as L
+
+    module = tiny_module()
+    calls = []
+    original = module.generate
+    module.generate = lambda **kw: calls.append(len(kw["prompts"])) or original(**kw)
+    cache = tmp_path / "classcache"
+    for _ in range(2):
+        data = LimitedDataModule(
+            str(subject_dir),
+            instance_prompt="a sks star",
+            class_prompt="a star",
+            num_class_images=3,
+            class_cache_dir=str(cache),
+            resolution=32,
+            batch_size=1,
+        )
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+        trainer.fit(module, data)
+        assert len(data.dataset.class_images) == 3
+    assert calls == [3], "the second run reuses the cache"
+
+
+def test_bad_inputs_name_the_file_or_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.instance_dir: folder .*nowhere"):
+        _setup(instance_dir=str(tmp_path / "nowhere"), instance_prompt="x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("hi")
+    with pytest.raises(ValueError, match="holds no image.*notes.md"):
+        _setup(instance_dir=str(tmp_path / "empty"), instance_prompt="x")
+
+    broken = write_images(tmp_path / "broken", 2)
+    (broken / "img_01.png").write_bytes((broken / "img_01.png").read_bytes()[:60])
+    with pytest.raises(ValueError, match="img_01.png' cannot be read"):
+        _setup(instance_dir=str(broken), instance_prompt="x")
+
+    odd = write_images(tmp_path / "odd", 1)
+    # A float TIFF saved under a .png name: PIL reads it by content, as mode 'F', which has no RGB meaning.
+    Image.fromarray(np.zeros((32, 32), np.float32), mode="F").save(odd / "img_09.png", format="TIFF")
+    with pytest.raises(ValueError, match="img_09.png' has mode 'F'"):
+        _setup(instance_dir=str(odd), instance_prompt="x")
+
+    folder = write_images(tmp_path / "caps", 2)
+    (tmp_path / "caps.csv").write_text("img_00.png,one\nghost.png,two\n")
+    with pytest.raises(ValueError, match="names images not in the folder: \\['ghost.png'\\]"):
+        _setup(instance_dir=str(folder), captions_file=str(tmp_path / "caps.csv"))
+    (tmp_path / "few.csv").write_text("img_00.png,one\n")
+    with pytest.raises(ValueError, match="no caption for \\['img_01.png'\\]"):
+        _setup(instance_dir=str(folder), captions_file=str(tmp_path / "few.csv"))
+    (folder / "img_00.txt").write_text("only one")
+    with pytest.raises(ValueError, match="these have none: \\['img_01.png'\\]"):
+        _setup(instance_dir=str(folder))
+    with pytest.raises(ValueError, match="needs data.class_prompt"):
+        LimitedDataModule(str(folder), instance_prompt="x", num_class_images=3)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32), 65535, np.uint16)).save(folder / "a.png")
+    data = _setup(instance_dir=str(folder), instance_prompt="x")
+    assert torch.allclose(data.dataset[0]["pixel_values"], torch.ones(3, 32, 32))
+
+
+def test_resolution_the_model_cannot_take_fails_before_training(subject_dir):
+    module = tiny_module()
+    with pytest.raises(ValueError, match="data.resolution=34 is not a multiple of 4"):
+        module.check_resolution(34)
+    with pytest.raises(ValueError, match="data.resolution=256 is over 4x"):
+        module.check_resolution(256)
+    module.check_resolution(64)
