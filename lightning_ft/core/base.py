@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.components import load_components
+from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable, has_lora, lora_state_dict
 
 
@@ -57,6 +58,9 @@ class DiffusionBase(L.LightningModule):
             export, built from the training scheduler's config (default ``DDIMScheduler``, no overrides).
         sample_steps, guidance_scale: defaults for ``generate`` (25, 3.0).
         null_class: class index used as the unconditional class for class-conditional models (default None).
+        cache_latents: compute the VAE posterior of each distinct training image once (default False).
+        cache_text_embeddings: compute the frozen text encoder's output for each distinct prompt once
+            (default True; ignored when ``train_text_encoder``).
     """
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
@@ -88,6 +92,8 @@ class DiffusionBase(L.LightningModule):
         sample_steps: int = 25,
         guidance_scale: float = 3.0,
         null_class: int | None = None,
+        cache_latents: bool = False,
+        cache_text_embeddings: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +115,8 @@ class DiffusionBase(L.LightningModule):
         # Checkpoints hold only trainable weights; the rest comes from `pretrained` (see on_load_checkpoint).
         self.strict_loading = False
         self.ema = None
+        self.latent_cache = EncodingCache() if cache_latents and self.vae is not None else None
+        self.text_cache = EncodingCache() if cache_text_embeddings and not train_text_encoder else None
 
     # ----------------------------------------------------------------------------------------------- components
     @property
@@ -176,11 +184,25 @@ class DiffusionBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ encoding
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels."""
+        """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels.
+
+        With ``cache_latents`` the VAE posterior (mean, std) of each distinct image is computed once; a fresh
+        latent is still sampled from it every time, exactly as without the cache."""
         if self.vae is None:
             return pixel_values
-        with torch.no_grad():
-            latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+
+        def posterior(indices: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                dist = self.vae.encode(pixel_values[indices].to(self.vae.dtype)).latent_dist
+            return torch.stack([dist.mean, dist.std], dim=1)
+
+        if self.latent_cache is not None:
+            keys = [tensor_key(image) for image in pixel_values]
+            params = self.latent_cache.lookup(keys, posterior)
+        else:
+            params = posterior(list(range(len(pixel_values))))
+        mean, std = params[:, 0], params[:, 1]
+        latents = mean + std * torch.randn_like(mean)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype)
 
@@ -193,9 +215,18 @@ class DiffusionBase(L.LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        context = torch.enable_grad() if self.hparams.train_text_encoder and self.training else torch.no_grad()
-        with context:
-            return self.text_encoder(ids)[0]
+        if self.hparams.train_text_encoder:
+            context = torch.enable_grad() if self.training else torch.no_grad()
+            with context:
+                return self.text_encoder(ids)[0]
+
+        def encode(indices: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return self.text_encoder(ids[indices])[0]
+
+        if self.text_cache is None:
+            return encode(list(range(len(ids))))
+        return self.text_cache.lookup([tuple(row.tolist()) for row in ids], encode)
 
     def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
         """The denoiser's condition for a batch (text embeddings, class labels or None), with condition dropout."""
@@ -417,9 +448,6 @@ class DiffusionBase(L.LightningModule):
                     chunks.append(pipe_utils.sample_unconditional(pipe, seeds[part], steps))
         return torch.cat(chunks).cpu()
 
-    def export_state(self) -> None:
-        """Hook: put the module in the state export writes (e.g. Bayesian layers back to plain means)."""
-
     def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:
         """Write a diffusers folder (full pipeline) or, with ``lora_only``, LoRA weights for ``load_lora_weights``.
 
@@ -432,7 +460,7 @@ class DiffusionBase(L.LightningModule):
                     raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
                 from diffusers import StableDiffusionPipeline
 
-                StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=lora_state_dict(self.denoiser))
+                StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=self.exportable_lora_state())
                 return path
             parts = self.parts
             parts.denoiser = self.exportable_denoiser()
@@ -444,9 +472,13 @@ class DiffusionBase(L.LightningModule):
                 pipe.save_pretrained(path)
         return path
 
+    def exportable_lora_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights in the layout ``load_lora_weights`` reads; methods that reparameterise LoRA override it."""
+        return lora_state_dict(self.denoiser)
+
     def exportable_denoiser(self) -> torch.nn.Module:
-        """The denoiser as plain diffusers weights: LoRA merged into a copy; ``export_state`` applied."""
-        self.export_state()
+        """The denoiser as plain diffusers weights (LoRA merged into a copy). Must not change ``self``: training
+        and sampling go on after an export. Methods that insert or reparameterise layers override it."""
         if not has_lora(self.denoiser):
             return self.denoiser
         merged = copy.deepcopy(self.denoiser)

@@ -1,0 +1,122 @@
+"""BNN fine-tuning: DreamBooth in which some weights are Gaussian random variables (../shared/METHODS.md section 1).
+
+Few-shot fine-tuning passes through a "corruption stage" (fidelity rises, collapses into noisy samples, then recovers
+into memorisation); making a subset of weights variational broadens the learned distribution and removes it.
+L = L_DreamBooth(theta ~ q) + kl_weight * KL, trained with the same AdamW for mu and sigma.
+
+From the released code:
+- ``trainable='full'`` (DreamBooth-BNN): every linear of down/mid/up blocks except ``attn2`` and ``time_emb_proj`` is
+  Bayesian (mu = pretrained, sigma = sigma_init, prior N(pretrained, prior_sigma^2)); the rest of the U-Net trains
+  as plain full fine-tuning;
+- ``trainable='lora'``: only the LoRA up matrix (PEFT ``lora_B``) is Bayesian (mu = 0, prior N(0, prior_sigma^2));
+- one weight sample per forward; raw sigma clamped to >= 1e-7; sampling and export use the means;
+- sigma_init = prior_sigma = 0.01 and **kl_weight = 0 (KL off)** in every released script; the KL the code computes
+  is KL(prior || q), summed over all Bayesian elements, negatives zeroed (``kl_form='released'``, ``'sum'``).
+
+Inferred (not in the released scripts): ``kl_form='textbook'`` (the ELBO's KL(q || prior)) and
+``kl_reduction='mean'`` (per-element mean, the scale at which a sweep of kl_weight in {1e-4, 1e-3} makes sense).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_ft.core.trainable import has_lora
+from lightning_ft.methods.dreambooth import DreamBooth
+from lightning_ft.nn.bayesian import (
+    KL_FORMS,
+    KL_REDUCTIONS,
+    bayesian_kl,
+    bayesian_layers,
+    convert_lora_to_bayesian,
+    convert_to_bayesian,
+    plain_copy,
+    plain_layers,
+)
+
+
+class BayesianFineTuning(DreamBooth):
+    """DreamBooth (with prior preservation) with variational Bayesian layers.
+
+    Args:
+        sigma_init: initial posterior std of every Bayesian element (default 0.01, released).
+        prior_sigma: prior std (default 0.01, released).
+        kl_weight: weight of the KL term (default 0.0: off, as in the released scripts; ``loss/kl`` is logged anyway).
+        kl_form: ``released`` = KL(prior || q) as the released code computes it, or ``textbook`` = KL(q || prior)
+            (default ``released``).
+        kl_reduction: ``sum`` over every Bayesian element (released) or ``mean`` per element (inferred)
+            (default ``sum``).
+        bayesian_include, bayesian_exclude: module-name patterns selecting the Bayesian linears for
+            ``trainable='full'`` (fnmatch globs, or regexes prefixed ``re:``; see ``lightning_ft.nn.bayesian``)
+            (default None = released selection: down/mid/up blocks minus ``attn2`` and ``time_emb_proj``).
+        **kwargs: see ``DreamBooth`` and ``DiffusionBase``; ``trainable`` must be ``full`` or ``lora``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        sigma_init: float = 0.01,
+        prior_sigma: float = 0.01,
+        kl_weight: float = 0.0,
+        kl_form: str = "released",
+        kl_reduction: str = "sum",
+        bayesian_include: list[str] | None = None,
+        bayesian_exclude: list[str] | None = None,
+        **kwargs,
+    ):
+        if kl_form not in KL_FORMS:
+            raise ValueError(f"model.kl_form={kl_form!r} is not one of {KL_FORMS}")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"model.kl_reduction={kl_reduction!r} is not one of {KL_REDUCTIONS}")
+        super().__init__(*args, **kwargs)
+
+    def configure_trainable(self) -> None:
+        """Apply ``trainable`` (DiffusionBase), then make the released selection Bayesian."""
+        super().configure_trainable()
+        h = self.hparams
+        if h.trainable == "full":
+            self.bayesian_names = convert_to_bayesian(
+                self.denoiser, h.bayesian_include, h.bayesian_exclude, h.sigma_init, h.prior_sigma, "pretrained"
+            )
+        elif h.trainable == "lora":
+            if h.bayesian_include is not None or h.bayesian_exclude is not None:
+                raise ValueError(
+                    "model.bayesian_include/bayesian_exclude select layers for trainable='full'; with 'lora' every "
+                    "LoRA up matrix is Bayesian (choose the LoRA layers with model.lora_target_modules)"
+                )
+            self.bayesian_names = convert_lora_to_bayesian(self.denoiser, h.sigma_init, h.prior_sigma)
+        else:
+            raise ValueError(f"BayesianFineTuning needs model.trainable='full' or 'lora', not {h.trainable!r}")
+        for layer in bayesian_layers(self.denoiser).values():
+            layer.requires_grad_(True)  # mu and sigma train with the same optimizer (released)
+
+    def kl(self) -> torch.Tensor:
+        """The KL term of the current posterior (``kl_form``, ``kl_reduction``)."""
+        return bayesian_kl(self.denoiser, self.hparams.kl_form, self.hparams.kl_reduction)
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, logs = super().training_loss(batch)
+        weight = self.hparams.kl_weight
+        # With the KL off (released default) it is still logged, but without keeping a graph for it.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(weight)):
+            kl = self.kl()
+        if weight:
+            loss = loss + weight * kl
+        logs["loss/kl"] = kl.detach()
+        return loss, logs
+
+    # --------------------------------------------------------------------------------------------------- export
+    def exportable_denoiser(self) -> torch.nn.Module:
+        """A plain diffusers denoiser with weights = means: a copy of ``self.denoiser`` with every Bayesian layer
+        turned into ``nn.Linear`` (and, for LoRA, the LoRA merged into the copy). The training module keeps its
+        Bayesian layers, so training and sampling can go on after an export."""
+        plain = plain_copy(self.denoiser)
+        if has_lora(plain):
+            plain.fuse_lora()
+            plain.unload_lora()
+        return plain
+
+    def exportable_lora_state(self) -> dict[str, torch.Tensor]:
+        """Plain LoRA weights with up = mu: the Bayesian ``lora_B`` layers are swapped for plain ones meanwhile."""
+        with plain_layers(self.denoiser):
+            return {k: v.clone() for k, v in super().exportable_lora_state().items()}
