@@ -68,3 +68,29 @@ def test_bad_component_specs_name_the_key():
         DiffusionBase(components={"scheduler": {"class": "DDPMScheduler", "config": {}}})
     with pytest.raises(FileNotFoundError, match="model.pretrained='./no/such/model'"):
         DiffusionBase(pretrained="./no/such/model")
+
+
+def test_encoding_caches_give_the_same_results_and_skip_recomputation():
+    torch.manual_seed(0)
+    cached = tiny_module(cache_latents=True)
+    plain = tiny_module(cache_text_embeddings=False)
+    plain.load_state_dict(cached.state_dict())
+    prompts = ["a red star", "a sks circle", "a red star"]
+    assert torch.allclose(cached.encode_prompts(prompts), plain.encode_prompts(prompts))
+    assert cached.text_cache.misses == 2 and len(cached.text_cache) == 2
+    cached.encode_prompts(prompts)
+    assert cached.text_cache.misses == 2 and cached.text_cache.hits == 4
+    assert plain.text_cache is None
+
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    a = cached.encode_images(images)
+    torch.manual_seed(1)
+    b = plain.encode_images(images)
+    assert torch.allclose(a, b, atol=1e-5)
+    cached.encode_images(images)
+    assert cached.latent_cache.misses == 2 and cached.latent_cache.hits == 2
+
+
+def test_text_cache_is_off_when_the_text_encoder_trains():
+    assert tiny_module(train_text_encoder=True).text_cache is None

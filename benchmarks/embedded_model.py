@@ -1,0 +1,118 @@
+"""Quality of the embedded pretrained text-to-image model: prompt accuracy per attribute and FID/KID.
+
+Samples ``--samples`` captions of random source-domain specs, generates one image per caption (seed = index),
+classifies each with the embedded feature network (prompt accuracy: does the image show the prompted shape,
+colour and background) and scores FID/KID against ``--reference`` held-out source renders. Two reference rows
+bound the numbers: fresh renders (the floor: same distribution) and the VAE round trip of fresh renders (what the
+autoencoder alone costs).
+
+To run: python -m benchmarks.embedded_model [--samples 512 --steps 25 --guidance 2.0]
+Writes benchmarks/results/embedded_model.{md,csv} and a sample grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lightning_ft.callbacks.sample_grid import make_grid
+from lightning_ft.core import DiffusionBase
+from lightning_ft.data import shapes
+from lightning_ft.metrics import FIDScorer, default_feature_net, prompt_accuracy
+from lightning_ft.paths import asset_path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def renders(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    specs = [shapes.spec_for_index(seed, i) for i in range(count)]
+    images = np.stack([shapes.render(s) for s in specs])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, [s.caption for s in specs]
+
+
+@torch.no_grad()
+def vae_round_trip(module: DiffusionBase, images: torch.Tensor) -> torch.Tensor:
+    latents = module.vae.encode(images * 2 - 1).latent_dist.mode()
+    return (module.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(asset_path("shapes-t2i")))
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--reference", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--out", default=str(RESULTS / "embedded_model"))
+    args = parser.parse_args(argv)
+
+    module = DiffusionBase(pretrained=args.model)
+    net = default_feature_net()
+    reference, _ = renders(4242, args.reference)
+    scorer = FIDScorer(net).set_reference(reference)
+    fresh, captions = renders(args.seed, args.samples)
+
+    rows = []
+
+    def add(name: str, images: torch.Tensor, prompts: list[str], seconds: float | None = None) -> None:
+        accuracy = prompt_accuracy(images, prompts, net)
+        fid = scorer.score(images)
+        rows.append(
+            {
+                "images": name,
+                "n": len(images),
+                "shape": accuracy["shape"],
+                "color": accuracy["color"],
+                "background": accuracy["background"],
+                "fid": fid["fid"],
+                "kid_x1000": 1000 * fid["kid_mean"],
+                "seconds": seconds,
+            }
+        )
+        print(rows[-1], flush=True)
+
+    add("source renders (floor)", fresh, captions)
+    if module.vae is not None:
+        add("VAE round trip of renders", vae_round_trip(module, fresh), captions)
+    for guidance in args.guidance:
+        start = time.perf_counter()
+        samples = module.generate(
+            prompts=captions, seeds=list(range(len(captions))), steps=args.steps, guidance_scale=guidance, batch_size=64
+        )
+        add(f"samples, {args.steps} DDIM steps, guidance {guidance}", samples, captions, time.perf_counter() - start)
+        grid = make_grid(samples[:64], columns=8)
+        Image.fromarray(grid.repeat(4, 0).repeat(4, 1)).save(f"{args.out}_samples_g{guidance}.png")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"Embedded model `{Path(args.model).name}`: {args.samples} captions of random source specs (seed {args.seed}), "
+        f"one sample each; FID/KID vs {args.reference} held-out renders, embedded feature net.",
+        "",
+        "| images | n | shape acc | colour acc | background acc | FID | KID x1000 | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
+        lines.append(
+            f"| {r['images']} | {r['n']} | {r['shape']:.1%} | {r['color']:.1%} | {r['background']:.1%} | "
+            f"{r['fid']:.2f} | {r['kid_x1000']:.2f} | {seconds} |"
+        )
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

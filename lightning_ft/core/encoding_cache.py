@@ -1,0 +1,53 @@
+"""Memoise the outputs of frozen encoders (VAE, text encoder) across steps.
+
+Few-shot fine-tuning shows the same handful of images and prompts thousands of times; when the VAE and text
+encoder are frozen their outputs never change, so computing them once saves most of their cost. Keys are the
+content itself (prompt strings, image bytes), so augmentation, shuffling and workers need no bookkeeping: an
+augmented view that differs is simply another key. No maintained library does this for LightningModules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+
+def tensor_key(tensor: torch.Tensor) -> bytes:
+    return hashlib.blake2b(tensor.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class EncodingCache:
+    """A bounded least-recently-used map from keys to tensors.
+
+    Args:
+        max_items: entries kept (default 50,000); the least recently used are dropped beyond it.
+    """
+
+    def __init__(self, max_items: int = 50_000):
+        self.max_items = max_items
+        self.store: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def lookup(self, keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """Stack the values of ``keys``; ``compute(indices)`` returns the values of the missing ones, in order."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        first_seen = {}
+        for i in missing:
+            first_seen.setdefault(keys[i], i)
+        unique = list(first_seen.values())
+        if unique:
+            for i, value in zip(unique, compute(unique)):
+                self.store[keys[i]] = value.detach()
+        self.hits += len(keys) - len(missing)
+        self.misses += len(unique)
+        for k in keys:
+            self.store.move_to_end(k)
+        while len(self.store) > self.max_items:
+            self.store.popitem(last=False)
+        return torch.stack([self.store[k] for k in keys])

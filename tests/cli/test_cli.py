@@ -1,0 +1,178 @@
+"""The CLI: overrides reach the module, configs merge (last wins), interpolation, saved config, every experiment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from lightning_ft.run import main
+
+TINY = str(REPO / "configs/model/tiny_t2i.yaml")
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _tiny_data(tmp_path, subject_dir) -> str:
+    return _write(
+        tmp_path / "data.yaml",
+        f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 2\n    batch_size: 1\n",
+    )
+
+
+def test_overrides_reach_the_module_and_last_config_wins(tmp_path, subject_dir):
+    later = _write(tmp_path / "later.yaml", "trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    lr: 0.125\n")
+    cli = main(
+        [
+            "--config",
+            str(REPO / "experiments/dreambooth_lora.yaml"),
+            "--config",
+            TINY,
+            "--config",
+            _tiny_data(tmp_path, subject_dir),
+            "--config",
+            later,
+            "--model.lora_rank",
+            "8",
+            "--data.batch_size",
+            "3",
+        ],
+        run=False,
+    )
+    assert cli.model.hparams.lora_rank == 8 and cli.model.hparams.trainable == "lora"
+    assert cli.model.hparams.lr == 0.125  # from the later config file
+    assert cli.trainer.max_steps == 7
+    assert cli.datamodule.hparams.batch_size == 3
+    lora_params = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+    assert lora_params and all("lora" in n for n in lora_params)
+
+
+def test_omegaconf_interpolation_in_yaml(tmp_path, subject_dir):
+    interp = _write(
+        tmp_path / "interp.yaml",
+        "model:\n  init_args:\n    lr: 0.003\n    warmup_steps: 11\n"
+        "trainer:\n  max_steps: ${model.init_args.warmup_steps}\n",
+    )
+    cli = main(
+        [
+            "--config",
+            str(REPO / "experiments/dreambooth.yaml"),
+            "--config",
+            TINY,
+            "--config",
+            _tiny_data(tmp_path, subject_dir),
+            "--config",
+            interp,
+        ],
+        run=False,
+    )
+    assert cli.trainer.max_steps == 11
+
+
+def test_print_config_shows_the_resolved_config(tmp_path, subject_dir):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_ft.run",
+            "fit",
+            "--config",
+            str(REPO / "experiments/dreambooth_lora.yaml"),
+            "--config",
+            TINY,
+            "--config",
+            _tiny_data(tmp_path, subject_dir),
+            "--model.lora_rank",
+            "8",
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    config = yaml.safe_load(out.stdout)
+    assert config["model"]["init_args"]["lora_rank"] == 8
+    assert config["data"]["init_args"]["instance_dir"] == str(subject_dir)
+
+
+def test_fit_saves_the_resolved_config_beside_the_logs(tmp_path, subject_dir):
+    root = tmp_path / "run"
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "experiments/dreambooth.yaml"),
+            "--config",
+            TINY,
+            "--config",
+            _tiny_data(tmp_path, subject_dir),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+        ],
+    )
+    saved = list(root.rglob("config.yaml"))
+    assert saved, "config.yaml written beside the logs"
+    config = yaml.safe_load(saved[0].read_text())
+    assert config["trainer"]["max_steps"] == 1
+    assert (root / "lightning_logs").exists() or list(root.rglob("metrics.csv"))
+    assert list(root.rglob("model_index.json")), "the export callback wrote a diffusers folder"
+
+
+def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named(tmp_path, subject_dir):
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "experiments/dreambooth.yaml"),
+        "--config",
+        TINY,
+        "--config",
+        _tiny_data(tmp_path, subject_dir),
+    ]
+    for extra, key in ((["--model.learning_rate", "1"], "learning_rate"), (["--model.lr", "fast"], "lr")):
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_ft.run", *args[1:], *extra, "--print_config"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert result.returncode != 0 and key in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative output paths of the experiment land in the temporary folder
+    config = yaml.safe_load(experiment.read_text())
+    data_class = config["data"]["class_path"]
+    overrides = [
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--data.batch_size",
+        "2",
+    ]
+    if "LimitedDataModule" in data_class:
+        overrides += ["--data.num_class_images", "2"]
+    if (
+        config["model"]["class_path"].endswith("DiffusionBase")
+        or "Bayesian" in config["model"]["class_path"]
+        or "DreamBooth" in config["model"]["class_path"]
+    ):
+        overrides += ["--model.sample_steps", "2"]
+    main(["fit", "--config", str(experiment), *overrides])
