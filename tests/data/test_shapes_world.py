@@ -1,0 +1,87 @@
+"""The embedded world: deterministic renderer, tokenizer round trip, few-shot targets as plain folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lightning_ft.core.tokenizer import build_word_tokenizer
+from lightning_ft.data import LimitedDataModule, shapes
+from lightning_ft.data.shapes_datamodule import ShapesDataset
+from lightning_ft.data.targets import SUBJECT_PROMPT, ensure_target
+
+
+def test_renderer_is_deterministic_by_seed_and_index():
+    a = [shapes.render(shapes.spec_for_index(3, i)) for i in range(5)]
+    b = [shapes.render(shapes.spec_for_index(3, i)) for i in range(5)]
+    c = [shapes.render(shapes.spec_for_index(4, i)) for i in range(5)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert torch.equal(ShapesDataset(10, seed=3)[2]["pixel_values"], ShapesDataset(10, seed=3)[2]["pixel_values"])
+
+
+def test_render_draws_the_requested_colours_in_the_right_places():
+    spec = shapes.ShapeSpec("square", "red", "navy", size=0.4, cx=0.5, cy=0.5, angle=0.0)
+    image = shapes.render(spec, 32)
+    assert tuple(image[16, 16]) == shapes.COLORS["red"]
+    assert tuple(image[0, 0]) == shapes.BACKGROUNDS["navy"]
+    ring = shapes.render(shapes.ShapeSpec("ring", "white", "black", 0.4, 0.5, 0.5, 0.0), 32)
+    assert tuple(ring[16, 16]) == shapes.BACKGROUNDS["black"]  # the hole
+    assert spec.caption == "a red square on a navy background"
+    assert shapes.labels(spec) == {"shape": 1, "color": 0, "background": 2}
+
+
+def test_every_shape_renders_a_distinct_mask_of_sensible_area():
+    masks = {s: shapes.shape_mask(shapes.ShapeSpec(s, "red", "gray", 0.4, 0.5, 0.5, 0.3), 32) for s in shapes.SHAPES}
+    for name, mask in masks.items():
+        assert 0.05 < mask.mean() < 0.6, name
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.abs(masks[a] - masks[b]).mean() > 0.02, (a, b)
+
+
+def test_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    tokenizer = build_word_tokenizer(shapes.vocabulary(), model_max_length=16)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = "a sks star on a gray background"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
+    assert loaded.convert_tokens_to_ids("sks") != loaded.unk_token_id
+    assert loaded("a dragon").input_ids[2] == loaded.unk_token_id
+    with pytest.raises(TypeError, match="booleans"):
+        build_word_tokenizer(["a", True])
+
+
+def test_reserved_tokens_never_appear_in_source_captions():
+    captions = {shapes.spec_for_index(0, i).caption for i in range(2000)}
+    assert not any(token in caption.split() for caption in captions for token in shapes.RESERVED_TOKENS)
+
+
+def test_targets_are_plain_folders_written_once(tmp_path):
+    subject = ensure_target("subject", tmp_path)
+    stamp = (subject / "train" / "subject_00.png").stat().st_mtime_ns
+    assert ensure_target("subject", tmp_path) == subject
+    assert (subject / "train" / "subject_00.png").stat().st_mtime_ns == stamp
+    meta = json.loads((subject / "meta.json").read_text())
+    assert meta["instance_prompt"] == SUBJECT_PROMPT
+    data = LimitedDataModule(str(subject / "train"), instance_prompt=SUBJECT_PROMPT, resolution=32, repeats=1)
+    data.setup("fit")
+    assert 3 <= len(data.dataset) <= 6
+
+    domain = ensure_target("domain", tmp_path)
+    heldout = list((domain / "heldout").glob("*.png"))
+    assert len(heldout) >= 2000
+    data = LimitedDataModule(
+        str(domain / "train"), captions_file=str(domain / "train" / "captions.jsonl"), resolution=32, repeats=1
+    )
+    data.setup("fit")
+    assert 10 <= len(data.dataset) <= 100
+    assert all("outlined" in p for p in data.dataset.prompts)
+    with pytest.raises(ValueError, match="unknown embedded target"):
+        ensure_target("dragons", tmp_path)
