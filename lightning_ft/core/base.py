@@ -202,7 +202,9 @@ class DiffusionBase(L.LightningModule):
         else:
             params = posterior(list(range(len(pixel_values))))
         mean, std = params[:, 0], params[:, 1]
-        latents = mean + std * torch.randn_like(mean)
+        # randn(shape), not randn_like: the latter follows the (view's) strides, so the same seed would draw
+        # different latents with and without the cache.
+        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype)
 
@@ -318,6 +320,33 @@ class DiffusionBase(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         return loss
+
+    @torch.no_grad()
+    def evaluation_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Denoising loss at fixed timesteps and noise (seeded by the batch index): comparable across checkpoints,
+        unlike the training loss whose timesteps are random. Timesteps are spread evenly over the schedule."""
+        x0 = self.encode_images(batch["pixel_values"])
+        generator = torch.Generator().manual_seed(batch_idx)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        total = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.linspace(0, total - 1, len(x0)).round().long().to(x0.device)
+        return self.diffusion_loss(x0, self.encode_conditions(batch), timesteps, noise, weighted=False).mean()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.evaluation_loss(batch, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["pixel_values"]))
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.evaluation_loss(batch, batch_idx)
+        self.log("test/loss", loss, batch_size=len(batch["pixel_values"]))
+        return loss
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Images in [0, 1] for ``batch['prompts']`` (or ``batch['class_labels']``) with ``batch['seeds']``."""
+        key = "prompts" if self.conditioning == "text" else "labels"
+        conditions = batch.get("prompts") if key == "prompts" else batch.get("class_labels")
+        return self.generate(**{key: conditions}, seeds=[int(s) for s in batch["seeds"]])
 
     # --------------------------------------------------------------------------------------- optimisation, EMA
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -44,7 +44,7 @@ class EncodingCache:
         if unique:
             for i, value in zip(unique, compute(unique)):
                 self.store[keys[i]] = value.detach()
-        self.hits += len(keys) - len(missing)
+        self.hits += len(keys) - len(unique)
         self.misses += len(unique)
         for k in keys:
             self.store.move_to_end(k)

@@ -81,6 +81,11 @@ class LimitedDataModule(L.LightningDataModule):
         batch_size: instance images per batch (default 1); with prior preservation a batch holds as many class images.
         num_workers: dataloader workers (default 0).
         seed: augmentation and shuffling seed (default 0).
+        predict_prompts: prompts for ``predict`` (default: the instance prompts); each drawn once per seed.
+        predict_seeds: seeds for ``predict`` (default [0, 1, 2, 3]).
+
+    ``validate`` and ``test`` score the model on the instance images without augmentation (how well it fits the
+    subject, at fixed timesteps and noise); ``predict`` generates ``predict_prompts`` x ``predict_seeds``.
     """
 
     def __init__(
@@ -100,6 +105,8 @@ class LimitedDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        predict_prompts: list[str] | None = None,
+        predict_seeds: list[int] = [0, 1, 2, 3],
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +179,26 @@ class LimitedDataModule(L.LightningDataModule):
             h.seed,
             labels,
         )
+
+    def _instances_in_order(self) -> DataLoader:
+        h = self.hparams
+        d = self.dataset
+        plain = LimitedDataset(
+            d.images, d.prompts, resolution=h.resolution, center_crop=True, seed=h.seed, labels=d.labels
+        )
+        return DataLoader(plain, batch_size=h.batch_size, num_workers=h.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._instances_in_order()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._instances_in_order()
+
+    def predict_dataloader(self) -> DataLoader:
+        h = self.hparams
+        prompts = h.predict_prompts or list(dict.fromkeys(self.dataset.prompts))
+        items = [{"prompts": p, "seeds": s} for p in prompts for s in h.predict_seeds]
+        return DataLoader(items, batch_size=max(h.batch_size, 8))
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -176,3 +177,26 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     ):
         overrides += ["--model.sample_steps", "2"]
     main(["fit", "--config", str(experiment), *overrides])
+
+
+def test_validate_test_and_predict_subcommands(tmp_path, subject_dir):
+    args = [
+        "--config",
+        str(REPO / "experiments/dreambooth.yaml"),
+        "--config",
+        TINY,
+        "--config",
+        _tiny_data(tmp_path, subject_dir),
+        "--trainer.logger",
+        "false",
+    ]
+    first = main(["validate", *args])
+    second = main(["test", *args])
+    val = first.trainer.callback_metrics["val/loss"]
+    assert torch.isfinite(val) and torch.equal(val, main(["validate", *args]).trainer.callback_metrics["val/loss"])
+    assert torch.isfinite(second.trainer.callback_metrics["test/loss"])
+    cli = main(
+        ["predict", *args, "--data.predict_prompts", "[a red star, a sks star]", "--data.predict_seeds", "[0, 1]"]
+    )
+    images = torch.cat(cli.trainer.predict_loop.predictions)
+    assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
