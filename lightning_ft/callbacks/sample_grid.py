@@ -69,13 +69,14 @@ class SampleGridLogger(L.Callback):
         if step == self._last_step:
             return None
         self._last_step = step
+        # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         images = self.sample(pl_module)
         if not trainer.is_global_zero:
             return None
         grid = make_grid(images, columns=len(self.seeds))
         if self.upscale > 1:
             grid = grid.repeat(self.upscale, axis=0).repeat(self.upscale, axis=1)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
         Image.fromarray(grid).save(path)

@@ -1,0 +1,279 @@
+"""Watch a few-shot fine-tuning run for the corruption stage and keep the last checkpoint before it.
+
+Every ``every_n_steps`` optimizer steps (plus step 0, before any update, and the end of training) the monitor
+samples fixed prompts and seeds and measures, against the instance images:
+
+- ``corruption/fidelity``: ``subject_fidelity`` (mean cosine similarity of every sample to every instance image);
+- ``corruption/score``: mean high-frequency energy of the samples divided by that of the instance images
+  (``high_frequency_energy``: share of spectral energy above half Nyquist). 1 = as much fine detail as the training
+  images; the noisy patterns of the corruption stage push it up (white noise alone is ~0.8 absolute energy, a
+  clean render of the shapes world 0.05-0.3). The instance energy is floored at 1e-3 so flat images do not divide
+  by zero;
+- ``corruption/memorisation``: mean nearest-instance similarity (``memorisation``);
+- ``corruption/diversity``: mean pairwise feature distance of the samples (``diversity``);
+- ``corruption/stage``: the stage code of the run so far (-1 unknown, 0 adapting, 1 corruption, 2 memorising), from
+  ``classify_stages`` on the whole history; also ``corruption/best_step`` and ``corruption/detected`` (0/1).
+
+Values go to every configured logger (``log_metrics`` directly, since they are also measured outside a training
+step) and to a CSV (rewritten from the history at each evaluation, so that after a resume it holds exactly the
+restored points; its ``stage`` column is the current classification, which may relabel an earlier point when
+``min_points`` > 1). The history is Lightning callback state: it survives ``ckpt_path`` resumes.
+
+Distributed runs: only rank 0 samples (the same fixed seeds on every rank would give the same images); the few
+samples cost about as much as one sample-grid and the other ranks wait at one broadcast, which then hands them the
+new point, so every rank holds the same history and takes the same checkpoint decision.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport, classify_stages
+from lightning_ft.data.folder import list_images, load_image, to_tensor
+from lightning_ft.metrics import as_backbone, diversity, features, high_frequency_energy, memorisation, subject_fidelity
+
+CSV_COLUMNS = ("step", "fidelity", "score", "memorisation", "diversity", "hf_energy", "stage", "stage_code")
+BEST_CHECKPOINT = "best_before_corruption.ckpt"
+
+
+class CorruptionStageMonitor(L.Callback):
+    """Sample fixed seeds during training, log fidelity / corruption / memorisation / diversity and the stage.
+
+    Args:
+        prompts: prompts to sample for text models, each drawn once per seed (default None: the datamodule's
+            instance prompts, deduplicated in order; many distinct captions mean many samples per evaluation).
+        labels: class labels for class-conditional models (default None: the datamodule's, deduplicated).
+        seeds: sampling seeds (default 0-7), the same at every evaluation so that curves compare like with like.
+        every_n_steps: evaluation period in optimizer steps (default 50; 0 = only at step 0 and at the end).
+        steps: sampler steps (default None: the model's ``sample_steps``).
+        guidance_scale: classifier-free guidance (default None: the model's).
+        backbone: feature extractor for the scores, a name for ``make_backbone`` or a module (default ``shapes``).
+        instance_dir: folder of the instance images (default None: the datamodule's ``dataset.images``).
+        csv_path: CSV of the curves (default ``<log dir>/corruption_stage.csv``).
+        keep_best_checkpoint: save ``<log dir>/best_before_corruption.ckpt`` (``trainer.save_checkpoint``)
+            whenever the best step before corruption moves to the step just measured (default False).
+        dip, dip_mode, min_dip, noise_factor, require_noise, min_points: ``classify_stages`` rules (defaults 0.3,
+            ``relative``, 0.1, 1.5, True, 1).
+        memorisation_threshold: nearest-instance similarity that counts as copying (default None: halfway between
+            the instance images' own leave-one-out nearest-neighbour similarity and 1, i.e. samples closer to a
+            training image than distinct training images are to each other; 0.95 with a single instance image).
+        verbose: print the one-line verdict at the end of training (default True).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        labels: list[int] | None = None,
+        seeds: list[int] = list(range(8)),
+        every_n_steps: int = 50,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        backbone: str | torch.nn.Module = "shapes",
+        instance_dir: str | None = None,
+        csv_path: str | None = None,
+        keep_best_checkpoint: bool = False,
+        dip: float = 0.3,
+        dip_mode: str = "relative",
+        min_dip: float = 0.1,
+        noise_factor: float = 1.5,
+        require_noise: bool = True,
+        min_points: int = 1,
+        memorisation_threshold: float | None = None,
+        verbose: bool = True,
+    ):
+        self.prompts, self.labels, self.seeds = prompts, labels, list(seeds)
+        self.every_n_steps, self.steps, self.guidance_scale = every_n_steps, steps, guidance_scale
+        self.backbone_spec, self.instance_dir, self.csv_path = backbone, instance_dir, csv_path
+        self.keep_best_checkpoint, self.verbose = keep_best_checkpoint, verbose
+        self.rules = dict(
+            dip=dip,
+            dip_mode=dip_mode,
+            min_dip=min_dip,
+            noise_factor=noise_factor,
+            require_noise=require_noise,
+            min_points=min_points,
+        )
+        self.memorisation_threshold = memorisation_threshold
+        self.effective_memorisation_threshold = memorisation_threshold  # set at fit start when None
+        self.history: list[dict] = []
+        self.report: StageReport | None = None
+        self.saved_step: int | None = None  # step held by the best-before-corruption checkpoint
+        self.best_checkpoint_path: Path | None = None
+        self._reference: dict[int, tuple[torch.Tensor, float]] = {}  # image side -> (features, mean HF energy)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, csv_path=self.csv_path)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # trainer.log_dir broadcasts: it must be read on every rank, so it is read here once.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.csv_file = Path(self.csv_path) if self.csv_path else log_dir / "corruption_stage.csv"
+        self.best_checkpoint_path = log_dir / BEST_CHECKPOINT
+        self.instance_images = self._instance_images(trainer)
+        self.conditions = self._conditions(trainer, pl_module)
+        self.backbone = as_backbone(self.backbone_spec).to(pl_module.device)
+        self._reference = {}
+        size = pl_module.native_resolution() if hasattr(pl_module, "native_resolution") else 512
+        ref, _ = self.reference(size)
+        if self.memorisation_threshold is not None:
+            self.effective_memorisation_threshold = self.memorisation_threshold
+        elif self.effective_memorisation_threshold is None:  # not restored from a checkpoint either
+            self.effective_memorisation_threshold = self._auto_memorisation_threshold(ref)
+
+    def _instance_images(self, trainer: L.Trainer) -> list:
+        if self.instance_dir:
+            return [load_image(f) for f in list_images(self.instance_dir, "CorruptionStageMonitor.instance_dir")]
+        dataset = getattr(trainer.datamodule, "dataset", None)
+        if dataset is None or not getattr(dataset, "images", None):
+            raise ValueError("CorruptionStageMonitor: no instance images; pass instance_dir or use LimitedDataModule")
+        return list(dataset.images)
+
+    def _conditions(self, trainer: L.Trainer, pl_module) -> tuple[str | None, list | None]:
+        """("prompts", [...]) for text models, ("labels", [...]) for class-conditional ones, (None, None) else."""
+        dataset = getattr(trainer.datamodule, "dataset", None)
+        if pl_module.conditioning == "text":
+            prompts = self.prompts or list(dict.fromkeys(getattr(dataset, "prompts", None) or []))
+            if not prompts:
+                raise ValueError("CorruptionStageMonitor: a text model needs prompts (none given, none in the data)")
+            return "prompts", prompts
+        if pl_module.conditioning == "class":
+            labels = self.labels or list(dict.fromkeys(getattr(dataset, "labels", None) or []))
+            if not labels:
+                raise ValueError("CorruptionStageMonitor: a class-conditional model needs labels")
+            return "labels", labels
+        return None, None
+
+    def reference(self, size: int) -> tuple[torch.Tensor, float]:
+        """Features and mean high-frequency energy of the instance images centre-cropped to ``size`` pixels."""
+        if size not in self._reference:
+            images = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in self.instance_images])
+            feats = features(images, self.backbone)
+            self._reference[size] = (feats, float(high_frequency_energy(images).mean()))
+        return self._reference[size]
+
+    @staticmethod
+    def _auto_memorisation_threshold(ref: torch.Tensor) -> float:
+        if len(ref) < 2:
+            return 0.95
+        unit = torch.nn.functional.normalize(ref.float(), dim=-1)
+        sim = unit @ unit.T
+        sim.fill_diagonal_(-float("inf"))
+        loo = float(sim.amax(dim=1).mean())
+        return loo + 0.5 * (1.0 - loo)
+
+    # ----------------------------------------------------------------------------------------- measurement
+    def sample(self, pl_module) -> torch.Tensor:
+        key, conds = self.conditions
+        kwargs = {"steps": self.steps, "guidance_scale": self.guidance_scale}
+        # Generators are seeded per image, but the global RNG is forked anyway so that a run's training noise
+        # is the same with and without the monitor.
+        with torch.random.fork_rng(devices=[]):
+            if key is None:
+                return pl_module.generate(seeds=self.seeds, **kwargs)
+            expanded = [c for c in conds for _ in self.seeds]
+            seeds = [s for _ in conds for s in self.seeds]
+            return pl_module.generate(**{key: expanded}, seeds=seeds, **kwargs)
+
+    def measure(self, pl_module, step: int) -> dict:
+        """One history point: sample, then score against the instance images."""
+        images = self.sample(pl_module)
+        ref, ref_hf = self.reference(images.shape[-1])
+        feats = features(images, self.backbone)
+        hf = float(high_frequency_energy(images).mean())
+        return {
+            "step": int(step),
+            "fidelity": subject_fidelity(feats, ref),
+            "score": hf / max(ref_hf, 1e-3),
+            "memorisation": memorisation(feats, ref),
+            "diversity": diversity(feats),
+            "hf_energy": hf,
+        }
+
+    def classify(self) -> StageReport:
+        h = self.history
+        threshold = self.effective_memorisation_threshold
+        return classify_stages(
+            [p["step"] for p in h],
+            [p["fidelity"] for p in h],
+            [p["score"] for p in h],
+            [p["memorisation"] for p in h],
+            memorisation_threshold=0.95 if threshold is None else threshold,
+            **self.rules,
+        )
+
+    def evaluate(self, trainer: L.Trainer, pl_module) -> None:
+        step = trainer.global_step
+        if any(p["step"] == step for p in self.history):
+            return
+        point = self.measure(pl_module, step) if trainer.is_global_zero else None
+        point = trainer.strategy.broadcast(point, src=0)
+        self.history.append(point)
+        self.history.sort(key=lambda p: p["step"])
+        self.report = self.classify()
+        if trainer.is_global_zero:
+            self._log(trainer, point)
+            self._write_csv()
+        if self.keep_best_checkpoint and self.report.best_step_before_corruption == step and self.saved_step != step:
+            self.saved_step = step  # before saving, so that the checkpoint's own callback state says so
+            # Every rank calls it: save_checkpoint ends with a barrier.
+            trainer.save_checkpoint(self.best_checkpoint_path)
+
+    def _log(self, trainer: L.Trainer, point: dict) -> None:
+        r = self.report
+        metrics = {f"corruption/{k}": point[k] for k in ("fidelity", "score", "memorisation", "diversity")}
+        metrics["corruption/stage"] = STAGE_CODES[r.verdict]
+        metrics["corruption/detected"] = int(r.corruption_detected)
+        if r.best_step_before_corruption is not None:
+            metrics["corruption/best_step"] = r.best_step_before_corruption
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=point["step"])
+
+    def _write_csv(self) -> None:
+        self.csv_file.parent.mkdir(parents=True, exist_ok=True)
+        stages = dict(zip(self.report.steps, self.report.stages))
+        tmp = self.csv_file.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for p in self.history:
+                stage = stages[p["step"]]
+                writer.writerow({**p, "stage": stage, "stage_code": STAGE_CODES[stage]})
+        os.replace(tmp, self.csv_file)  # readers never see a half-written file
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)  # step 0 (or the resumed step, when the history lacks it)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
+        if self.verbose and self.report is not None:
+            rank_zero_info(f"lightning-ft: {self.report.summary()}")
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "history": [dict(p) for p in self.history],
+            "saved_step": self.saved_step,
+            "memorisation_threshold": self.effective_memorisation_threshold,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = sorted((dict(p) for p in state_dict.get("history", [])), key=lambda p: p["step"])
+        self.saved_step = state_dict.get("saved_step")
+        # A resumed run keeps the threshold it was classified with, unless one is given explicitly.
+        if self.memorisation_threshold is None:
+            self.effective_memorisation_threshold = state_dict.get("memorisation_threshold")
+        self.report = self.classify() if self.history else None

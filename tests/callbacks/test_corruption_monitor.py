@@ -1,0 +1,120 @@
+"""CorruptionStageMonitor end to end on the tiny model: curves reach the CSV and the logger, the best checkpoint is
+kept, and the history survives a state round trip and a resume."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+from conftest import tiny_module, write_images
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_ft.callbacks import CorruptionStageMonitor
+from lightning_ft.callbacks.corruption_monitor import BEST_CHECKPOINT, CSV_COLUMNS
+from lightning_ft.callbacks.stage_rules import STAGE_CODES
+from lightning_ft.data import LimitedDataModule
+from lightning_ft.metrics import subject_fidelity
+
+PROMPT = "a sks star"
+
+
+def _fit(root, data_dir, max_steps, module=None, ckpt_path=None, **monitor_args):
+    monitor = CorruptionStageMonitor(seeds=[0, 1], every_n_steps=2, steps=2, verbose=False, **monitor_args)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=CSVLogger(root, name="run", version=0),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    data = LimitedDataModule(str(data_dir), instance_prompt=PROMPT, resolution=32, batch_size=2, repeats=4)
+    torch.manual_seed(0)
+    module = module or tiny_module(lr=1e-3)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, monitor, module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the tiny model gains nothing from more, and on a shared, loaded core extra threads make
+    these runs over ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor")
+    data_dir = write_images(root / "subject", 3)
+    trainer, monitor, module = _fit(root, data_dir, max_steps=5, keep_best_checkpoint=True)
+    return root, data_dir, trainer, monitor, module
+
+
+def test_curves_reach_the_csv_at_step_0_every_n_steps_and_the_end(run):
+    root, _, trainer, monitor, _ = run
+    path = root / "run" / "version_0" / "corruption_stage.csv"
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]  # step 0, every 2 steps, and the end
+    report = monitor.report
+    assert report is not None and report.steps == [0, 2, 4, 5]
+    for row, point, stage in zip(rows, monitor.history, report.stages):
+        assert float(row["fidelity"]) == pytest.approx(point["fidelity"])
+        assert -1.0 <= point["fidelity"] <= 1.0 and point["score"] > 0 and 0 <= point["diversity"] <= 2
+        assert point["score"] == pytest.approx(point["hf_energy"] / monitor.reference(32)[1])
+        assert row["stage"] == stage and int(row["stage_code"]) == STAGE_CODES[stage]
+    # The samples are fixed-seed: re-sampling the final model reproduces the last point.
+    _, _, _, _, module = run
+    images = module.generate(prompts=[PROMPT, PROMPT], seeds=[0, 1], steps=2)
+    assert subject_fidelity(images, monitor.reference(32)[0]) == pytest.approx(
+        monitor.history[-1]["fidelity"], abs=1e-5
+    )
+
+
+def test_logged_metrics_reach_the_csv_logger(run):
+    root, _, _, monitor, _ = run
+    with (root / "run" / "version_0" / "metrics.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("corruption/fidelity")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]
+    for row, point in zip(rows, monitor.history):
+        assert float(row["corruption/fidelity"]) == pytest.approx(point["fidelity"])
+        for key in ("score", "memorisation", "diversity"):
+            assert float(row[f"corruption/{key}"]) == pytest.approx(point[key])
+    assert int(float(rows[-1]["corruption/stage"])) == monitor.report.verdict_code
+    assert int(float(rows[-1]["corruption/best_step"])) == monitor.report.best_step_before_corruption
+
+
+def test_best_checkpoint_is_the_best_step_and_holds_the_history(run):
+    root, _, _, monitor, _ = run
+    path = root / "run" / "version_0" / BEST_CHECKPOINT
+    assert path.exists() and monitor.best_checkpoint_path == path
+    ckpt = torch.load(path, weights_only=False)
+    best = monitor.report.best_step_before_corruption
+    assert ckpt["global_step"] == best == monitor.saved_step
+    state = ckpt["callbacks"][monitor.state_key]
+    assert [p["step"] for p in state["history"]] == [s for s in monitor.report.steps if s <= best]
+
+
+def test_state_dict_round_trip_and_resume_keep_the_history(run, tmp_path):
+    _, data_dir, _, monitor, _ = run
+    fresh = CorruptionStageMonitor()
+    fresh.load_state_dict(monitor.state_dict())
+    assert fresh.history == monitor.history and fresh.saved_step == monitor.saved_step
+    assert fresh.report.stages == monitor.report.stages
+    assert fresh.effective_memorisation_threshold == monitor.effective_memorisation_threshold
+
+    # Resume from the kept checkpoint: the restored points are not re-measured and new ones are added.
+    best = monitor.saved_step
+    ckpt = run[0] / "run" / "version_0" / BEST_CHECKPOINT
+    _, resumed, _ = _fit(tmp_path, data_dir, max_steps=best + 2, ckpt_path=ckpt)
+    assert [p["step"] for p in resumed.history] == sorted({*[s for s in monitor.report.steps if s <= best], best + 2})
+    restored = [p for p in resumed.history if p["step"] <= best]
+    assert restored == [p for p in monitor.history if p["step"] <= best]
