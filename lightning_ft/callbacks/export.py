@@ -26,6 +26,8 @@ class DiffusersExport(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
+        path = self.resolve_dir(trainer)
         if trainer.is_global_zero:
-            self.exported_to = pl_module.save_pretrained(self.resolve_dir(trainer), lora_only=self.lora_only)
+            self.exported_to = pl_module.save_pretrained(path, lora_only=self.lora_only)
             print(f"lightning-ft: exported diffusers model to {self.exported_to}")

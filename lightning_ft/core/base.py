@@ -115,6 +115,7 @@ class DiffusionBase(L.LightningModule):
         # Checkpoints hold only trainable weights; the rest comes from `pretrained` (see on_load_checkpoint).
         self.strict_loading = False
         self.ema = None
+        self._ema_global_step = 0
         self.latent_cache = EncodingCache() if cache_latents and self.vae is not None else None
         self.text_cache = EncodingCache() if cache_text_embeddings and not train_text_encoder else None
 
@@ -131,12 +132,19 @@ class DiffusionBase(L.LightningModule):
         """A short hash of what defines the pretrained model (path or component configs): keys on-disk caches."""
         h = self.hparams
         spec = {"pretrained": h.pretrained, "components": h.components}
+
+        def folder_files(folder: str) -> list:
+            files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+            return [(str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+
         if h.pretrained and Path(h.pretrained).exists():
             # A local folder that is overwritten with new weights must not reuse caches made from the old ones.
-            files = sorted(p for p in Path(h.pretrained).rglob("*") if p.is_file())
-            spec["files"] = [
-                (str(p.relative_to(h.pretrained)), p.stat().st_size, int(p.stat().st_mtime)) for p in files
-            ]
+            spec["files"] = folder_files(h.pretrained)
+        # The same holds for a component loaded from its own folder (`components: {vae: {pretrained: PATH}}`).
+        for key, entry in sorted((h.components or {}).items()):
+            path = entry.get("pretrained") if isinstance(entry, dict) else None
+            if path and Path(path).exists():
+                spec.setdefault("component_files", {})[key] = folder_files(path)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def native_resolution(self) -> int:
@@ -183,11 +191,12 @@ class DiffusionBase(L.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------------------ encoding
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels.
 
         With ``cache_latents`` the VAE posterior (mean, std) of each distinct image is computed once; a fresh
-        latent is still sampled from it every time, exactly as without the cache."""
+        latent is still sampled from it every time, exactly as without the cache. A (CPU) ``generator`` draws
+        that latent instead of the global RNG."""
         if self.vae is None:
             return pixel_values
 
@@ -204,9 +213,15 @@ class DiffusionBase(L.LightningModule):
         mean, std = params[:, 0], params[:, 1]
         # randn(shape), not randn_like: the latter follows the (view's) strides, so the same seed would draw
         # different latents with and without the cache.
-        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        if generator is None:
+            eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        else:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        latents = mean + std * eps
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype)
+        # Contiguous: some VAEs return channels-last latents, and diffusers' resnets then take other conv kernels in
+        # train and eval mode, so a student and its frozen teacher would differ by ~1e-6 with equal weights.
+        return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype).contiguous()
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder hidden states, tokenised exactly as diffusers' StableDiffusionPipeline does."""
@@ -270,8 +285,11 @@ class DiffusionBase(L.LightningModule):
             return torch.ones(len(timesteps), device=timesteps.device)
         snr = compute_snr(self.noise_scheduler, timesteps)
         clipped = snr.clamp(max=gamma)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "v_prediction":
             return clipped / (snr + 1)
+        if kind == "sample":  # the paper's weight for an x0 loss is min(SNR, gamma) itself
+            return clipped
         return clipped / snr.clamp(min=1e-8)
 
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -324,12 +342,15 @@ class DiffusionBase(L.LightningModule):
     @torch.no_grad()
     def evaluation_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Denoising loss at fixed timesteps and noise (seeded by the batch index): comparable across checkpoints,
-        unlike the training loss whose timesteps are random. Timesteps are spread evenly over the schedule."""
-        x0 = self.encode_images(batch["pixel_values"])
+        unlike the training loss whose timesteps are random. Timesteps are stratified over the schedule with an
+        offset seeded by the batch index, so that batches of one image do not all score t=0. The VAE latent is drawn
+        from the same generator: the global RNG (and with it the training run) is left untouched."""
         generator = torch.Generator().manual_seed(batch_idx)
+        x0 = self.encode_images(batch["pixel_values"], generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         total = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.linspace(0, total - 1, len(x0)).round().long().to(x0.device)
+        offset = torch.rand(1, generator=generator)
+        timesteps = ((torch.arange(len(x0)) + offset) * total / len(x0)).long().clamp(max=total - 1).to(x0.device)
         return self.diffusion_loss(x0, self.encode_conditions(batch), timesteps, noise, weighted=False).mean()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -376,9 +397,13 @@ class DiffusionBase(L.LightningModule):
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
         if self.ema is not None:
             self.ema.to(self.device)
+        self._ema_global_step = self.trainer.global_step
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
+        # Once per optimizer step, not per micro-batch: with gradient accumulation the weights change only every
+        # `accumulate_grad_batches` batches (diffusers steps its EMA under `accelerator.sync_gradients`).
+        if self.ema is not None and self.trainer.global_step > self._ema_global_step:
+            self._ema_global_step = self.trainer.global_step
             self.ema.step(self.trainable_parameters())
 
     @contextlib.contextmanager
@@ -419,6 +444,7 @@ class DiffusionBase(L.LightningModule):
         if "ema" in checkpoint and self.hparams.ema_decay is not None:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
             self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.to(self.device)  # strategies that restore after on_fit_start (FSDP) need the move here
 
     # ------------------------------------------------------------------------------------------ sampling, export
     def sampling_scheduler(self):
@@ -489,7 +515,12 @@ class DiffusionBase(L.LightningModule):
                     raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
                 from diffusers import StableDiffusionPipeline
 
-                StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=self.exportable_lora_state())
+                # The adapter config (rank, alpha, targets) goes with the weights: without it `load_lora_weights`
+                # assumes alpha = rank, and a model trained with another alpha would load at the wrong scale.
+                metadata = next(iter(self.denoiser.peft_config.values())).to_dict()
+                StableDiffusionPipeline.save_lora_weights(
+                    path, unet_lora_layers=self.exportable_lora_state(), unet_lora_adapter_metadata=metadata
+                )
                 return path
             parts = self.parts
             parts.denoiser = self.exportable_denoiser()

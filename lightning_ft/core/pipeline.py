@@ -8,6 +8,7 @@ is a plain DDIM-style loop over the diffusers scheduler (written here for that r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -100,8 +101,12 @@ def sample_class_conditional(
     config = parts.denoiser.config
     channels = config.in_channels
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    x = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators])
     x = x.to(device) * scheduler.init_noise_sigma
+    # Stochastic samplers (DDPM, ancestral) draw fresh noise every step: from image i's own generator, as the
+    # diffusers pipelines do, so that a sample depends on its seed only and not on the batch or the global RNG.
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     y = torch.as_tensor(list(labels), device=device)
     use_cfg = null_label is not None and guidance_scale != 1.0
     scheduler.set_timesteps(steps)
@@ -116,7 +121,7 @@ def sample_class_conditional(
             out = uncond + guidance_scale * (cond - uncond)
         else:
             out = predict(x_in, t_batch, y)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     if parts.vae is not None:
         x = parts.vae.decode(x / parts.vae.config.scaling_factor).sample
     return _to_unit(x)

@@ -2,8 +2,9 @@
 
 DreamBooth's prior-preservation loss needs images of the subject's class drawn by the *pretrained* model. They
 are generated once, before training, and kept in a folder keyed by the class prompt, the model's identity, the
-count and the resolution, so that a re-run (or another method on the same model) reuses them. The folder is
-written to a temporary name and renamed when complete: an interrupted run never leaves a half-filled cache.
+count, the resolution, the seed and the sampler settings, so that a re-run (or another method on the same model)
+reuses them. The folder is written to a temporary name and renamed when complete: an interrupted run never
+leaves a half-filled cache.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from lightning_ft.paths import cache_dir
 
 
 def class_cache_folder(
-    prompt: str, model_identity: str, count: int, resolution: int, seed: int, root: Path | None = None
+    prompt: str,
+    model_identity: str,
+    count: int,
+    resolution: int,
+    seed: int,
+    root: Path | None = None,
+    sampler: dict | None = None,
 ) -> Path:
-    key = json.dumps([prompt, model_identity, count, resolution, seed])
+    """The cache folder of a set of class images; ``sampler`` holds the sampling settings (scheduler, steps,
+    guidance)."""
+    key = json.dumps([prompt, model_identity, count, resolution, seed, sampler], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return (root or cache_dir() / "class_images") / digest
 

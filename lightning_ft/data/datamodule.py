@@ -12,6 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
 from lightning_ft.data.folder import list_images, load_image, read_captions, to_tensor
 
+#: The model settings that shape generated class images (besides the model itself), part of their cache key.
+SAMPLER_HPARAMS = ("sample_scheduler", "sample_scheduler_kwargs", "sample_steps", "guidance_scale")
+
 
 class LimitedDataset(Dataset):
     """Item ``i`` pairs instance image ``i mod N`` with class image ``i mod M`` (DreamBooth's pairing).
@@ -121,8 +124,11 @@ class LimitedDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------- class images
     def _user_class_files(self) -> list[Path]:
         h = self.hparams
-        if not h.class_dir or not Path(h.class_dir).exists():
+        if not h.class_dir:
             return []
+        if not Path(h.class_dir).exists():
+            # A typo here would otherwise silently mean "generate every class image".
+            raise FileNotFoundError(f"data.class_dir: folder {h.class_dir!r} does not exist (omit it to generate all)")
         return list_images(h.class_dir, "data.class_dir")[: h.num_class_images]
 
     def _generated_class_folder(self) -> Path | None:
@@ -136,16 +142,22 @@ class LimitedDataModule(L.LightningDataModule):
                 f"data: {shortfall} class images are missing and there is no DiffusionBase model to generate them"
             )
         root = Path(h.class_cache_dir) if h.class_cache_dir else None
-        return class_cache_folder(h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root)
+        # The images depend on how they are sampled too: another sampler, step count or guidance must not reuse them.
+        model_hparams = getattr(module, "hparams", {})
+        sampler = {k: model_hparams.get(k) for k in SAMPLER_HPARAMS}
+        return class_cache_folder(
+            h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root, sampler=sampler
+        )
 
     def prepare_data(self) -> None:
         # Runs once per machine (local rank 0) before `setup`: the class images are sampled once, not per rank.
         folder = self._generated_class_folder() if self.hparams.num_class_images > 0 else None
         if folder is not None and not folder.exists():
             shortfall = self.hparams.num_class_images - len(self._user_class_files())
-            generate_class_images(
-                self.trainer.lightning_module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed
-            )
+            module = self.trainer.lightning_module
+            # prepare_data runs before the strategy moves the model: sample on the accelerator, not on the CPU.
+            module.to(self.trainer.strategy.root_device)
+            generate_class_images(module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed)
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -198,6 +210,8 @@ class LimitedDataModule(L.LightningDataModule):
         h = self.hparams
         prompts = h.predict_prompts or list(dict.fromkeys(self.dataset.prompts))
         items = [{"prompts": p, "seeds": s} for p in prompts for s in h.predict_seeds]
+        if h.class_label is not None:  # class-conditional models sample the class, not the prompt
+            items = [{**item, "class_labels": h.class_label} for item in items]
         return DataLoader(items, batch_size=max(h.batch_size, 8))
 
     def train_dataloader(self) -> DataLoader:

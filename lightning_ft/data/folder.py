@@ -73,7 +73,7 @@ def read_captions(files: list[Path], captions_file: str | None, prompt: str | No
         if not all(present):
             missing = [f.name for f, p in zip(files, present) if not p]
             raise ValueError(f"{key}: some images have a .txt caption but these have none: {missing[:5]}")
-        return [s.read_text().strip() for s in sidecars]
+        return [s.read_text(encoding="utf-8-sig").strip() for s in sidecars]
     if prompt is None:
         raise ValueError(f"{key}: no captions (no captions file, no .txt beside the images) and no prompt given")
     return [prompt] * len(files)
@@ -83,8 +83,9 @@ def _read_caption_table(path: Path, key: str) -> dict[str, str]:
     if not path.exists():
         raise FileNotFoundError(f"{key}: captions file {str(path)!r} does not exist")
     table: dict[str, str] = {}
+    # utf-8-sig: files saved by Excel or Notepad start with a byte-order mark, which is not part of the first field.
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -95,8 +96,10 @@ def _read_caption_table(path: Path, key: str) -> dict[str, str]:
                     f"{key}: {str(path)!r} line {number} is not a JSON object with 'file' and 'caption' ({error})"
                 ) from None
     elif path.suffix == ".csv":
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             for number, row in enumerate(csv.reader(handle), 1):
+                if not any(field.strip() for field in row):  # blank lines, e.g. a trailing one
+                    continue
                 if number == 1 and [c.strip().lower() for c in row] == ["file", "caption"]:
                     continue
                 if len(row) != 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -143,11 +144,14 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     config = yaml.safe_load(text)
     overrides = ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
                  "--data.batch_size", "2"]  # fmt: skip
-    if "LimitedDataModule" in config["data"]["class_path"]:
+    if config["data"]["init_args"].get("num_class_images"):
         overrides += ["--data.num_class_images", "2"]
     module, _, name = config["model"]["class_path"].rpartition(".")
-    if issubclass(getattr(importlib.import_module(module), name), DiffusionBase):
+    model_class = getattr(importlib.import_module(module), name)
+    if issubclass(model_class, DiffusionBase):
         overrides += ["--model.sample_steps", "2"]
+    if "memory_size" in inspect.signature(model_class).parameters:
+        overrides += ["--model.memory_size", "4", "--model.memory_sample_steps", "2"]
     cli = main(["fit", "--config", config_file, *overrides])
     assert cli.trainer.global_step == 2
 

@@ -143,6 +143,10 @@ def test_bad_inputs_name_the_file_or_key(tmp_path):
     (folder / "img_00.txt").write_text("only one")
     with pytest.raises(ValueError, match="these have none: \\['img_01.png'\\]"):
         _setup(instance_dir=str(folder))
+    with pytest.raises(FileNotFoundError, match="data.class_dir: folder .*typo"):
+        clean = str(write_images(tmp_path / "clean", 1))
+        _setup(instance_dir=clean, instance_prompt="x", class_dir=str(tmp_path / "typo"), class_prompt="a",
+               num_class_images=2)  # fmt: skip
     with pytest.raises(ValueError, match="needs data.class_prompt"):
         LimitedDataModule(str(folder), instance_prompt="x", num_class_images=3)
 
@@ -162,3 +166,59 @@ def test_resolution_the_model_cannot_take_fails_before_training(subject_dir):
     with pytest.raises(ValueError, match="data.resolution=256 is over 4x"):
         module.check_resolution(256)
     module.check_resolution(64)
+
+
+def test_captions_csv_with_byte_order_mark_and_blank_lines(tmp_path):
+    folder = write_images(tmp_path / "a", 2)
+    # Excel's "CSV UTF-8" starts with a byte-order mark; editors leave blank lines, e.g. a trailing one.
+    (tmp_path / "c.csv").write_bytes("\ufefffile,caption\nimg_00.png,one\n\nimg_01.png,two\n\n".encode())
+    assert _setup(instance_dir=str(folder), captions_file=str(tmp_path / "c.csv")).dataset.prompts == ["one", "two"]
+    rows = [{"file": "img_00.png", "caption": "first"}, {"file": "img_01.png", "caption": "second"}]
+    (tmp_path / "c.jsonl").write_bytes(("\ufeff" + "\n".join(json.dumps(r) for r in rows)).encode())
+    prompts = _setup(instance_dir=str(folder), captions_file=str(tmp_path / "c.jsonl")).dataset.prompts
+    assert prompts == ["first", "second"]
+
+
+class _Generator(_CountingGenerator):
+    def __init__(self, **hparams):
+        super().__init__()
+        self.hparams, self.device, self.device_at_generate = hparams, torch.device("cpu"), None
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def generate(self, prompts, seeds, batch_size=16):
+        self.device_at_generate = self.device
+        return super().generate(prompts, seeds, batch_size)
+
+
+def _with_fake_trainer(data, module, device="cpu"):
+    from types import SimpleNamespace
+
+    data.trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(root_device=torch.device(device)))
+    return data
+
+
+def test_class_image_cache_key_changes_with_the_sampling_settings(subject_dir, tmp_path):
+    def folder(**hparams):
+        data = LimitedDataModule(
+            str(subject_dir), instance_prompt="a sks star", class_prompt="a star", num_class_images=2,
+            class_cache_dir=str(tmp_path), resolution=32,
+        )  # fmt: skip
+        return _with_fake_trainer(data, _Generator(**hparams))._generated_class_folder()
+
+    assert folder(sample_steps=2, guidance_scale=3.0) == folder(sample_steps=2, guidance_scale=3.0)
+    assert folder(sample_steps=2, guidance_scale=3.0) != folder(sample_steps=50, guidance_scale=3.0)
+    assert folder(sample_steps=2, guidance_scale=3.0) != folder(sample_steps=2, guidance_scale=7.5)
+
+
+def test_class_images_are_sampled_on_the_strategy_device(subject_dir, tmp_path):
+    # prepare_data runs before the strategy moves the model: without a move, SD class images are sampled on the CPU.
+    module = _Generator()
+    data = LimitedDataModule(
+        str(subject_dir), instance_prompt="a sks star", class_prompt="a star", num_class_images=2,
+        class_cache_dir=str(tmp_path), resolution=32,
+    )  # fmt: skip
+    _with_fake_trainer(data, module, device="meta").prepare_data()
+    assert module.calls == 1 and module.device_at_generate == torch.device("meta")

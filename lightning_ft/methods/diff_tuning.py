@@ -1,0 +1,262 @@
+"""Diff-Tuning: transfer a diffusion model along its "chain of forgetting" (../shared/METHODS.md section 2).
+
+The pretrained model stays a good denoiser near the data (small t) but transfers poorly at high noise, so
+fine-tuning *retains* pretrained knowledge at small t, by replaying images the pretrained model sampled before
+training (the memory bank), and *reconsolidates* mainly at large t on the target data:
+
+    L = E_{x0 ~ target, t ~ p_psi} l(theta; x0, t, c) + retention_weight * E_{x0 ~ bank, t ~ p_xi} l(theta; x0, t, null)
+    p_psi(t) ∝ (t + 1)^a (favours the noisy end),   p_xi(t) ∝ (T - t)^b (favours the clean end).
+
+Released (official training script): the two losses and their weight 0.1; memory images = ``int(batch * 0.2)`` of
+each batch and the target images the rest, both in one forward; t drawn from the two categorical distributions
+above (importance sampling, not loss weights) with b = a = 1 unless b is set; memory images always get the null
+condition (their labels are discarded); the bank is sampled from the pretrained model before fine-tuning; all
+weights train with AdamW lr 1e-4, weight decay 0.
+
+Inferred (not read in code or paper):
+- the bank size (``memory_size`` 256 here; the paper's value was not read) and its sampler settings;
+- the empty prompt as the bank's prompt for text-to-image models (the released model is class-conditional and
+  samples every class);
+- ``weighting='loss_weight'``: uniform t with per-sample weights p(t) * T (mean 1 over uniform t), equal in
+  expectation to importance sampling;
+- at least one memory image per batch when ``memory_ratio > 0``; memory drawn uniformly without replacement per
+  step from a generator seeded by the step (the released loader cycles a shuffled bank); no flip on memory images;
+- the per-sample loss is the base denoising MSE (the released DiT also adds a VLB term for its learned variance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightning_ft.core.base import DiffusionBase
+from lightning_ft.data.memory_bank import generate_memory_bank, load_memory_bank, memory_bank_folder
+
+WEIGHTINGS = ("sampling", "loss_weight")
+
+
+def power_law_pmf(T: int, power: float, decreasing: bool = False) -> torch.Tensor:
+    """Exact pmf over t in {0..T-1} (float64): ∝ (t+1)^power, or ∝ (T-t)^power when ``decreasing``."""
+    support = torch.arange(T, dtype=torch.float64)
+    base = T - support if decreasing else support + 1
+    log_weights = power * base.log()
+    # Normalising in log space keeps large powers from overflowing.
+    return torch.softmax(log_weights, dim=0)
+
+
+def power_law_timesteps(
+    n: int,
+    T: int,
+    power: float,
+    decreasing: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``n`` timesteps drawn i.i.d. from ``power_law_pmf(T, power, decreasing)`` (power 0 is uniform)."""
+    pmf = power_law_pmf(T, power, decreasing)
+    return torch.multinomial(pmf, n, replacement=True, generator=generator).to(device)
+
+
+class DiffTuning(DiffusionBase):
+    """Diff-Tuning: reconsolidation on the target data + retention on a bank of pretrained-model samples.
+
+    Args:
+        memory_size: images in the memory bank, sampled from the pretrained model before training (default 256,
+            inferred).
+        memory_ratio: fraction of each batch that is memory: ``int(batch * ratio)`` memory images (at least 1 when
+            ratio > 0) replace the last target images of the datamodule's batch, so ``data.batch_size`` is the
+            whole step's batch as in the released ``--global-batch-size`` (default 0.2, released). A batch of one
+            image keeps it and adds one memory image. 0 turns retention off.
+        retention_weight: weight of the retention loss (default 0.1, released).
+        target_power: a in p(t) ∝ (t+1)^a for target images (default 1.0, released).
+        memory_power: b in p(t) ∝ (T-t)^b for memory images (default None = a, as the released -1 default).
+        weighting: ``sampling`` (draw t from the distributions, released) or ``loss_weight`` (uniform t, per-sample
+            weights p(t) * T with mean 1, inferred) (default ``sampling``).
+        memory_prompts: prompts the bank is sampled with, cycled over the images (default None = the empty prompt,
+            i.e. unconditional samples, for text models; class models cycle over their classes).
+        memory_sample_steps, memory_guidance_scale: sampler settings of the bank (defaults 25, 1.0).
+        memory_cache_dir: folder of cached banks (default None: ``memory_bank`` under the project cache).
+        **kwargs: see ``DiffusionBase``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        memory_size: int = 256,
+        memory_ratio: float = 0.2,
+        retention_weight: float = 0.1,
+        target_power: float = 1.0,
+        memory_power: float | None = None,
+        weighting: str = "sampling",
+        memory_prompts: list[str] | None = None,
+        memory_sample_steps: int = 25,
+        memory_guidance_scale: float = 1.0,
+        memory_cache_dir: str | None = None,
+        **kwargs,
+    ):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"model.weighting={weighting!r} is not one of {WEIGHTINGS}")
+        if not 0.0 <= memory_ratio < 1.0:
+            raise ValueError(f"model.memory_ratio={memory_ratio} must be in [0, 1)")
+        if memory_ratio > 0 and memory_size < 1:
+            raise ValueError(f"model.memory_size={memory_size} must be positive when memory_ratio > 0")
+        if retention_weight < 0:
+            raise ValueError(f"model.retention_weight={retention_weight} must be >= 0")
+        super().__init__(*args, **kwargs)
+        h = self.hparams
+        if h.memory_ratio > 0 and self.conditioning == "class" and h.null_class is None:
+            raise ValueError("Diff-Tuning trains memory images with the null class: set model.null_class")
+        if memory_prompts is not None and self.conditioning != "text":
+            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.conditioning!r} one")
+        T = self.noise_scheduler.config.num_train_timesteps
+        b = target_power if memory_power is None else memory_power
+        # Plain attributes, not buffers: they are derived from hparams and must not enter checkpoints.
+        self.target_pmf = power_law_pmf(T, target_power, decreasing=False)
+        self.memory_pmf = power_law_pmf(T, b, decreasing=True)
+        self.memory_bank: torch.Tensor | None = None  # uint8 (N, 3, H, W), loaded in setup
+        self._batch_idx = 0
+
+    # ----------------------------------------------------------------------------------------------- timesteps
+    def _draw(self, pmf: torch.Tensor, n: int) -> torch.Tensor:
+        if self.hparams.weighting == "sampling":
+            return torch.multinomial(pmf, n, replacement=True).to(self.device)
+        return super().sample_timesteps(n)
+
+    def sample_timesteps(self, n: int) -> torch.Tensor:
+        """Target timesteps: p(t) ∝ (t+1)^a with ``weighting='sampling'``, else uniform."""
+        return self._draw(self.target_pmf, n)
+
+    def memory_timesteps(self, n: int) -> torch.Tensor:
+        """Memory timesteps: p(t) ∝ (T-t)^b with ``weighting='sampling'``, else uniform."""
+        return self._draw(self.memory_pmf, n)
+
+    def importance_weights(self, timesteps: torch.Tensor, memory: bool = False) -> torch.Tensor:
+        """Per-sample weights of the ``loss_weight`` option, p(t) * T (mean 1 over uniform t); 1 for ``sampling``."""
+        if self.hparams.weighting == "sampling":
+            return torch.ones(len(timesteps), device=timesteps.device)
+        pmf = self.memory_pmf if memory else self.target_pmf
+        return (pmf[timesteps.cpu()] * len(pmf)).to(timesteps.device, torch.float32)
+
+    # --------------------------------------------------------------------------------------------- memory bank
+    def memory_count(self, batch_size: int) -> int:
+        """Memory images in a step whose datamodule batch holds ``batch_size`` images (released int arithmetic)."""
+        if self.hparams.memory_ratio <= 0:
+            return 0
+        return max(1, int(batch_size * self.hparams.memory_ratio))
+
+    def memory_conditions(self) -> tuple[list[str] | None, list[int] | None]:
+        """(prompts, labels) the bank's images are sampled with, one per image (None for unconditional models)."""
+        size = self.hparams.memory_size
+        if self.conditioning == "text":
+            prompts = self.hparams.memory_prompts or [""]
+            return [prompts[i % len(prompts)] for i in range(size)], None
+        if self.conditioning == "class":
+            config = self.denoiser.config
+            count = getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None)
+            if not count:
+                raise ValueError("Diff-Tuning: cannot tell how many classes this model has to sample the memory bank")
+            classes = [c for c in range(count) if c != self.hparams.null_class]
+            return None, [classes[i % len(classes)] for i in range(size)]
+        return None, None
+
+    def memory_bank_folder(self) -> Path:
+        h = self.hparams
+        prompts, labels = self.memory_conditions()
+        sampler = {
+            "scheduler": h.sample_scheduler,
+            "scheduler_kwargs": h.sample_scheduler_kwargs,
+            "steps": h.memory_sample_steps,
+            "guidance_scale": h.memory_guidance_scale,
+        }
+        root = Path(h.memory_cache_dir) if h.memory_cache_dir else None
+        conditions = prompts if prompts is not None else labels
+        return memory_bank_folder(
+            self.model_identity(), conditions, h.memory_size, self.native_resolution(), sampler, root=root
+        )
+
+    def prepare_memory_bank(self) -> torch.Tensor:
+        """Sample the bank if it is not cached (global rank 0 only, the others wait), then load it on every rank."""
+        h = self.hparams
+        folder = self.memory_bank_folder()
+        trainer = self._trainer
+        if not folder.exists() and (trainer is None or trainer.is_global_zero):
+            if trainer is not None:
+                self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
+            prompts, labels = self.memory_conditions()
+            generate_memory_bank(
+                self, folder, h.memory_size, prompts, labels, h.memory_sample_steps, h.memory_guidance_scale
+            )
+        if trainer is not None:
+            trainer.strategy.barrier("diff_tuning_memory_bank")
+        self.memory_bank = load_memory_bank(folder)
+        return self.memory_bank
+
+    def setup(self, stage: str) -> None:
+        # The bank is sampled here and not in on_fit_start: setup runs before a resumed checkpoint's weights are
+        # loaded, so a bank missing on resume is still sampled from the pretrained model, not the fine-tuned one.
+        if stage == "fit" and self.hparams.memory_ratio > 0 and self.memory_bank is None:
+            self.prepare_memory_bank()
+
+    def draw_memory(self, k: int, size: tuple[int, int]) -> torch.Tensor:
+        """``k`` bank images in [-1, 1] at ``size``, uniformly without replacement, seeded by the step (and the
+        micro-batch and rank, so accumulated batches and DDP ranks do not replay the same images)."""
+        if self.memory_bank is None:
+            self.prepare_memory_bank()
+        seed = np.random.SeedSequence([int(self.global_step), self._batch_idx, self.global_rank]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        n = len(self.memory_bank)
+        if k <= n:
+            index = torch.randperm(n, generator=generator)[:k]
+        else:
+            index = torch.randint(0, n, (k,), generator=generator)
+        images = self.memory_bank[index].float() / 127.5 - 1.0
+        if tuple(images.shape[-2:]) != tuple(size):
+            # The bank is sampled at the model's native size; the training resolution may differ.
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        return images.to(self.device)
+
+    def null_condition(self, k: int):
+        """The condition of memory images: the empty prompt, the null class, or None (released)."""
+        if self.conditioning == "text":
+            return self.encode_prompts([""] * k)
+        if self.conditioning == "class":
+            return torch.full((k,), self.hparams.null_class, device=self.device, dtype=torch.long)
+        return None
+
+    # ---------------------------------------------------------------------------------------------------- loss
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pixels = batch["pixel_values"]
+        size = len(pixels)
+        k = self.memory_count(size)
+        n = max(1, size - k)
+        target = {key: value[:n] if _is_per_sample(value, size) else value for key, value in batch.items()}
+        t_target = self.sample_timesteps(n)
+        condition = self.encode_conditions(target)
+        if k == 0:
+            x0 = self.encode_images(target["pixel_values"])
+            per_sample = self.diffusion_loss(x0, condition, t_target) * self.importance_weights(t_target)
+            loss = per_sample.mean()
+            return loss, {"loss/reconsolidation": loss.detach()}
+        memory = self.draw_memory(k, tuple(pixels.shape[-2:])).to(pixels.dtype)
+        t_memory = self.memory_timesteps(k)
+        # One forward for both parts, as the released script does.
+        x0 = self.encode_images(torch.cat([target["pixel_values"], memory]))
+        null = self.null_condition(k)
+        condition = torch.cat([condition, null]) if condition is not None else None
+        timesteps = torch.cat([t_target, t_memory])
+        weights = torch.cat([self.importance_weights(t_target), self.importance_weights(t_memory, memory=True)])
+        per_sample = self.diffusion_loss(x0, condition, timesteps) * weights
+        reconsolidation, retention = per_sample[:n].mean(), per_sample[n:].mean()
+        loss = reconsolidation + self.hparams.retention_weight * retention
+        return loss, {"loss/reconsolidation": reconsolidation.detach(), "loss/retention": retention.detach()}
+
+
+def _is_per_sample(value, size: int) -> bool:
+    return isinstance(value, (torch.Tensor, list, tuple)) and len(value) == size

@@ -1,0 +1,127 @@
+"""SDFT: self-distillation fine-tuning from the frozen source model (../shared/METHODS.md section 3).
+
+The paper (WACV 2024) distils from the source model, pretrained on large data, its general features (shape,
+colour) and less its domain-specific ones (texture, detail), "without disturbing training on the target dataset".
+Only its abstract was read and no code was found: **the whole mechanism below is inferred**, a placeholder
+consistent with that description, not a reproduction.
+
+Inferred spec: teacher eps_phi = the frozen pretrained denoiser, student eps_theta = the trained copy, both fed the
+SAME noisy input, timestep and condition;
+
+    L = mean_b l(theta; x0, t, c) + distill_weight * mean_b w(t) * D(student, teacher)
+
+- ``distill_target='prediction'``: D = ||eps_theta(x_t, t) - sg[eps_phi(x_t, t)]||^2 on the raw model output
+  (whatever the prediction type), w(t) = 1[t >= distill_from * T]: coarse structure and colour are decided at high
+  noise, details at low noise, so only the high-noise half is pulled towards the teacher;
+- ``distill_target='lowpass_x0'`` (the optional stronger variant): D = ||pool(x0_theta) - pool(x0_phi)||^2 with
+  pool = ``lowpass_factor``x average pooling of each model's predicted x0, at every t. An epsilon model's x0 error
+  is its epsilon error times sqrt((1 - abar) / abar), which explodes near t = T (10^8 for a cosine schedule), so
+  the term is weighted by min(SNR(t), ``lowpass_snr_gamma``) (min-SNR in x0 space: at high noise it equals the
+  pooled epsilon difference); ``lowpass_snr_gamma=None`` leaves it unweighted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from lightning_ft.core.base import DiffusionBase
+
+DISTILL_TARGETS = ("prediction", "lowpass_x0")
+
+
+class SelfDistillationFineTuning(DiffusionBase):
+    """Fine-tuning with a distillation term towards the frozen pretrained model (inferred SDFT).
+
+    Args:
+        distill_weight: lambda_KD, weight of the distillation term (default 1.0, inferred).
+        distill_from: tau; with ``distill_target='prediction'`` only timesteps t >= tau * T are distilled
+            (default 0.5, inferred).
+        distill_target: ``prediction`` (raw outputs, t >= tau T) or ``lowpass_x0`` (average-pooled predicted x0
+            at every t) (default ``prediction``, inferred).
+        lowpass_factor: pooling factor of ``lowpass_x0`` (default 4, inferred).
+        lowpass_snr_gamma: ``lowpass_x0`` weight min(SNR(t), gamma), None = unweighted (default 1.0, inferred).
+        **kwargs: see ``DiffusionBase``.
+    """
+
+    requires_frozen_denoiser = True
+
+    def __init__(
+        self,
+        *args,
+        distill_weight: float = 1.0,
+        distill_from: float = 0.5,
+        distill_target: str = "prediction",
+        lowpass_factor: int = 4,
+        lowpass_snr_gamma: float | None = 1.0,
+        **kwargs,
+    ):
+        if distill_target not in DISTILL_TARGETS:
+            raise ValueError(f"model.distill_target={distill_target!r} is not one of {DISTILL_TARGETS}")
+        if not 0.0 <= distill_from <= 1.0:
+            raise ValueError(f"model.distill_from={distill_from} must be in [0, 1]")
+        if lowpass_factor < 1:
+            raise ValueError(f"model.lowpass_factor={lowpass_factor} must be >= 1")
+        super().__init__(*args, **kwargs)
+
+    def predicted_x0(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The x0 a model output implies, for the scheduler's prediction type (epsilon / v_prediction / sample)."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "sample":
+            return prediction
+        abar = self.noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].float()
+        abar = abar.view(-1, *([1] * (noisy.ndim - 1)))
+        signal, sigma = abar.sqrt(), (1 - abar).sqrt()
+        if kind == "epsilon":
+            return (noisy - sigma * prediction) / signal
+        if kind == "v_prediction":
+            return signal * noisy - sigma * prediction
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def distill_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """w(t) of the distillation term: 1[t >= tau T] (prediction), or min(SNR, gamma) / 1 (lowpass_x0)."""
+        h = self.hparams
+        if h.distill_target == "prediction":
+            threshold = h.distill_from * self.noise_scheduler.config.num_train_timesteps
+            return (timesteps >= threshold).float()
+        if h.lowpass_snr_gamma is None:
+            return torch.ones(len(timesteps), device=timesteps.device)
+        return compute_snr(self.noise_scheduler, timesteps).clamp(max=h.lowpass_snr_gamma).float()
+
+    def distillation_loss(
+        self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, condition
+    ) -> torch.Tensor:
+        """Per-sample w(t) * D(student, teacher) for the student's ``prediction`` on ``noisy`` at ``timesteps``.
+
+        The teacher runs without a graph (stop-gradient), so the gradient reaches the student only."""
+        with torch.no_grad():
+            teacher = self.predict(noisy, timesteps, condition, denoiser=self.frozen_denoiser)
+        student = prediction.float()
+        teacher = teacher.float()
+        if self.hparams.distill_target == "lowpass_x0":
+            factor = self.hparams.lowpass_factor
+            student = F.avg_pool2d(self.predicted_x0(student, noisy.float(), timesteps), factor, ceil_mode=True)
+            teacher = F.avg_pool2d(self.predicted_x0(teacher, noisy.float(), timesteps), factor, ceil_mode=True)
+        distance = F.mse_loss(student, teacher, reduction="none").mean(dim=tuple(range(1, student.ndim)))
+        return distance * self.distill_weights(timesteps)
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # The diffusion loss is computed here (not with diffusion_loss) so that the student's single forward
+        # serves both terms, on the same noisy inputs and timesteps as the teacher's.
+        # Contiguous: the VAE returns channels-last latents, and diffusers' resnet blocks make their shortcut input
+        # contiguous in train mode only, so the student (train) and teacher (eval) would take different conv
+        # kernels and differ by ~1e-6 even with identical weights.
+        x0 = self.encode_images(batch["pixel_values"]).contiguous()
+        condition = self.encode_conditions(batch)
+        timesteps = self.sample_timesteps(x0.shape[0])
+        noise = self.make_noise(x0)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        prediction = self.predict(noisy, timesteps, condition)
+        target = self.prediction_target(x0, noise, timesteps)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=tuple(range(1, prediction.ndim))) * self.timestep_weights(timesteps)
+        diffusion = per_sample.mean()
+        distill = self.distillation_loss(prediction, noisy, timesteps, condition).mean()
+        loss = diffusion + self.hparams.distill_weight * distill
+        return loss, {"loss/diffusion": diffusion.detach(), "loss/distill": distill.detach()}
