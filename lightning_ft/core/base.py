@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler as get_lr_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
@@ -102,7 +103,9 @@ class DiffusionBase(L.LightningModule):
         self.vae = parts.vae
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
-        self.noise_scheduler = parts.scheduler
+        # Training always adds noise with a DDPM scheduler of the same config, as diffusers' training scripts do: a
+        # pipeline folder ships its *sampling* scheduler (PNDM, DDIM, ...), some of which lack get_velocity.
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         if prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         for frozen in (self.vae, self.text_encoder):
