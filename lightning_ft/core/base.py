@@ -33,10 +33,11 @@ from diffusers.training_utils import EMAModel, compute_snr
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
-from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable, has_lora, lora_state_dict
+from lightning_ft.core.sampling_export import SamplingExportMixin
+from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable
 
 
-class DiffusionBase(L.LightningModule):
+class DiffusionBase(SamplingExportMixin, L.LightningModule):
     """Fine-tune a pretrained diffusion model.
 
     Args:
@@ -448,103 +449,3 @@ class DiffusionBase(L.LightningModule):
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
             self.ema.load_state_dict(checkpoint["ema"])
             self.ema.to(self.device)  # strategies that restore after on_fit_start (FSDP) need the move here
-
-    # ------------------------------------------------------------------------------------------ sampling, export
-    def sampling_scheduler(self):
-        h = self.hparams
-        return pipe_utils.sampling_scheduler(self.noise_scheduler, h.sample_scheduler, h.sample_scheduler_kwargs)
-
-    def build_pipeline(self):
-        """The diffusers pipeline of the current weights (shares the modules; nothing is copied)."""
-        return pipe_utils.build_pipeline(self.parts, self.sampling_scheduler())
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str] | None = None,
-        labels: Sequence[int] | None = None,
-        seeds: Sequence[int] | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        batch_size: int = 32,
-        negative_prompt: str | None = None,
-    ) -> torch.Tensor:
-        """Sample images in [0, 1], shape (N, C, H, W), one per prompt / label / seed.
-
-        ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
-        steps = steps or self.hparams.sample_steps
-        guidance = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
-        seeds = list(range(n)) if seeds is None else list(seeds)
-        if len(seeds) != n:
-            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts/labels")
-        chunks = []
-        with self.sampling_weights():
-            pipe = self.build_pipeline()
-            if pipe is not None:
-                pipe.set_progress_bar_config(disable=True)
-            for start in range(0, n, batch_size):
-                part = slice(start, start + batch_size)
-                if self.conditioning == "text":
-                    chunks.append(
-                        pipe_utils.sample_text(pipe, prompts[part], seeds[part], steps, guidance, negative_prompt)
-                    )
-                elif self.conditioning == "class":
-                    chunks.append(
-                        pipe_utils.sample_class_conditional(
-                            self.parts,
-                            self.sampling_scheduler(),
-                            labels[part],
-                            seeds[part],
-                            steps,
-                            guidance,
-                            self.hparams.null_class,
-                            self.predict,
-                        )
-                    )
-                else:
-                    chunks.append(pipe_utils.sample_unconditional(pipe, seeds[part], steps))
-        return torch.cat(chunks).cpu()
-
-    def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:
-        """Write a diffusers folder (full pipeline) or, with ``lora_only``, LoRA weights for ``load_lora_weights``.
-
-        A full export of a LoRA model writes the merged weights: the folder has exactly the base architecture."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with self.sampling_weights():
-            if lora_only:
-                if not has_lora(self.denoiser):
-                    raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
-                from diffusers import StableDiffusionPipeline
-
-                # The adapter config (rank, alpha, targets) goes with the weights: without it `load_lora_weights`
-                # assumes alpha = rank, and a model trained with another alpha would load at the wrong scale.
-                metadata = next(iter(self.denoiser.peft_config.values())).to_dict()
-                StableDiffusionPipeline.save_lora_weights(
-                    path, unet_lora_layers=self.exportable_lora_state(), unet_lora_adapter_metadata=metadata
-                )
-                return path
-            parts = self.parts
-            parts.denoiser = self.exportable_denoiser()
-            pipe = pipe_utils.build_pipeline(parts, self.sampling_scheduler())
-            if pipe is None:
-                parts.denoiser.save_pretrained(path / "denoiser")
-                self.noise_scheduler.save_pretrained(path / "scheduler")
-            else:
-                pipe.save_pretrained(path)
-        return path
-
-    def exportable_lora_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in the layout ``load_lora_weights`` reads; methods that reparameterise LoRA override it."""
-        return lora_state_dict(self.denoiser)
-
-    def exportable_denoiser(self) -> torch.nn.Module:
-        """The denoiser as plain diffusers weights (LoRA merged into a copy). Must not change ``self``: training
-        and sampling go on after an export. Methods that insert or reparameterise layers override it."""
-        if not has_lora(self.denoiser):
-            return self.denoiser
-        merged = copy.deepcopy(self.denoiser)
-        merged.fuse_lora()
-        merged.unload_lora()
-        return merged
