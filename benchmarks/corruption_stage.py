@@ -33,7 +33,6 @@ def run_one(config: str, seed: int, steps: int, root: Path, extra: list[str]) ->
         sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(REPO / config),
         "--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.max_steps", str(steps),
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.enable_checkpointing", "false",
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -70,14 +69,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, curves = [], {}
     for (name, _, seed), log_dir in log_dirs.items():
         curve = read_curve(log_dir)
-        report = classify_stages(curve["step"], curve["fidelity"], curve["corruption"], curve.get("memorisation"))
+        report = classify_stages(curve["step"], curve["fidelity"], curve["score"], curve.get("memorisation"))
+        # Fidelity-only rule (as METHODS.md infers it): a drop of max(0.1, 0.3 x rise) below the running max counts,
+        # noisy samples or not.
+        fidelity_only = classify_stages(curve["step"], curve["fidelity"], curve["score"], require_noise=False)
         curves[(name, seed)] = curve
-        interval = f"{report.corruption_start}-{report.corruption_end}" if report.corruption_occurred else "none"
+        interval = f"{report.corruption_start}-{report.corruption_end}" if report.corruption_detected else "none"
+        dip_only = (
+            f"{fidelity_only.corruption_start}-{fidelity_only.corruption_end}"
+            if fidelity_only.corruption_detected
+            else "none"
+        )
         rows.append({
             "method": name, "seed": seed, "verdict": report.verdict, "corruption_stage": interval,
+            "fidelity_dip_only": dip_only,
             "dip_depth": report.dip_depth, "best_step": report.best_step_before_corruption,
             "peak_fidelity": max(curve["fidelity"]), "final_fidelity": curve["fidelity"][-1],
-            "max_corruption_score": max(curve["corruption"]), "final_memorisation": curve["memorisation"][-1],
+            "max_corruption_score": max(curve["score"]), "final_memorisation": curve["memorisation"][-1],
         })  # fmt: skip
     write_outputs(rows, curves, Path(args.out), args)
     return rows
@@ -99,13 +107,14 @@ def write_outputs(rows: list[dict], curves: dict, out: Path, args) -> None:
         "samples fixed seeds every 50 steps; fidelity = mean cosine of the embedded feature net between "
         "samples and the 5 instance images; corruption score = high-frequency energy of samples / of instances.",
         "",
-        "| method | seed | verdict | corruption stage (steps) | dip depth | best step | peak fidelity | "
-        "final fidelity | max corruption score | final memorisation |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | verdict | corruption stage (monitor rule) | fidelity dip (fidelity-only rule) | dip depth | "
+        "best step | peak fidelity | final fidelity | max corruption score | final memorisation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['seed']} | {r['verdict']} | {r['corruption_stage']} | {r['dip_depth']:.3f} | "
+            f"| {r['method']} | {r['seed']} | {r['verdict']} | {r['corruption_stage']} | {r['fidelity_dip_only']} | "
+            f"{r['dip_depth']:.3f} | "
             f"{r['best_step']} | {r['peak_fidelity']:.3f} | {r['final_fidelity']:.3f} | "
             f"{r['max_corruption_score']:.2f} | {r['final_memorisation']:.3f} |"
         )
@@ -115,7 +124,7 @@ def write_outputs(rows: list[dict], curves: dict, out: Path, args) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {name: f"C{i}" for i, name in enumerate(METHODS)}
     for (name, seed), curve in curves.items():
-        for axis, key in zip(axes, ("fidelity", "corruption", "memorisation")):
+        for axis, key in zip(axes, ("fidelity", "score", "memorisation")):
             axis.plot(curve["step"], curve[key], color=colours[name], alpha=0.8,
                       label=name if seed == args.seeds[0] else None)  # fmt: skip
     for axis, title in zip(axes, ("subject fidelity", "corruption score (HF energy ratio)", "memorisation")):

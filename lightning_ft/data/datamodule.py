@@ -68,10 +68,10 @@ class LimitedDataModule(L.LightningDataModule):
     Args:
         instance_dir: folder of training images (png/jpg/jpeg/webp/bmp).
         instance_prompt: caption for every instance image, used when there is no ``captions_file`` and no
-            per-image ``.txt`` (e.g. ``"a sks star on a gray background"``).
+            per-image ``.txt`` (e.g. ``"a sks orange star on a gray background"``).
         captions_file: ``.jsonl`` (``{"file": ..., "caption": ...}`` per line) or ``.csv`` (``file,caption``).
         class_dir: folder of class images for prior preservation (default None: only generated ones).
-        class_prompt: prompt of the class images (e.g. ``"a star on a gray background"``); enables prior
+        class_prompt: prompt of the class images (e.g. ``"a orange star on a gray background"``); enables prior
             preservation together with ``num_class_images``.
         num_class_images: class images wanted (default 0 = no prior preservation); the shortfall of ``class_dir``
             is sampled from the pretrained model and cached on disk.

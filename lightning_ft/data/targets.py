@@ -3,7 +3,8 @@
 ``LimitedDataModule`` reads them exactly as it reads a user's folder. Two targets:
 
 - ``subject``: 5 images of a novel object the source domain never shows: an orange star with blue stripes on a
-  gray background (DreamBooth-style, token ``sks``), plus held-out renders of the same subject for fidelity and
+  gray background (DreamBooth-style: ``a sks orange star on a gray background``, class prompt
+  ``a orange star on a gray background``), plus held-out renders of the same subject for fidelity and
   the evaluation prompts (the subject on new backgrounds).
 - ``domain``: 32 images of a new style, shapes drawn as outlines ("a red outlined star on a black background"),
   plus 2,000 held-out renders of the same distribution so that FID is measured against the distribution.
@@ -24,11 +25,13 @@ from PIL import Image
 from lightning_ft.data import shapes
 from lightning_ft.paths import cache_dir
 
-VERSION = 1
+VERSION = 2
 SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.14), "background": "gray"}
-SUBJECT_PROMPT = "a sks star on a gray background"
-SUBJECT_CLASS_PROMPT = "a star on a gray background"
-SUBJECT_EVAL_PROMPTS = [f"a sks star on a {bg} background" for bg in shapes.BACKGROUNDS]
+# The class prompt must be a caption the pretrained model knows: every pretraining caption names colour, shape and
+# background, so "a star on a gray background" (no colour) is out of distribution and samples garbage.
+SUBJECT_PROMPT = "a sks orange star on a gray background"
+SUBJECT_CLASS_PROMPT = "a orange star on a gray background"
+SUBJECT_EVAL_PROMPTS = [f"a sks orange star on a {bg} background" for bg in shapes.BACKGROUNDS]
 DOMAIN_OUTLINE = 0.35
 
 
