@@ -30,7 +30,9 @@ def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
     for name, fn in {"asset": lambda n: str(asset_path(n)), "embedded": _embedded_target}.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # omegaconf 2.4 renamed register_new_resolver to register_resolver.
+            register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+            register(name, fn)
 
 
 class LightningFTCLI(LightningCLI):
