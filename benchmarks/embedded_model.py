@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=str(RESULTS / "embedded_model"))
     args = parser.parse_args(argv)
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     module = DiffusionBase(pretrained=args.model)
     net = default_feature_net()
     reference, _ = renders(4242, args.reference)
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Image.fromarray(grid.repeat(4, 0).repeat(4, 1)).save(f"{args.out}_samples_g{guidance}.png")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
