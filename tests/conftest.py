@@ -57,3 +57,12 @@ def subject_dir(tmp_path) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; ``kwargs`` add or override."""
+    import lightning as L
+
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})

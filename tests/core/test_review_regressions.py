@@ -6,7 +6,7 @@ import os
 
 import lightning as L
 import torch
-from conftest import tiny_module, write_images
+from conftest import quiet_trainer, tiny_module, write_images
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import compute_snr
 
@@ -47,15 +47,7 @@ def test_min_snr_weight_of_an_x0_loss_is_min_snr_gamma():
 def test_ema_steps_once_per_optimizer_step_under_gradient_accumulation(subject_dir):
     torch.manual_seed(0)
     module = tiny_module(ema_decay=0.9, lr=1e-3, trainable="lora")
-    trainer = L.Trainer(
-        max_steps=2,
-        accumulate_grad_batches=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=2, accumulate_grad_batches=2)
     data = LimitedDataModule(str(subject_dir), instance_prompt="a sks star", resolution=32, batch_size=1, repeats=4)
     trainer.fit(module, data)
     assert trainer.global_step == 2

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from conftest import tiny_module, write_images
+from conftest import quiet_trainer, tiny_module, write_images
 
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.methods.diff_tuning import DiffTuning, power_law_pmf, power_law_timesteps
@@ -170,15 +169,7 @@ def test_diff_tuning_fits_end_to_end_with_a_trainer(tmp_path):
     data_dir = write_images(tmp_path / "data", 4, captions=True)
     module = _module(tmp_path, lr=1e-3)
     before = {n: p.detach().clone() for n, p in module.denoiser.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
     data = LimitedDataModule(str(data_dir), resolution=32, batch_size=4, repeats=2)
     trainer.fit(module, data)
     assert trainer.global_step == 3 and module.memory_bank.shape == (4, 3, 32, 32)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from conftest import tiny_module, write_images
+from conftest import quiet_trainer, tiny_module, write_images
 
 from lightning_ft.core.base import DiffusionBase
 from lightning_ft.data import LimitedDataModule
@@ -150,15 +149,7 @@ def test_sdft_fits_end_to_end_with_a_trainer(tmp_path):
     data_dir = write_images(tmp_path / "data", 4, captions=True)
     module = tiny_module(SelfDistillationFineTuning, lr=1e-3, distill_from=0.0)
     teacher = {n: p.detach().clone() for n, p in module.frozen_denoiser.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, LimitedDataModule(str(data_dir), resolution=32, batch_size=2, repeats=4))
     metrics = trainer.callback_metrics
     assert trainer.global_step == 3 and {"train/loss/diffusion", "train/loss/distill"} <= metrics.keys()
