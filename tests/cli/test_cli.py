@@ -19,6 +19,7 @@ from lightning_ft.run import main
 
 TINY = str(REPO / "configs/model/tiny_t2i.yaml")
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+VAE = asset_path("shapes-t2i") / "vae"
 
 
 def _write(path: Path, text: str) -> str:
@@ -137,8 +138,10 @@ def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named(tmp_path, su
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths of the experiment land in the temporary folder
-    # The pretraining recipe chains its steps through runs/; here step 2 takes the shipped autoencoder instead.
-    text = experiment.read_text().replace("runs/pretrain_shapes_vae/export", str(asset_path("shapes-t2i") / "vae"))
+    # The pretraining recipe chains its steps through runs/; here step 2 reads the shipped autoencoder instead
+    # (only that one entry: the autoencoder recipe's export_dir must stay inside the temporary folder).
+    text = experiment.read_text()
+    text = text.replace("vae: {pretrained: runs/pretrain_shapes_vae/export}", f"vae: {{pretrained: {VAE}}}")
     config_file = _write(tmp_path / experiment.name, text)
     config = yaml.safe_load(text)
     overrides = ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
@@ -151,8 +154,10 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
         overrides += ["--model.sample_steps", "2"]
     if "memory_size" in inspect.signature(model_class).parameters:
         overrides += ["--model.memory_size", "4", "--model.memory_sample_steps", "2"]
+    shipped = {p: p.stat().st_mtime_ns for p in asset_path("shapes-t2i").rglob("*") if p.is_file()}
     cli = main(["fit", "--config", config_file, *overrides])
     assert cli.trainer.global_step == 2
+    assert shipped == {p: p.stat().st_mtime_ns for p in asset_path("shapes-t2i").rglob("*") if p.is_file()}
 
 
 def test_validate_test_and_predict_subcommands(tmp_path, subject_dir):
