@@ -36,13 +36,19 @@ def load_folder(folder: Path, count: int | None = None) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(asset_path("shapes-t2i")))
+    parser.add_argument("--vae", default=None, help="an AutoencoderKL folder to judge instead of the model's")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "subject_ceiling"))
     args = parser.parse_args(argv)
 
     subject = ensure_target("subject")
     instances, heldout = load_folder(subject / "train"), load_folder(subject / "heldout", args.count)
-    vae = DiffusionBase(pretrained=args.model).vae
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae)
+    else:
+        vae = DiffusionBase(pretrained=args.model).vae
     round_trip = (vae.decode(vae.encode(heldout * 2 - 1).latent_dist.mode()).sample / 2 + 0.5).clamp(0, 1)
     rows = [
         {"images": "held-out subject renders", "fidelity": subject_fidelity(heldout, instances),
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]  # fmt: skip
     lines = [
         f"{len(heldout)} held-out renders of the embedded subject vs its {len(instances)} instance images "
-        f"(embedded feature network); autoencoder of `{Path(args.model).name}`.",
+        f"(embedded feature network); autoencoder {args.vae or Path(args.model).name}.",
         "",
         "| images | subject fidelity | memorisation |",
         "|---|---|---|",

@@ -168,3 +168,14 @@ def labels(spec: ShapeSpec) -> dict[str, int]:
 def spec_for_index(seed: int, index: int, **fixed) -> ShapeSpec:
     """The deterministic spec of item ``index`` of the stream with ``seed``."""
     return sample_spec(np.random.default_rng((seed, index)), **fixed)
+
+
+def styled(spec: ShapeSpec, rng: np.random.Generator, stripes: bool, outline: bool) -> ShapeSpec:
+    """``spec`` with two-tone stripes (another colour, period 0.08-0.2) and/or an outline (0.25-0.45 of the radius)."""
+    extra = {}
+    if stripes:
+        others = [c for c in COLORS if c != spec.color]
+        extra["stripes"] = (others[rng.integers(len(others))], float(rng.uniform(0.08, 0.2)))
+    if outline:
+        extra["outline"] = float(rng.uniform(0.25, 0.45))
+    return ShapeSpec(**{**spec.__dict__, **extra})

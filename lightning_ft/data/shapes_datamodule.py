@@ -14,16 +14,25 @@ class ShapesDataset(Dataset):
     """``length`` deterministic renders of the shapes world; item ``i`` depends only on ``(seed, i)``.
 
     Items are dicts with ``pixel_values`` (float, [-1, 1], CHW), ``prompts`` (the caption) and the integer
-    attribute labels ``shape``, ``color``, ``background``."""
+    attribute labels ``shape``, ``color``, ``background``. With ``styled_fraction`` p, a fraction p/2 of the images
+    get two-tone stripes and p/2 an outline (their captions stay the plain ones): for an autoencoder that must also
+    represent the few-shot targets, never for the text-to-image model whose source domain they are not."""
 
-    def __init__(self, length: int, seed: int = 0, resolution: int = 32):
-        self.length, self.seed, self.resolution = length, seed, resolution
+    def __init__(self, length: int, seed: int = 0, resolution: int = 32, styled_fraction: float = 0.0):
+        self.length, self.seed, self.resolution, self.styled_fraction = length, seed, resolution, styled_fraction
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         spec = shapes.spec_for_index(self.seed, index)
+        if self.styled_fraction:
+            rng = np.random.default_rng((self.seed, index, 1))
+            u = rng.random()
+            if u < self.styled_fraction:
+                spec = shapes.styled(
+                    spec, rng, stripes=u < self.styled_fraction / 2, outline=u >= self.styled_fraction / 2
+                )
         image = shapes.render(spec, self.resolution)
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
         return {"pixel_values": pixels, "prompts": spec.caption, **shapes.labels(spec)}
@@ -40,6 +49,7 @@ class ShapesDataModule(L.LightningDataModule):
         resolution: image side in pixels (default 32).
         seed: training stream seed (default 0); validation uses ``seed + 1``.
         num_workers: dataloader workers (default 0).
+        styled_fraction: fraction of training images drawn striped or outlined (default 0.0; see ShapesDataset).
     """
 
     def __init__(
@@ -50,13 +60,14 @@ class ShapesDataModule(L.LightningDataModule):
         resolution: int = 32,
         seed: int = 0,
         num_workers: int = 0,
+        styled_fraction: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        dataset = ShapesDataset(h.num_train, h.seed, h.resolution)
+        dataset = ShapesDataset(h.num_train, h.seed, h.resolution, h.styled_fraction)
         generator = torch.Generator().manual_seed(h.seed)
         return DataLoader(
             dataset,

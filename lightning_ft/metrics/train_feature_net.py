@@ -28,20 +28,9 @@ from lightning_ft.metrics.feature_net import ShapesFeatureNet
 STRIPE_PROB, OUTLINE_PROB = 0.2, 0.2
 
 
-def styled(spec: shapes.ShapeSpec, rng: np.random.Generator, stripes: bool, outline: bool) -> shapes.ShapeSpec:
-    """``spec`` with two-tone stripes (another colour, period 0.08-0.2) and/or an outline (0.25-0.45 of the radius)."""
-    extra = {}
-    if stripes:
-        others = [c for c in shapes.COLORS if c != spec.color]
-        extra["stripes"] = (others[rng.integers(len(others))], float(rng.uniform(0.08, 0.2)))
-    if outline:
-        extra["outline"] = float(rng.uniform(0.25, 0.45))
-    return shapes.ShapeSpec(**{**spec.__dict__, **extra})
-
-
 def random_spec(rng: np.random.Generator) -> shapes.ShapeSpec:
     """A random training spec, striped with probability 0.2 and (independently) outlined with probability 0.2."""
-    return styled(shapes.sample_spec(rng), rng, rng.random() < STRIPE_PROB, rng.random() < OUTLINE_PROB)
+    return shapes.styled(shapes.sample_spec(rng), rng, rng.random() < STRIPE_PROB, rng.random() < OUTLINE_PROB)
 
 
 def render_batch(specs: list[shapes.ShapeSpec], resolution: int = 32) -> tuple[Tensor, dict[str, Tensor]]:
@@ -96,7 +85,7 @@ def heldout_set(seed: int, count: int, resolution: int = 32, styles: bool = Fals
     specs = [shapes.spec_for_index(seed, i) for i in range(count)]
     if styles:
         rng = np.random.default_rng(seed)
-        specs = [styled(s, rng, stripes=i % 3 != 1, outline=i % 3 != 0) for i, s in enumerate(specs)]
+        specs = [shapes.styled(s, rng, stripes=i % 3 != 1, outline=i % 3 != 0) for i, s in enumerate(specs)]
     return render_batch(specs, resolution)
 
 
