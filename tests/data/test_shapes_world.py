@@ -85,3 +85,12 @@ def test_targets_are_plain_folders_written_once(tmp_path):
     assert all("outlined" in p for p in data.dataset.prompts)
     with pytest.raises(ValueError, match="unknown embedded target"):
         ensure_target("dragons", tmp_path)
+
+
+def test_styled_fraction_mixes_in_striped_and_outlined_renders_deterministically():
+    plain = ShapesDataset(400, seed=1)
+    mixed = ShapesDataset(400, seed=1, styled_fraction=0.5)
+    changed = [not torch.equal(plain[i]["pixel_values"], mixed[i]["pixel_values"]) for i in range(400)]
+    assert 0.35 < sum(changed) / 400 < 0.65
+    assert torch.equal(mixed[7]["pixel_values"], ShapesDataset(400, seed=1, styled_fraction=0.5)[7]["pixel_values"])
+    assert [plain[i]["prompts"] for i in range(20)] == [mixed[i]["prompts"] for i in range(20)]
