@@ -19,6 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.tables import write_csv
 from lightning_ft.callbacks.stage_rules import classify_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +99,7 @@ def write_outputs(rows: list[dict], curves: dict, out: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{out}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, f"{out}.csv")
     lines = [
         f"{len(args.seeds)} seeds x {args.steps} steps per method; the experiment files' CorruptionStageMonitor "
         "samples fixed seeds every 50 steps; fidelity = mean cosine of the embedded feature net between "

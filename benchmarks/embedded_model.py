@@ -13,15 +13,14 @@ Writes benchmarks/results/embedded_model.{md,csv} and a sample grid.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from lightning_ft.callbacks.sample_grid import make_grid
+from benchmarks.tables import write_csv
+from lightning_ft.callbacks.sample_grid import save_grid
 from lightning_ft.core import DiffusionBase
 from lightning_ft.data import shapes
 from lightning_ft.metrics import FIDScorer, default_feature_net, prompt_accuracy
@@ -88,14 +87,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prompts=captions, seeds=list(range(len(captions))), steps=args.steps, guidance_scale=guidance, batch_size=64
         )
         add(f"samples, {args.steps} DDIM steps, guidance {guidance}", samples, captions, time.perf_counter() - start)
-        grid = make_grid(samples[:64], columns=8)
-        Image.fromarray(grid.repeat(4, 0).repeat(4, 1)).save(f"{args.out}_samples_g{guidance}.png")
+        save_grid(samples[:64], f"{args.out}_samples_g{guidance}.png", columns=8)
 
     out = Path(args.out)
-    with open(f"{out}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, f"{out}.csv")
     lines = [
         f"Embedded model `{Path(args.model).name}`: {args.samples} captions of random source specs (seed {args.seed}), "
         f"one sample each; FID/KID vs {args.reference} held-out renders, embedded feature net.",

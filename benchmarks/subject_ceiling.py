@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_ft.callbacks.sample_grid import make_grid
+from lightning_ft.callbacks.sample_grid import save_grid
 from lightning_ft.core import DiffusionBase
 from lightning_ft.data.targets import ensure_target
 from lightning_ft.metrics import memorisation, subject_fidelity
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    grid = make_grid(torch.cat([heldout[:8], round_trip[:8]]), columns=8)
-    Image.fromarray(grid.repeat(4, 0).repeat(4, 1)).save(f"{args.out}.png")
+    save_grid(torch.cat([heldout[:8], round_trip[:8]]), f"{args.out}.png", columns=8)
     print("\n".join(lines))
     return rows
 

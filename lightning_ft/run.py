@@ -35,10 +35,6 @@ def register_resolvers() -> None:
             register(name, fn)
 
 
-class LightningFTCLI(LightningCLI):
-    """LightningCLI with the project's resolvers and defaults (resolved config saved beside the logs)."""
-
-
 def wandb_has_credentials() -> bool:
     """True when W&B could log online: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -51,13 +47,13 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningFTCLI:
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI on ``args`` (default: sys.argv); with ``run=False`` only parse and instantiate (tests)."""
     register_resolvers()
     # W&B must work with no account: offline unless credentials exist or the user chose a mode.
     if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
-    return LightningFTCLI(
+    return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -66,3 +66,16 @@ def quiet_trainer(**kwargs):
     defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False)  # fmt: skip
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def train_steps(module, batch: dict, steps: int = 3) -> dict:
+    """Run ``steps`` optimizer steps of ``module.training_loss`` on one fixed batch; returns the last logs."""
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    logs = {}
+    for _ in range(steps):
+        loss, logs = module.training_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return logs

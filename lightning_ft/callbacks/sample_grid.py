@@ -21,6 +21,15 @@ def make_grid(images: torch.Tensor, columns: int) -> np.ndarray:
     return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
+def save_grid(images: torch.Tensor, path: str | Path, columns: int, upscale: int = 4) -> np.ndarray:
+    """Write ``make_grid(images, columns)`` as a PNG, enlarged ``upscale`` times (nearest); returns the grid."""
+    grid = make_grid(images, columns)
+    if upscale > 1:
+        grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
 class SampleGridLogger(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training) sample ``prompts`` (or ``labels``)
     with fixed ``seeds`` and save ``samples/step_XXXXXX.png`` under the log dir; TensorBoard and W&B loggers also
@@ -74,12 +83,9 @@ class SampleGridLogger(L.Callback):
         images = self.sample(pl_module)
         if not trainer.is_global_zero:
             return None
-        grid = make_grid(images, columns=len(self.seeds))
-        if self.upscale > 1:
-            grid = grid.repeat(self.upscale, axis=0).repeat(self.upscale, axis=1)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
-        Image.fromarray(grid).save(path)
+        grid = save_grid(images, path, columns=len(self.seeds), upscale=self.upscale)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B
                 logger.log_image(key="samples", images=[grid], step=step)

@@ -11,7 +11,6 @@ A model comes either from a diffusers folder or hub id (``pretrained``), read co
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +55,6 @@ def _import_class(name: str):
         if hasattr(module, name):
             return getattr(module, name)
     raise ValueError(f"unknown component class {name!r}: not found in diffusers or transformers")
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
 
 def check_pretrained(pretrained: str, key: str = "model.pretrained") -> None:

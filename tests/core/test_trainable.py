@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_module
+from conftest import tiny_module, train_steps
 from diffusers.models.attention_processor import Attention
 
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS
 
 
 def _train_steps(module, steps=3):
-    optimizer = module.configure_optimizers()["optimizer"]
     batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "prompts": ["a sks star", "a red circle"]}
-    module.train()
-    for _ in range(steps):
-        loss, _ = module.training_loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(module, batch, steps)
 
 
 def _expected_lora_count(denoiser, rank):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_module
+from conftest import tiny_module, train_steps
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
@@ -25,15 +25,7 @@ def _batch():
 
 
 def _train_steps(module, steps=3):
-    optimizer = module.configure_optimizers()["optimizer"]
-    batch = _batch()
-    module.train()
-    for _ in range(steps):
-        loss, logs = module.training_loss(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return logs
+    return train_steps(module, _batch(), steps)
 
 
 def _move_off_init(module, sigma=0.2):
