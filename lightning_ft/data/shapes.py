@@ -33,6 +33,7 @@ RESERVED_TOKENS = ("sks", "qwe", "zxy")
 CAPTION_WORDS = ("a", "on", "background", "striped", "outlined", "shape")
 
 _SUPERSAMPLE = 4
+NUM_CLASSES = len(SHAPES) * len(COLORS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class ShapeSpec:
     @property
     def caption(self) -> str:
         return f"a {self.color} {self.shape} on a {self.background} background"
+
+    def partial_caption(self, color: bool, background: bool) -> str:
+        """The caption with the colour and/or the background left out ("a star on a gray background", "a red
+        star", "a star"): a model pretrained on some of these follows prompts that name fewer attributes."""
+        words = f"a {self.color} {self.shape}" if color else f"a {self.shape}"
+        return f"{words} on a {self.background} background" if background else words
 
 
 def vocabulary() -> list[str]:
@@ -154,6 +161,17 @@ def render(spec: ShapeSpec, resolution: int = 32) -> np.ndarray:
         fg = fg * (1 - t) + second * t
     image = bg * (1 - mask) + fg * mask
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def class_label(spec: ShapeSpec) -> int:
+    """The class of a class-conditional model of this world: shape x colour (``NUM_CLASSES`` = 48; the background
+    is left to chance), ``shape_index * 8 + colour_index``."""
+    return SHAPES.index(spec.shape) * len(COLORS) + list(COLORS).index(spec.color)
+
+
+def class_name(label: int) -> str:
+    """``class_label``'s inverse as words: 13 -> "orange square"."""
+    return f"{list(COLORS)[label % len(COLORS)]} {SHAPES[label // len(COLORS)]}"
 
 
 def labels(spec: ShapeSpec) -> dict[str, int]:

@@ -14,12 +14,30 @@ class ShapesDataset(Dataset):
     """``length`` deterministic renders of the shapes world; item ``i`` depends only on ``(seed, i)``.
 
     Items are dicts with ``pixel_values`` (float, [-1, 1], CHW), ``prompts`` (the caption) and the integer
-    attribute labels ``shape``, ``color``, ``background``. With ``styled_fraction`` p, a fraction p/2 of the images
+    attribute labels ``shape``, ``color``, ``background``, and ``class_labels`` (shape x colour, see
+    ``shapes.class_label``) for class-conditional models. With ``styled_fraction`` p, a fraction p/2 of the images
     get two-tone stripes and p/2 an outline (their captions stay the plain ones): for an autoencoder that must also
-    represent the few-shot targets, never for the text-to-image model whose source domain they are not."""
+    represent the few-shot targets, never for the text-to-image model whose source domain they are not.
+    With ``partial_caption_fraction`` q, a fraction q of the captions leave out the colour, the background or both
+    (equally likely; the image is unchanged), so a text-to-image model also learns prompts that name fewer
+    attributes."""
 
-    def __init__(self, length: int, seed: int = 0, resolution: int = 32, styled_fraction: float = 0.0):
-        self.length, self.seed, self.resolution, self.styled_fraction = length, seed, resolution, styled_fraction
+    def __init__(
+        self,
+        length: int,
+        seed: int = 0,
+        resolution: int = 32,
+        styled_fraction: float = 0.0,
+        partial_caption_fraction: float = 0.0,
+    ):
+        for name, value in (
+            ("styled_fraction", styled_fraction),
+            ("partial_caption_fraction", partial_caption_fraction),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ShapesDataset: {name} must lie in [0, 1], got {value!r}")
+        self.length, self.seed, self.resolution = length, seed, resolution
+        self.styled_fraction, self.partial_caption_fraction = styled_fraction, partial_caption_fraction
 
     def __len__(self) -> int:
         return self.length
@@ -33,9 +51,20 @@ class ShapesDataset(Dataset):
                 spec = shapes.styled(
                     spec, rng, stripes=u < self.styled_fraction / 2, outline=u >= self.styled_fraction / 2
                 )
+        caption = spec.caption
+        if self.partial_caption_fraction:
+            rng = np.random.default_rng((self.seed, index, 2))
+            if rng.random() < self.partial_caption_fraction:
+                keep_color, keep_background = [(False, True), (True, False), (False, False)][rng.integers(3)]
+                caption = spec.partial_caption(keep_color, keep_background)
         image = shapes.render(spec, self.resolution)
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"pixel_values": pixels, "prompts": spec.caption, **shapes.labels(spec)}
+        return {
+            "pixel_values": pixels,
+            "prompts": caption,
+            "class_labels": shapes.class_label(spec),
+            **shapes.labels(spec),
+        }
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -50,6 +79,8 @@ class ShapesDataModule(L.LightningDataModule):
         seed: training stream seed (default 0); validation uses ``seed + 1``.
         num_workers: dataloader workers (default 0).
         styled_fraction: fraction of training images drawn striped or outlined (default 0.0; see ShapesDataset).
+        partial_caption_fraction: fraction of training captions that leave out colour and/or background
+            (default 0.0; see ShapesDataset).
     """
 
     def __init__(
@@ -61,13 +92,14 @@ class ShapesDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         styled_fraction: float = 0.0,
+        partial_caption_fraction: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        dataset = ShapesDataset(h.num_train, h.seed, h.resolution, h.styled_fraction)
+        dataset = ShapesDataset(h.num_train, h.seed, h.resolution, h.styled_fraction, h.partial_caption_fraction)
         generator = torch.Generator().manual_seed(h.seed)
         return DataLoader(
             dataset,

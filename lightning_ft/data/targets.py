@@ -7,7 +7,8 @@
   ``a orange star on a gray background``), plus held-out renders of the same subject for fidelity and
   the evaluation prompts (the subject on new backgrounds).
 - ``domain``: 32 images of a new style, shapes drawn as outlines ("a red outlined star on a black background"),
-  plus 2,000 held-out renders of the same distribution so that FID is measured against the distribution.
+  plus 2,000 held-out renders of the same distribution so that FID is measured against the distribution; each
+  caption row also carries the image's class (shape x colour) for class-conditional models such as the DiT.
 
 Folders live under the project cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``) in a versioned
 subfolder, are written to a temporary name and renamed when complete, and are never rewritten once present.
@@ -25,7 +26,7 @@ from PIL import Image
 from lightning_ft.data import shapes
 from lightning_ft.paths import cache_dir
 
-VERSION = 2
+VERSION = 3  # 3: the domain's captions carry class labels (shape x colour) for class-conditional models
 SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.14), "background": "gray"}
 # The class prompt must be a caption the pretrained model knows: every pretraining caption names colour, shape and
 # background, so "a star on a gray background" (no colour) is out of distribution and samples garbage.
@@ -79,7 +80,8 @@ def write_domain(
         rows = []
         for i in range(count):
             spec, caption = domain_spec(rng)
-            rows.append({"file": _save(folder / split, f"{split}_{i:04d}.png", spec, resolution), "caption": caption})
+            file = _save(folder / split, f"{split}_{i:04d}.png", spec, resolution)
+            rows.append({"file": file, "caption": caption, "label": shapes.class_label(spec)})
         (folder / split / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "meta.json").write_text(json.dumps({"style": "outlined", "outline": DOMAIN_OUTLINE}, indent=2))
 

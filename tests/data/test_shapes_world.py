@@ -83,6 +83,9 @@ def test_targets_are_plain_folders_written_once(tmp_path):
     data.setup("fit")
     assert 10 <= len(data.dataset) <= 100
     assert all("outlined" in p for p in data.dataset.prompts)
+    # Each row's class (shape x colour) agrees with its caption, for class-conditional models.
+    names = [shapes.class_name(label).split() for label in data.dataset.labels]
+    assert all(f"a {color} outlined {shape} on" in p for (color, shape), p in zip(names, data.dataset.prompts))
     with pytest.raises(ValueError, match="unknown embedded target"):
         ensure_target("dragons", tmp_path)
 
@@ -94,3 +97,38 @@ def test_styled_fraction_mixes_in_striped_and_outlined_renders_deterministically
     assert 0.35 < sum(changed) / 400 < 0.65
     assert torch.equal(mixed[7]["pixel_values"], ShapesDataset(400, seed=1, styled_fraction=0.5)[7]["pixel_values"])
     assert [plain[i]["prompts"] for i in range(20)] == [mixed[i]["prompts"] for i in range(20)]
+
+
+def test_partial_captions_leave_out_colour_or_background_and_keep_image_and_labels():
+    full = ShapesDataset(600, seed=2)
+    partial = ShapesDataset(600, seed=2, partial_caption_fraction=0.3)
+    shortened = 0
+    kinds = set()
+    for i in range(600):
+        a, b = full[i], partial[i]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert (a["shape"], a["color"], a["background"], a["class_labels"]) == (
+            b["shape"], b["color"], b["background"], b["class_labels"]
+        )  # fmt: skip
+        if a["prompts"] != b["prompts"]:
+            shortened += 1
+            spec = shapes.spec_for_index(2, i)
+            assert spec.shape in b["prompts"] and set(b["prompts"].split()) < set(a["prompts"].split())
+            kinds.add((spec.color in b["prompts"].split(), "background" in b["prompts"]))
+    assert 0.25 < shortened / 600 < 0.35
+    assert kinds == {(False, True), (True, False), (False, False)}
+    assert partial[11]["prompts"] == ShapesDataset(600, seed=2, partial_caption_fraction=0.3)[11]["prompts"]
+
+
+@pytest.mark.parametrize("key", ["styled_fraction", "partial_caption_fraction"])
+def test_fractions_outside_0_1_are_rejected(key):
+    with pytest.raises(ValueError, match=key):
+        ShapesDataset(10, **{key: 1.5})
+
+
+def test_class_labels_are_shape_times_colour_and_invert_to_names():
+    spec = shapes.spec_for_index(0, 3)
+    label = shapes.class_label(spec)
+    assert 0 <= label < shapes.NUM_CLASSES == 48
+    assert shapes.class_name(label) == f"{spec.color} {spec.shape}"
+    assert ShapesDataset(5, seed=0)[3]["class_labels"] == label
