@@ -25,9 +25,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def tiny_components() -> dict:
-    """The component configs of configs/model/tiny_t2i.yaml (a random tiny latent text-to-image model)."""
-    config = yaml.safe_load((REPO / "configs/model/tiny_t2i.yaml").read_text())
+def tiny_components(model: str = "tiny_t2i") -> dict:
+    """The component configs of configs/model/<model>.yaml: ``tiny_t2i`` (a random tiny latent text-to-image
+    model) or ``tiny_dit`` (a random tiny class-conditional latent DiT with learned-sigma outputs)."""
+    config = yaml.safe_load((REPO / f"configs/model/{model}.yaml").read_text())
     return config["model"]["init_args"]["components"]
 
 

@@ -31,10 +31,12 @@ from diffusers.optimization import get_scheduler as get_lr_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_ft.core import pipeline as pipe_utils
+from lightning_ft.core.class_labels import resolve_null_class
 from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
 from lightning_ft.core.sampling_export import SamplingExportMixin
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable
+from lightning_ft.nn.adapters import ADAPTER_FOLDER
 
 
 class DiffusionBase(SamplingExportMixin, L.LightningModule):
@@ -59,7 +61,9 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         sample_scheduler, sample_scheduler_kwargs: diffusers scheduler class used for sampling and written with the
             export, built from the training scheduler's config (default ``DDIMScheduler``, no overrides).
         sample_steps, guidance_scale: defaults for ``generate`` (25, 3.0).
-        null_class: class index used as the unconditional class for class-conditional models (default None).
+        null_class: class index used as the unconditional class of a class-conditional model, for condition dropout
+            and guidance (default None: the model's own null class, i.e. index ``num_classes`` of a DiT; a UNet
+            with ``num_class_embeds`` has none, so give one, or sampling runs without guidance).
         cache_latents: compute the VAE posterior of each distinct training image once (default False).
         cache_text_embeddings: compute the frozen text encoder's output for each distinct prompt once
             (default True; ignored when ``train_text_encoder``).
@@ -67,6 +71,8 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
     requires_frozen_denoiser: bool = False
+    #: Set True in a subclass that puts back the A3FTA adapters an export carries beside its weights.
+    loads_adapters: bool = False
 
     def __init__(
         self,
@@ -99,6 +105,11 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if pretrained and (Path(pretrained) / ADAPTER_FOLDER).is_dir() and not self.loads_adapters:
+            raise ValueError(
+                f"model.pretrained={pretrained!r} is an A3FTA export: its adapters ({ADAPTER_FOLDER}/) are part of "
+                "the model; load it with lightning_ft.methods.AdapterAttentionFineTuning"
+            )
         parts = load_components(pretrained, components)
         self.denoiser = parts.denoiser
         self.vae = parts.vae
@@ -112,6 +123,7 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         for frozen in (self.vae, self.text_encoder):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
+        self.null_class = resolve_null_class(self.denoiser, null_class) if self.conditioning == "class" else None
         self.frozen_denoiser = None
         if self.requires_frozen_denoiser:
             self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
@@ -261,7 +273,9 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         if self.conditioning == "class":
             labels = batch[labels_key].to(self.device)
             if p > 0:
-                labels = torch.where(torch.rand(len(labels), device=self.device) < p, self.hparams.null_class, labels)
+                if self.null_class is None:
+                    raise ValueError("model.condition_dropout > 0 needs a null class: set model.null_class")
+                labels = torch.where(torch.rand(len(labels), device=self.device) < p, self.null_class, labels)
             return labels
         return None
 

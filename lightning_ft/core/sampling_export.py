@@ -68,7 +68,7 @@ class SamplingExportMixin:
                             seeds[part],
                             steps,
                             guidance,
-                            self.hparams.null_class,
+                            self.null_class,
                             self.predict,
                         )
                     )

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
-from lightning_ft.data.folder import list_images, load_image, read_captions, to_tensor
+from lightning_ft.data.folder import list_images, load_image, read_captions, read_labels, to_tensor
 
 #: The model settings that shape generated class images (besides the model itself), part of their cache key.
 SAMPLER_HPARAMS = ("sample_scheduler", "sample_scheduler_kwargs", "sample_steps", "guidance_scale")
@@ -69,14 +69,16 @@ class LimitedDataModule(L.LightningDataModule):
         instance_dir: folder of training images (png/jpg/jpeg/webp/bmp).
         instance_prompt: caption for every instance image, used when there is no ``captions_file`` and no
             per-image ``.txt`` (e.g. ``"a sks orange star on a gray background"``).
-        captions_file: ``.jsonl`` (``{"file": ..., "caption": ...}`` per line) or ``.csv`` (``file,caption``).
+        captions_file: ``.jsonl`` (``{"file": ..., "caption": ...}`` per line) or ``.csv`` (``file,caption``). Rows
+            of a jsonl file may also carry an integer ``"label"``: the image's class for class-conditional models.
         class_dir: folder of class images for prior preservation (default None: only generated ones).
         class_prompt: prompt of the class images (e.g. ``"a orange star on a gray background"``); enables prior
             preservation together with ``num_class_images``.
         num_class_images: class images wanted (default 0 = no prior preservation); the shortfall of ``class_dir``
             is sampled from the pretrained model and cached on disk.
         class_cache_dir: where generated class images are cached (default: the project cache).
-        class_label: integer label for class-conditional models, given to every instance image (default None).
+        class_label: integer label for class-conditional models, given to every instance image (default None: the
+            labels of the captions file).
         resolution: training resolution in pixels (default 512).
         center_crop: centre crop (default True) instead of a random crop.
         random_flip: horizontal flip with probability 0.5 (default False).
@@ -179,6 +181,13 @@ class LimitedDataModule(L.LightningDataModule):
             class_images = [load_image(f) for f in class_files]
             class_prompts = [h.class_prompt] * len(class_images)
         labels = [h.class_label] * len(images) if h.class_label is not None else None
+        if labels is None:
+            labels = read_labels(files, h.captions_file, "data.captions_file")
+        if labels is None and getattr(module, "conditioning", None) == "class":
+            raise ValueError(
+                "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
+                "whose rows carry an integer 'label'"
+            )
         self.dataset = LimitedDataset(
             images,
             prompts,
@@ -209,9 +218,11 @@ class LimitedDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         h = self.hparams
         prompts = h.predict_prompts or list(dict.fromkeys(self.dataset.prompts))
-        items = [{"prompts": p, "seeds": s} for p in prompts for s in h.predict_seeds]
-        if h.class_label is not None:  # class-conditional models sample the class, not the prompt
-            items = [{**item, "class_labels": h.class_label} for item in items]
+        if self.dataset.labels is not None:  # class-conditional models sample the classes, not the prompts
+            labels = list(dict.fromkeys(self.dataset.labels))
+            items = [{"prompts": f"class {c}", "class_labels": c, "seeds": s} for c in labels for s in h.predict_seeds]
+        else:
+            items = [{"prompts": p, "seeds": s} for p in prompts for s in h.predict_seeds]
         return DataLoader(items, batch_size=max(h.batch_size, 8))
 
     def train_dataloader(self) -> DataLoader:

@@ -79,6 +79,33 @@ def read_captions(files: list[Path], captions_file: str | None, prompt: str | No
     return [prompt] * len(files)
 
 
+def read_labels(files: list[Path], captions_file: str | None, key: str) -> list[int] | None:
+    """Per-image class labels from a jsonl captions file whose rows carry an integer ``label`` (for
+    class-conditional models); None when the file has no labels. Rows with and without one are an error."""
+    if not captions_file or Path(captions_file).suffix != ".jsonl":
+        return None
+    labels: dict[str, int] = {}
+    unlabelled = []
+    for line in Path(captions_file).read_text(encoding="utf-8-sig").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)  # read_captions has already checked every row
+        name = Path(row["file"]).name
+        if "label" not in row:
+            unlabelled.append(name)
+            continue
+        if isinstance(row["label"], bool) or not isinstance(row["label"], int) or row["label"] < 0:
+            raise ValueError(
+                f"{key}: {captions_file!r}: label of {name!r} must be an integer >= 0, got {row['label']!r}"
+            )
+        labels[name] = row["label"]
+    if not labels:
+        return None
+    if unlabelled:
+        raise ValueError(f"{key}: {captions_file!r} labels some images but not {sorted(unlabelled)[:5]}")
+    return [labels[f.name] for f in files]
+
+
 def _read_caption_table(path: Path, key: str) -> dict[str, str]:
     if not path.exists():
         raise FileNotFoundError(f"{key}: captions file {str(path)!r} does not exist")

@@ -107,7 +107,7 @@ class DiffTuning(DiffusionBase):
             raise ValueError(f"model.retention_weight={retention_weight} must be >= 0")
         super().__init__(*args, **kwargs)
         h = self.hparams
-        if h.memory_ratio > 0 and self.conditioning == "class" and h.null_class is None:
+        if h.memory_ratio > 0 and self.conditioning == "class" and self.null_class is None:
             raise ValueError("Diff-Tuning trains memory images with the null class: set model.null_class")
         if memory_prompts is not None and self.conditioning != "text":
             raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.conditioning!r} one")
@@ -158,7 +158,7 @@ class DiffTuning(DiffusionBase):
             count = getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None)
             if not count:
                 raise ValueError("Diff-Tuning: cannot tell how many classes this model has to sample the memory bank")
-            classes = [c for c in range(count) if c != self.hparams.null_class]
+            classes = [c for c in range(count) if c != self.null_class]
             return None, [classes[i % len(classes)] for i in range(size)]
         return None, None
 
@@ -223,7 +223,7 @@ class DiffTuning(DiffusionBase):
         if self.conditioning == "text":
             return self.encode_prompts([""] * k)
         if self.conditioning == "class":
-            return torch.full((k,), self.hparams.null_class, device=self.device, dtype=torch.long)
+            return torch.full((k,), self.null_class, device=self.device, dtype=torch.long)
         return None
 
     # ---------------------------------------------------------------------------------------------------- loss

@@ -18,7 +18,7 @@ from lightning_ft.paths import asset_path
 from lightning_ft.run import main
 
 TINY = str(REPO / "configs/model/tiny_t2i.yaml")
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(REPO.glob("experiments/*.yaml")) + sorted(REPO.glob("experiments/dit/*.yaml"))
 VAE = asset_path("shapes-t2i") / "vae"
 
 
@@ -135,7 +135,7 @@ def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named(tmp_path, su
         assert result.returncode != 0 and f"{key}" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths of the experiment land in the temporary folder
     # The pretraining recipe chains its steps through runs/; here step 2 reads the shipped autoencoder instead
@@ -154,10 +154,11 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
         overrides += ["--model.sample_steps", "2"]
     if "memory_size" in inspect.signature(model_class).parameters:
         overrides += ["--model.memory_size", "4", "--model.memory_sample_steps", "2"]
-    shipped = {p: p.stat().st_mtime_ns for p in asset_path("shapes-t2i").rglob("*") if p.is_file()}
+    assets = asset_path("shapes-t2i").parent
+    shipped = {p: p.stat().st_mtime_ns for p in assets.rglob("*") if p.is_file()}
     cli = main(["fit", "--config", config_file, *overrides])
     assert cli.trainer.global_step == 2
-    assert shipped == {p: p.stat().st_mtime_ns for p in asset_path("shapes-t2i").rglob("*") if p.is_file()}
+    assert shipped == {p: p.stat().st_mtime_ns for p in assets.rglob("*") if p.is_file()}
 
 
 def test_validate_test_and_predict_subcommands(tmp_path, subject_dir):
