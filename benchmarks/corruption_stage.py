@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.launch import REPO, fit_run
 from benchmarks.tables import write_csv
 from lightning_ft.callbacks.stage_rules import classify_stages
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = {"DreamBooth": "experiments/dreambooth.yaml", "BNN (DreamBooth-BNN)": "experiments/dreambooth_bnn.yaml"}
-
-
-def run_one(config: str, seed: int, steps: int, root: Path, extra: list[str]) -> Path:
-    """Fit one experiment in a fresh single-threaded process; returns its log dir."""
-    root.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(REPO / config),
-        "--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.max_steps", str(steps),
-        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
-        *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with open(root / "stdout.log", "w") as log:
-        subprocess.run(args, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    return max((root / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
 
 
 def read_curve(log_dir: Path) -> dict[str, list[float]]:
@@ -61,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = [(name, config, seed) for name, config in METHODS.items() for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            job: pool.submit(run_one, job[1], job[2], args.steps,
+            job: pool.submit(fit_run, job[1], job[2], args.steps,
                              Path(args.root) / Path(job[1]).stem / f"seed{job[2]}", args.extra)
             for job in jobs
         }  # fmt: skip

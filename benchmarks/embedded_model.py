@@ -1,13 +1,15 @@
-"""Quality of the embedded pretrained text-to-image model: prompt accuracy per attribute and FID/KID.
+"""Quality of an embedded pretrained model: prompt (or class) accuracy per attribute and FID/KID.
 
 Samples ``--samples`` captions of random source-domain specs, generates one image per caption (seed = index),
 classifies each with the embedded feature network (prompt accuracy: does the image show the prompted shape,
-colour and background) and scores FID/KID against ``--reference`` held-out source renders. Two reference rows
-bound the numbers: fresh renders (the floor: same distribution) and the VAE round trip of fresh renders (what the
-autoencoder alone costs).
+colour and background) and scores FID/KID against ``--reference`` held-out source renders. A class-conditional
+model (the DiT) is given each spec's class (shape x colour) instead, so its background accuracy is not scored.
+Two reference rows bound the numbers: fresh renders (the floor: same distribution) and the VAE round trip of fresh
+renders (what the autoencoder alone costs).
 
-To run: python -m benchmarks.embedded_model [--samples 512 --steps 25 --guidance 2.0]
-Writes benchmarks/results/embedded_model.{md,csv} and a sample grid.
+To run: python -m benchmarks.embedded_model [--model lightning_ft/assets/shapes-dit] [--samples 512 --guidance 2.0]
+Writes benchmarks/results/embedded_model.{md,csv} (the text-to-image model) or embedded_<model folder>.{md,csv},
+and a sample grid.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def vae_round_trip(module: DiffusionBase, images: torch.Tensor) -> torch.Tensor:
     return (module.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
 
 
+def percent(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1%}"  # NaN: the attribute was not asked for
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(asset_path("shapes-t2i")))
@@ -49,8 +55,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, nargs="+", default=[2.0])
     parser.add_argument("--seed", type=int, default=777)
-    parser.add_argument("--out", default=str(RESULTS / "embedded_model"))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    name = Path(args.model).name
+    args.out = args.out or str(RESULTS / ("embedded_model" if name == "shapes-t2i" else f"embedded_{name}"))
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     module = DiffusionBase(pretrained=args.model)
@@ -58,6 +66,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reference, _ = renders(4242, args.reference)
     scorer = FIDScorer(net).set_reference(reference)
     fresh, captions = renders(args.seed, args.samples)
+    class_model = module.conditioning == "class"
+    labels = [shapes.class_label(shapes.spec_for_index(args.seed, i)) for i in range(args.samples)]
+    # What the model was asked for: a class names shape and colour only.
+    asked = [shapes.class_name(label) for label in labels] if class_model else captions
 
     rows = []
 
@@ -83,17 +95,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         add("VAE round trip of renders", vae_round_trip(module, fresh), captions)
     for guidance in args.guidance:
         start = time.perf_counter()
+        conditions = {"labels": labels} if class_model else {"prompts": captions}
         samples = module.generate(
-            prompts=captions, seeds=list(range(len(captions))), steps=args.steps, guidance_scale=guidance, batch_size=64
+            **conditions, seeds=list(range(len(captions))), steps=args.steps, guidance_scale=guidance, batch_size=64
         )
-        add(f"samples, {args.steps} DDIM steps, guidance {guidance}", samples, captions, time.perf_counter() - start)
+        add(f"samples, {args.steps} DDIM steps, guidance {guidance}", samples, asked, time.perf_counter() - start)
         save_grid(samples[:64], f"{args.out}_samples_g{guidance}.png", columns=8)
 
     out = Path(args.out)
     write_csv(rows, f"{out}.csv")
     lines = [
-        f"Embedded model `{Path(args.model).name}`: {args.samples} captions of random source specs (seed {args.seed}), "
-        f"one sample each; FID/KID vs {args.reference} held-out renders, embedded feature net.",
+        f"Embedded model `{name}`: {args.samples} {'classes' if class_model else 'captions'} of random source specs "
+        f"(seed {args.seed}), one sample each; FID/KID vs {args.reference} held-out renders, embedded feature net.",
         "",
         "| images | n | shape acc | colour acc | background acc | FID | KID x1000 | time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
         lines.append(
-            f"| {r['images']} | {r['n']} | {r['shape']:.1%} | {r['color']:.1%} | {r['background']:.1%} | "
+            f"| {r['images']} | {r['n']} | {r['shape']:.1%} | {r['color']:.1%} | {percent(r['background'])} | "
             f"{r['fid']:.2f} | {r['kid_x1000']:.2f} | {seconds} |"
         )
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
