@@ -36,7 +36,10 @@ from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
 from lightning_ft.core.sampling_export import SamplingExportMixin
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable
-from lightning_ft.nn.adapters import ADAPTER_FOLDER
+
+#: Folders that a method's export writes beside the diffusers weights (modules it inserts), and the method that
+#: loads them back; a plain load of such an export would silently be another model.
+METHOD_EXPORT_FOLDERS = {"a3fta_adapters": "AdapterAttentionFineTuning", "anl_modules": "ConditionTuning"}
 
 
 class DiffusionBase(SamplingExportMixin, L.LightningModule):
@@ -71,8 +74,8 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
     requires_frozen_denoiser: bool = False
-    #: Set True in a subclass that puts back the A3FTA adapters an export carries beside its weights.
-    loads_adapters: bool = False
+    #: The folder of ``METHOD_EXPORT_FOLDERS`` that this class puts back when it loads an export (None: none).
+    export_folder: str | None = None
 
     def __init__(
         self,
@@ -105,11 +108,12 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if pretrained and (Path(pretrained) / ADAPTER_FOLDER).is_dir() and not self.loads_adapters:
-            raise ValueError(
-                f"model.pretrained={pretrained!r} is an A3FTA export: its adapters ({ADAPTER_FOLDER}/) are part of "
-                "the model; load it with lightning_ft.methods.AdapterAttentionFineTuning"
-            )
+        for folder, owner in METHOD_EXPORT_FOLDERS.items():
+            if pretrained and (Path(pretrained) / folder).is_dir() and folder != self.export_folder:
+                raise ValueError(
+                    f"model.pretrained={pretrained!r} was exported by {owner}: its inserted modules ({folder}/) are "
+                    f"part of the model; load it with lightning_ft.methods.{owner}"
+                )
         parts = load_components(pretrained, components)
         self.denoiser = parts.denoiser
         self.vae = parts.vae

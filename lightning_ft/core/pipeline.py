@@ -94,20 +94,11 @@ def sample_unconditional(pipe, seeds: Sequence[int], steps: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def sample_class_conditional(
-    parts: Components,
-    scheduler,
-    labels: Sequence[int],
-    seeds: Sequence[int],
-    steps: int,
-    guidance_scale: float,
-    null_label: int | None,
-    predict,
-) -> torch.Tensor:
-    """Sampling loop for class-conditional denoisers (no diffusers pipeline takes class labels for a UNet).
+def denoise_loop(parts: Components, scheduler, seeds: Sequence[int], steps: int, model_output) -> torch.Tensor:
+    """The sampling loop over a diffusers scheduler, for models no diffusers pipeline drives; images in [0, 1].
 
-    ``predict(x, t, labels)`` returns the model output with the input's channel count. Guidance uses ``null_label``
-    as the unconditional class, when given and ``guidance_scale != 1``."""
+    ``model_output(x, t)`` returns the (guided) model output for the batch ``x`` at timesteps ``t``. Image i starts
+    from noise drawn by a generator seeded with ``seeds[i]``; the VAE, if any, decodes the result."""
     device = next(parts.denoiser.parameters()).device
     config = parts.denoiser.config
     channels = config.in_channels
@@ -118,22 +109,41 @@ def sample_class_conditional(
     # Stochastic samplers (DDPM, ancestral) draw fresh noise every step: from image i's own generator, as the
     # diffusers pipelines do, so that a sample depends on its seed only and not on the batch or the global RNG.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    y = torch.as_tensor(list(labels), device=device)
-    use_cfg = null_label is not None and guidance_scale != 1.0
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         t_batch = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        if use_cfg:
-            both = predict(
-                torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([y, torch.full_like(y, null_label)])
-            )
-            cond, uncond = both.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = predict(x_in, t_batch, y)
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        x = scheduler.step(model_output(x_in, t_batch), t, x, **step_kwargs).prev_sample
     if parts.vae is not None:
         shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
         x = parts.vae.decode(x / parts.vae.config.scaling_factor + shift).sample
     return _to_unit(x)
+
+
+@torch.no_grad()
+def sample_class_conditional(
+    parts: Components,
+    scheduler,
+    labels: Sequence[int],
+    seeds: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    null_label: int | None,
+    predict,
+) -> torch.Tensor:
+    """Sampling for class-conditional denoisers (no diffusers pipeline fits them; see the module docstring).
+
+    ``predict(x, t, labels)`` returns the model output with the input's channel count. Guidance uses ``null_label``
+    as the unconditional class, when given and ``guidance_scale != 1``."""
+    device = next(parts.denoiser.parameters()).device
+    y = torch.as_tensor(list(labels), device=device)
+    use_cfg = null_label is not None and guidance_scale != 1.0
+
+    def model_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not use_cfg:
+            return predict(x, t, y)
+        both = predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return denoise_loop(parts, scheduler, seeds, steps, model_output)

@@ -24,6 +24,13 @@ class SamplingExportMixin:
         h = self.hparams
         return pipe_utils.sampling_scheduler(self.noise_scheduler, h.sample_scheduler, h.sample_scheduler_kwargs)
 
+    def exported_scheduler(self):
+        """The sampling scheduler exactly as an export holds it: diffusers pipelines normalise some scheduler
+        settings when built (StableDiffusionPipeline sets ``steps_offset=1``), so a sampler that drives the
+        denoiser itself must start from the pipeline's scheduler to match the exported model."""
+        pipe = self.build_pipeline()
+        return pipe.scheduler if pipe is not None else self.sampling_scheduler()
+
     def build_pipeline(self):
         """The diffusers pipeline of the current weights (shares the modules; nothing is copied)."""
         return pipe_utils.build_pipeline(self.parts, self.sampling_scheduler())

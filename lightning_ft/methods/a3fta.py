@@ -47,7 +47,7 @@ class AdapterAttentionFineTuning(DreamBooth):
         **kwargs: see ``DreamBooth`` (prior preservation when class images are configured) and ``DiffusionBase``.
     """
 
-    loads_adapters = True
+    export_folder = ADAPTER_FOLDER
 
     def __init__(
         self,

@@ -120,7 +120,7 @@ def test_export_reloads_with_its_adapters_to_identical_images(tmp_path):
     torch.testing.assert_close(pipe_utils.sample_text(pipe, prompts, seeds, 2, 2.0), images, rtol=0, atol=1e-6)
     assert not torch.allclose(without, images)  # ... and without them it is another model
     # ... which DiffusionBase refuses to load as if it were complete.
-    with pytest.raises(ValueError, match="A3FTA export"):
+    with pytest.raises(ValueError, match="exported by AdapterAttentionFineTuning"):
         DiffusionBase(pretrained=str(folder))
 
 

@@ -1,0 +1,196 @@
+"""ANL ("Attention-NonLinear") modules and image-condition encoders for condition-based tuning.
+
+METHODS.md section 4: semantic embeddings of condition images are injected into a frozen pretrained denoiser
+through ANL modules inserted after its residual blocks; only they train. What was read: cross-attention fusion plus
+a non-linear mapping, inserted hierarchically. **Inferred** (the paper's full text was not available): one module
+after every ``ResnetBlock2D``, each
+
+    h <- h + Proj_a(CrossAttn(Q = GN(h) tokens, K = V = E))       E: condition tokens (B, L, D)
+    h <- h + Proj_m(MLP(LN(h))),  MLP C -> 4C -> C, GELU
+
+with ``Proj_a`` and the MLP's last layer zero-initialised (the denoiser is unchanged at step 0) and C/64 heads.
+
+The condition tokens reach the modules through a shared ``ConditionContext`` that the method fills before each
+denoiser call: diffusers' resnets take (hidden states, time embedding) only. The wrapping (``ResnetWithANL``) forks no
+diffusers class. Written here because no maintained library provides these modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+ANL_FOLDER = "anl_modules"
+
+
+class ConditionContext:
+    """The condition tokens (B, L, D) of the denoiser call in progress; set by the method, read by the modules."""
+
+    def __init__(self):
+        self.tokens: torch.Tensor | None = None
+
+
+class ANLModule(nn.Module):
+    """Cross-attention to the condition tokens, then a non-linear mapping; both residual, both zero at init."""
+
+    def __init__(self, channels: int, condition_dim: int, head_width: int = 64):
+        super().__init__()
+        heads = max(1, channels // head_width)
+        while channels % heads:
+            heads -= 1
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.attention = nn.MultiheadAttention(
+            channels, heads, kdim=condition_dim, vdim=condition_dim, batch_first=True
+        )
+        self.mlp_norm = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        for layer in (self.attention.out_proj, self.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = h.shape
+        query = self.norm(h).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = tokens.to(h.dtype)
+        x = h.flatten(2).transpose(1, 2) + self.attention(query, tokens, tokens, need_weights=False)[0]
+        x = x + self.mlp(self.mlp_norm(x))
+        return x.transpose(1, 2).reshape(b, c, height, width)
+
+
+class ResnetWithANL(nn.Module):
+    """A diffusers resnet block followed by an ANL module reading the context's condition tokens."""
+
+    def __init__(self, resnet: ResnetBlock2D, anl: ANLModule, context: ConditionContext):
+        super().__init__()
+        self.resnet, self.anl, self.context = resnet, anl, context
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.resnet(*args, **kwargs)
+        tokens = self.context.tokens
+        if tokens is None:
+            raise RuntimeError("ANL module: no condition tokens set for this denoiser call (ConditionContext)")
+        return self.anl(out, tokens)
+
+
+def insert_anl(denoiser: nn.Module, condition_dim: int, head_width: int = 64) -> tuple[dict, ConditionContext]:
+    """Wrap every ``ResnetBlock2D`` of ``denoiser`` with a zero-initialised ANL module; returns them by resnet name
+    and the context that feeds them."""
+    context = ConditionContext()
+    modules = {}
+    for parent_name, parent in list(denoiser.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ResnetBlock2D):
+                channels = child.out_channels
+                anl = ANLModule(channels, condition_dim, head_width)
+                anl.to(next(child.parameters()).device)
+                setattr(parent, child_name, ResnetWithANL(child, anl, context))
+                modules[f"{parent_name}.{child_name}" if parent_name else child_name] = anl
+    if not modules:
+        raise ValueError("ANL: the denoiser has no diffusers ResnetBlock2D to insert modules after (a UNet is needed)")
+    return modules, context
+
+
+def anl_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name, module in denoiser.named_modules()
+        if isinstance(module, ResnetWithANL)
+        for key, value in module.anl.state_dict().items()
+    }
+
+
+def without_anl(denoiser: nn.Module) -> nn.Module:
+    """Unwrap every ``ResnetWithANL`` in place (the plain diffusers module); returns ``denoiser``."""
+    for parent in list(denoiser.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ResnetWithANL):
+                setattr(parent, child_name, child.resnet)
+    return denoiser
+
+
+def save_anl(
+    denoiser: nn.Module, null_tokens: torch.Tensor, references: torch.Tensor, folder: Path, config: dict
+) -> Path:
+    """Write the ANL modules, the learned null tokens and the reference condition images beside an exported
+    pipeline (``<folder>/anl_modules/``)."""
+    from safetensors.torch import save_file
+
+    target = Path(folder) / ANL_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    state = {**anl_state_dict(denoiser), "null_tokens": null_tokens.detach().clone()}
+    if len(references):
+        state["reference_conditions"] = references.detach().cpu().clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, target / "anl.safetensors")
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def load_anl_weights(denoiser: nn.Module, folder: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load saved ANL weights into a denoiser that already has its modules inserted; returns the null tokens and
+    the reference condition images (None when none were saved)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(folder) / ANL_FOLDER / "anl.safetensors")
+    for name, module in denoiser.named_modules():
+        if isinstance(module, ResnetWithANL):
+            prefix = f"{name}."
+            module.anl.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    return weights["null_tokens"], weights.get("reference_conditions")
+
+
+# ------------------------------------------------------------------------------------ image-condition encoders
+class FeatureNetTokens(nn.Module):
+    """Condition tokens from the embedded feature network: its last feature map, one token per position
+    (32x32 images -> 16 tokens of width 128). The stand-in for CLIP image tokens in the embedded world."""
+
+    def __init__(self, path: str | None = None):
+        super().__init__()
+        from lightning_ft.metrics.feature_net import ShapesFeatureNet, default_feature_net
+
+        self.net = ShapesFeatureNet.load(path) if path else default_feature_net()
+        self.dim = self.net.trunk[-1][0].out_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> tokens (B, L, D)."""
+        return self.net.trunk(images.to(self.net.project.weight.dtype)).flatten(2).transpose(1, 2)
+
+
+class CLIPVisionTokens(nn.Module):
+    """Condition tokens from a local CLIP vision checkpoint: the last hidden states (ViT-L/14: 257 x 1024)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        from lightning_ft.metrics.backbones import CLIP_MEAN, CLIP_STD
+
+        self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        self.size, self.dim = self.model.config.image_size, self.model.config.hidden_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images + 1) / 2
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
+        return self.model(pixel_values=(x - self.mean) / self.std).last_hidden_state
+
+
+def make_condition_encoder(name: str = "shapes", path: str | None = None) -> nn.Module:
+    """``shapes`` (the embedded feature network, default) or ``clip`` (a local CLIP vision checkpoint at ``path``);
+    returned frozen, with a ``dim`` attribute (token width)."""
+    if name == "shapes":
+        encoder = FeatureNetTokens(path)
+    elif name == "clip":
+        if not path:
+            raise ValueError("model.condition_encoder='clip' needs model.condition_encoder_path (a local CLIP folder)")
+        encoder = CLIPVisionTokens(path)
+    else:
+        raise ValueError(f"model.condition_encoder={name!r} is not 'shapes' or 'clip'")
+    return encoder.eval().requires_grad_(False)

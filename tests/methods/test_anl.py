@@ -1,0 +1,123 @@
+"""ANL condition tuning: zero-init identity, what trains, masked sampling, export and reload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_module, train_steps
+
+from lightning_ft.core import DiffusionBase
+from lightning_ft.methods import ConditionTuning
+from lightning_ft.nn.anl import ANLModule, ResnetWithANL, without_anl
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _batch(n: int = 4):
+    return {"pixel_values": _images(n), "prompts": ["a red star on a gray background"] * n}
+
+
+def _perturb(module, scale=0.3):
+    """Random ANL weights (they start at zero output) and null tokens, so that conditions show in the samples."""
+    with torch.no_grad():
+        for p in module.anl_parameters() + [module.null_tokens]:
+            p.add_(scale * torch.randn_like(p))
+
+
+def _module(**kwargs):
+    torch.manual_seed(0)
+    return tiny_module(ConditionTuning, **kwargs)
+
+
+def test_anl_modules_follow_every_resnet_and_are_the_identity_at_initialisation():
+    module = _module()
+    wrapped = [m for m in module.denoiser.modules() if isinstance(m, ResnetWithANL)]
+    resnets = sum(len(b.resnets) for b in [*module.denoiser.down_blocks, *module.denoiser.up_blocks])
+    assert len(wrapped) == resnets + len(module.denoiser.mid_block.resnets)
+    plain = without_anl(copy.deepcopy(module.denoiser))
+    module.eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    base = module.encode_prompts(["", ""])
+    tokens = module.condition_tokens(_images(2))
+    assert tokens.shape[0] == 2 and tokens.shape[2] == module.null_tokens.shape[1]
+    assert torch.equal(module.predict(x, t, (base, tokens)), module.predict(x, t, (base, tokens), denoiser=plain))
+    _perturb(module)
+    assert not torch.allclose(module.predict(x, t, (base, tokens)), module.predict(x, t, (base, tokens), plain))
+
+
+def test_only_anl_modules_and_the_null_condition_train():
+    module = _module(lr=1e-3, image_condition_dropout=0.5)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert "null_tokens" in trainable and all(".anl." in n for n in trainable - {"null_tokens"})
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    torch.manual_seed(3)
+    train_steps(module, _batch(), steps=2)
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(".anl." in k for k in changed) and "null_tokens" in changed
+    assert changed <= trainable  # the denoiser, text encoder, VAE and condition encoder are untouched
+
+
+def test_condition_dropout_uses_the_null_tokens_in_training_only():
+    module = _module(image_condition_dropout=1.0)
+    _perturb(module)
+    module.train()
+    _, tokens = module.encode_conditions(_batch(3))
+    assert torch.equal(tokens, module.null_tokens.detach().expand(3, -1, -1))
+    module.eval()
+    _, tokens = module.encode_conditions(_batch(3))
+    assert torch.equal(tokens, module.condition_tokens(_batch(3)["pixel_values"]))
+
+
+def test_mask_rate_zero_is_unmasked_conditional_sampling(monkeypatch):
+    module = _module(guidance_scale=2.0)
+    _perturb(module)
+    images, seeds = _images(3), [0, 1, 2]
+    masked_zero = module.generate(condition_images=images, seeds=seeds, mask_rate=0.0)
+    half = module.generate(condition_images=images, seeds=seeds, mask_rate=0.5)
+    monkeypatch.setattr(module, "mask_tokens", lambda tokens, rate, seeds: tokens)  # the unmasked sampler
+    unmasked = module.generate(condition_images=images, seeds=seeds, mask_rate=0.5)
+    assert torch.equal(masked_zero, unmasked) and not torch.allclose(half, unmasked)
+
+
+def test_larger_mask_rates_give_more_diverse_samples_of_one_condition_image():
+    module = _module(guidance_scale=1.0)
+    _perturb(module, scale=0.5)
+    image = _images(1).expand(8, -1, -1, -1)
+    seeds = list(range(8))
+
+    def diversity(rate: float) -> float:
+        samples = module.generate(condition_images=image, seeds=seeds, mask_rate=rate).flatten(1)
+        return torch.pdist(samples).mean().item()
+
+    rates = [0.0, 0.5, 1.0]
+    values = [diversity(r) for r in rates]
+    assert values[0] < values[1] < values[2], dict(zip(rates, values))
+
+
+def test_export_reloads_with_its_modules_and_reference_conditions(tmp_path):
+    module = _module(guidance_scale=2.0)
+    _perturb(module)
+    module.reference_conditions = _images(3)
+    seeds = [0, 1, 2]
+    images = module.generate(seeds=seeds)
+    folder = module.save_pretrained(tmp_path / "export")
+    reloaded = ConditionTuning(pretrained=str(folder), sample_steps=2, guidance_scale=2.0)
+    torch.testing.assert_close(reloaded.generate(seeds=seeds), images, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="exported by ConditionTuning"):
+        DiffusionBase(pretrained=str(folder))
+    with pytest.raises(ValueError, match="model.anl_head_width=32"):
+        ConditionTuning(pretrained=str(folder), anl_head_width=32)
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="model.trainable must be 'none'"):
+        tiny_module(ConditionTuning, trainable="full")
+    with pytest.raises(ValueError, match="model.mask_rate=2"):
+        tiny_module(ConditionTuning, mask_rate=2)
+    with pytest.raises(ValueError, match="condition_encoder_path"):
+        tiny_module(ConditionTuning, condition_encoder="clip")
+    assert all(isinstance(m, ANLModule) for m in [tiny_module(ConditionTuning).denoiser.mid_block.resnets[0].anl])
