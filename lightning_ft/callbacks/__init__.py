@@ -1,7 +1,8 @@
-"""Callbacks: export, sample grids (and, with later methods, training monitors)."""
+"""Callbacks: export, sample grids, and monitors of the corruption stage and of FID/KID over training."""
 
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
 from lightning_ft.callbacks.export import DiffusersExport
+from lightning_ft.callbacks.fid_monitor import FIDMonitor
 from lightning_ft.callbacks.sample_grid import SampleGridLogger
 
-__all__ = ["CorruptionStageMonitor", "DiffusersExport", "SampleGridLogger"]
+__all__ = ["CorruptionStageMonitor", "DiffusersExport", "FIDMonitor", "SampleGridLogger"]

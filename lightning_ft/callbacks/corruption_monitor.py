@@ -15,9 +15,10 @@ samples fixed prompts and seeds and measures, against the instance images:
   ``classify_stages`` on the whole history; also ``corruption/best_step`` and ``corruption/detected`` (0/1).
 
 Values go to every configured logger (``log_metrics`` directly, since they are also measured outside a training
-step) and to a CSV (rewritten from the history at each evaluation, so that after a resume it holds exactly the
-restored points; its ``stage`` column is the current classification, which may relabel an earlier point when
-``min_points`` > 1). The history is Lightning callback state: it survives ``ckpt_path`` resumes.
+step), to ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor="corruption/fidelity")`` works) and to a
+CSV (rewritten from the history at each evaluation, so that after a resume it holds exactly the restored points;
+its ``stage`` column is the current classification, which may relabel an earlier point when ``min_points`` > 1).
+The history is Lightning callback state: it survives ``ckpt_path`` resumes.
 
 Distributed runs: only rank 0 samples (the same fixed seeds on every rank would give the same images); the few
 samples cost about as much as one sample-grid and the other ranks wait at one broadcast, which then hands them the
@@ -218,23 +219,26 @@ class CorruptionStageMonitor(L.Callback):
         self.history.append(point)
         self.history.sort(key=lambda p: p["step"])
         self.report = self.classify()
+        metrics = self._metrics(point)
+        # Also in callback_metrics (every rank): ModelCheckpoint / EarlyStopping can monitor "corruption/fidelity".
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
         if trainer.is_global_zero:
-            self._log(trainer, point)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=point["step"])
             self._write_csv()
         if self.keep_best_checkpoint and self.report.best_step_before_corruption == step and self.saved_step != step:
             self.saved_step = step  # before saving, so that the checkpoint's own callback state says so
             # Every rank calls it: save_checkpoint ends with a barrier.
             trainer.save_checkpoint(self.best_checkpoint_path)
 
-    def _log(self, trainer: L.Trainer, point: dict) -> None:
+    def _metrics(self, point: dict) -> dict:
         r = self.report
         metrics = {f"corruption/{k}": point[k] for k in ("fidelity", "score", "memorisation", "diversity")}
         metrics["corruption/stage"] = STAGE_CODES[r.verdict]
         metrics["corruption/detected"] = int(r.corruption_detected)
         if r.best_step_before_corruption is not None:
             metrics["corruption/best_step"] = r.best_step_before_corruption
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=point["step"])
+        return metrics
 
     def _write_csv(self) -> None:
         self.csv_file.parent.mkdir(parents=True, exist_ok=True)

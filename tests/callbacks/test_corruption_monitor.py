@@ -90,6 +90,9 @@ def test_logged_metrics_reach_the_csv_logger(run):
             assert float(row[f"corruption/{key}"]) == pytest.approx(point[key])
     assert int(float(rows[-1]["corruption/stage"])) == monitor.report.verdict_code
     assert int(float(rows[-1]["corruption/best_step"])) == monitor.report.best_step_before_corruption
+    # The last point is also in callback_metrics, where ModelCheckpoint and EarlyStopping look for monitors.
+    trainer = run[2]
+    assert trainer.callback_metrics["corruption/fidelity"].item() == pytest.approx(monitor.history[-1]["fidelity"])
 
 
 def test_best_checkpoint_is_the_best_step_and_holds_the_history(run):
