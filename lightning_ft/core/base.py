@@ -356,6 +356,15 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.training_loss(batch)
+        if not torch.isfinite(loss):
+            # Stop before the update: the weights stay those of the last good step, and the checkpoints already
+            # written (last.ckpt included) are left as they are. Every rank sees the same loss under DDP.
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items())
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at global step {self.global_step} (batch {batch_idx}; "
+                f"{parts}): training stopped before this update; the last checkpoint written is the last good one. "
+                "Lower model.lr, check the data, or use precision 32 / bf16-mixed instead of 16-mixed."
+            )
         batch_size = len(batch["pixel_values"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
