@@ -1,0 +1,248 @@
+"""Bad inputs and what lightning-ft says about them: each case is triggered for real and its message recorded.
+
+To run: python -m benchmarks.bad_inputs      (about a minute; writes benchmarks/results/bad_inputs.md)
+The same cases run as tests (tests/cli/test_bad_inputs.py), so the table in the README stays true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TINY = str(REPO / "configs/model/tiny_t2i.yaml")
+DREAMBOOTH = str(REPO / "experiments/dreambooth.yaml")
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[Path], None]  # raises (or exits) on the bad input; gets a scratch folder
+    expect: tuple[str, ...]  # what the message must name
+
+
+def _images(folder: Path, count: int = 2) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(folder / f"img_{i}.png")
+    return folder
+
+
+def _cli(*args: str) -> None:
+    from lightning_ft.run import main
+
+    main(["--config", DREAMBOOTH, "--config", TINY, "--trainer.logger", "false", *args], run=False)
+
+
+def _setup(folder: Path, **kwargs) -> None:
+    from lightning_ft.data import LimitedDataModule
+
+    LimitedDataModule(str(folder), **{"resolution": 32, **kwargs}).setup("fit")
+
+
+def corrupt_image(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _setup(folder, instance_prompt="a sks star")
+
+
+def empty_folder(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+    _setup(tmp / "empty", instance_prompt="a sks star")
+
+
+def missing_folder(tmp: Path) -> None:
+    _setup(tmp / "nowhere", instance_prompt="a sks star")
+
+
+def float_image(tmp: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp / "data"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32), dtype=np.float32), mode="F").save(folder / "depth.tiff")
+    (folder / "depth.tiff").rename(folder / "depth.png")
+    _setup(folder, instance_prompt="a sks star")
+
+
+def captions_for_other_files(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    captions = tmp / "captions.jsonl"
+    captions.write_text(
+        json.dumps({"file": "img_0.png", "caption": "x"})
+        + "\n"
+        + json.dumps({"file": "cat.png", "caption": "y"})
+        + "\n"
+    )
+    _setup(folder, captions_file=str(captions))
+
+
+def captions_bad_line(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    captions = tmp / "captions.jsonl"
+    captions.write_text('{"file": "img_0.png", "caption": "x"}\n{"file": "img_1.png"\n')
+    _setup(folder, captions_file=str(captions))
+
+
+def no_captions_no_prompt(tmp: Path) -> None:
+    _setup(_images(tmp / "data"))
+
+
+def class_images_without_prompt(tmp: Path) -> None:
+    _setup(_images(tmp / "data"), instance_prompt="a sks star", num_class_images=10)
+
+
+def unknown_key(tmp: Path) -> None:
+    _cli("--model.init_args.learning_rate", "1e-4")
+
+
+def wrong_type(tmp: Path) -> None:
+    _cli("--model.init_args.lr", "fast")
+
+
+def missing_pretrained(tmp: Path) -> None:
+    from lightning_ft.core import DiffusionBase
+
+    DiffusionBase(pretrained=str(tmp / "no-such-model"))
+
+
+def bad_trainable(tmp: Path) -> None:
+    _cli("--model.init_args.trainable", "everything")
+
+
+def method_incompatible_with_model(tmp: Path) -> None:
+    import yaml
+
+    from lightning_ft.methods import ConditionTuning
+
+    components = yaml.safe_load((REPO / "configs/model/tiny_dit.yaml").read_text())["model"]["init_args"]["components"]
+    ConditionTuning(components=components)
+
+
+def resolution_mismatch(tmp: Path) -> None:
+    import yaml
+
+    from lightning_ft.methods import DreamBooth
+
+    components = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]["components"]
+    DreamBooth(components=components).check_resolution(30)
+
+
+def lora_targets_match_nothing(tmp: Path) -> None:
+    _cli("--model.init_args.trainable", "lora", "--model.init_args.lora_target_modules", "[to_nothing]")
+
+
+def class_model_without_labels(tmp: Path) -> None:
+    import types
+
+    import yaml
+
+    from lightning_ft.core import DiffusionBase
+    from lightning_ft.data import LimitedDataModule
+
+    components = yaml.safe_load((REPO / "configs/model/tiny_dit.yaml").read_text())["model"]["init_args"]["components"]
+    data = LimitedDataModule(str(_images(tmp / "data")), instance_prompt="x", resolution=32)
+    data.trainer = types.SimpleNamespace(lightning_module=DiffusionBase(components=components))
+    data.setup("fit")
+
+
+def bad_sweep_file(tmp: Path) -> None:
+    from lightning_ft.sweep import load_sweep
+
+    (tmp / "sweep.yaml").write_text("command:\n  - python\n  - train.py\nparameters: {}\nmetric: {name: fid/fid}\n")
+    load_sweep(tmp / "sweep.yaml")
+
+
+def a3fta_export_as_plain(tmp: Path) -> None:
+    import yaml
+
+    from lightning_ft.core import DiffusionBase
+    from lightning_ft.methods import AdapterAttentionFineTuning
+
+    components = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]["components"]
+    folder = AdapterAttentionFineTuning(components=components).save_pretrained(tmp / "export")
+    DiffusionBase(pretrained=str(folder))
+
+
+def unknown_embedded_target(tmp: Path) -> None:
+    from lightning_ft.data.targets import ensure_target
+
+    ensure_target("dragons", tmp)
+
+
+CASES = [
+    Case("corrupt image in the instance folder", corrupt_image, ("broken.png", "cannot be read")),
+    Case("empty instance folder", empty_folder, ("data.instance_dir", "holds no image")),
+    Case("instance folder does not exist", missing_folder, ("data.instance_dir", "does not exist")),
+    Case("32-bit float image", float_image, ("depth.png", "mode 'F'")),
+    Case("captions file names other images", captions_for_other_files, ("captions.jsonl", "cat.png")),
+    Case("captions file with a broken line", captions_bad_line, ("captions.jsonl", "line 2")),
+    Case("no captions and no prompt", no_captions_no_prompt, ("data.instance_dir", "no prompt")),
+    Case("class images without a class prompt", class_images_without_prompt, ("data.class_prompt",)),
+    Case("unknown config key", unknown_key, ("learning_rate",)),
+    Case("wrong type for a key", wrong_type, ("lr", "fast")),
+    Case("nonexistent pretrained path", missing_pretrained, ("model.pretrained", "no-such-model")),
+    Case("unknown trainable set", bad_trainable, ("model.trainable", "everything")),
+    Case("method incompatible with the model (ANL on a DiT)", method_incompatible_with_model, ("ResnetBlock2D",)),
+    Case("resolution the model cannot take", resolution_mismatch, ("data.resolution=30",)),
+    Case("LoRA targets that match no layer", lora_targets_match_nothing, ("lora_target_modules", "to_nothing")),
+    Case("class-conditional model, data without labels", class_model_without_labels, ("data.class_label",)),
+    Case("sweep file without ${args} / the project CLI", bad_sweep_file, ("sweep.yaml", "command")),
+    Case("A3FTA export loaded as a plain model", a3fta_export_as_plain, ("AdapterAttentionFineTuning",)),
+    Case("unknown embedded target", unknown_embedded_target, ("dragons",)),
+]
+
+
+def trigger(case: Case) -> tuple[str, str]:
+    """Run a case; returns (error type, message). A case that does not fail raises AssertionError."""
+    stderr = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(stderr):
+        try:
+            try:
+                case.run(Path(tmp))
+            except Exception as error:  # noqa: BLE001 - the scratch folder's name is noise in the table
+                raise type(error)(str(error).replace(tmp, "<tmp>")) from None
+        except SystemExit:  # the CLI parser prints its error and exits with status 2
+            text = stderr.getvalue()
+            text = text[text.rfind("error:") :] if "error:" in text else text[-500:]
+            # jsonargparse lists every Union member it tried; the project's line is the informative one.
+            keep = [
+                line.strip()
+                for line in text.splitlines()
+                if not line.strip().startswith(
+                    ("Subtypes", "Given value", "- Expected a <class 'NoneType'>", "Does not validate")
+                )
+            ]
+            return "CLI exit 2", " ".join(k for k in keep if k)
+        except Exception as error:  # noqa: BLE001 - recording what each bad input raises is the point
+            message = str(error)
+            if "Does not validate against any of the Union subtypes" in message:  # the module raised under the CLI
+                message = message[message.find("- ") + 2 :].split("\n")[0] if "- " in message else message
+            return type(error).__name__, message
+    raise AssertionError(f"bad input {case.name!r} did not fail")
+
+
+def main() -> list[dict]:
+    rows = []
+    for case in CASES:
+        kind, message = trigger(case)
+        rows.append({"input": case.name, "error": kind, "message": " ".join(message.split())[:300]})
+        print(f"{case.name}: {kind}: {rows[-1]['message']}", flush=True)
+    lines = ["| bad input | error | message (first 300 characters) |", "|---|---|---|"]
+    lines += [f"| {r['input']} | {r['error']} | {r['message'].replace('|', '/')} |" for r in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bad_inputs.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
