@@ -28,8 +28,8 @@ from lightning_ft.paths import cache_dir
 
 VERSION = 3  # 3: the domain's captions carry class labels (shape x colour) for class-conditional models
 SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.14), "background": "gray"}
-# The class prompt must be a caption the pretrained model knows: every pretraining caption names colour, shape and
-# background, so "a star on a gray background" (no colour) is out of distribution and samples garbage.
+# The class prompt is a full caption of the source domain (colour, shape and background), the form most pretraining
+# captions take (20% leave out colour and/or background), so the pretrained model samples it best.
 SUBJECT_PROMPT = "a sks orange star on a gray background"
 SUBJECT_CLASS_PROMPT = "a orange star on a gray background"
 SUBJECT_EVAL_PROMPTS = [f"a sks orange star on a {bg} background" for bg in shapes.BACKGROUNDS]
