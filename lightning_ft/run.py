@@ -60,6 +60,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
+        # Atomic checkpoint writes by default (a kill during a save never leaves a checkpoint that loads wrong).
+        trainer_defaults={"plugins": [{"class_path": "lightning_ft.core.checkpoint_io.AtomicCheckpointIO"}]},
         args=args,
         run=run,
     )

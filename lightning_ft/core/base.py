@@ -34,6 +34,7 @@ from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.class_labels import resolve_null_class
 from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
+from lightning_ft.core.rng import rng_states, set_rng_states
 from lightning_ft.core.sampling_export import SamplingExportMixin
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable
 
@@ -428,7 +429,19 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
         if self.ema is not None:
             self.ema.to(self.device)
-        self._ema_global_step = self.trainer.global_step
+        restored = getattr(self, "_restored_ema_step", None)
+        self._ema_global_step = restored if restored is not None else self.trainer.global_step
+
+    def on_train_start(self) -> None:
+        # A checkpoint is written in on_train_batch_end before this module's own on_train_batch_end applies that
+        # step's EMA update: a resumed run applies it now, so the EMA continues exactly as in an unbroken run.
+        if self.ema is not None and self._ema_global_step < self.trainer.global_step:
+            self.ema.step(self.trainable_parameters())
+            self._ema_global_step = self.trainer.global_step
+        # Module hooks run after the callbacks' on_train_start (which may sample): the restored stream starts here.
+        if getattr(self, "_pending_rng_states", None) is not None:
+            set_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Once per optimizer step, not per micro-batch: with gradient accumulation the weights change only every
@@ -461,11 +474,20 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lightning_ft"] = {"model_identity": self.model_identity(), "trainable_keys": sorted(keep)}
+        checkpoint["lightning_ft"] = {
+            "model_identity": self.model_identity(),
+            "trainable_keys": sorted(keep),
+            "ema_step": self._ema_global_step,  # the last step whose EMA update is in checkpoint["ema"]
+        }
+        # Lightning keeps no random state; noise, timesteps and condition dropout draw from the global generators, so
+        # a resumed run needs them to continue exactly (restored in on_train_start, after every setup hook).
+        checkpoint["rng_states"] = rng_states()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng_states = checkpoint.get("rng_states")
+        self._restored_ema_step = checkpoint.get("lightning_ft", {}).get("ema_step")
         missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
 from lightning_ft.data.folder import list_images, load_image, read_captions, read_labels, to_tensor
+from lightning_ft.data.samplers import EpochSeededRandomSampler
 
 #: The model settings that shape generated class images (besides the model itself), part of their cache key.
 SAMPLER_HPARAMS = ("sample_scheduler", "sample_scheduler_kwargs", "sample_steps", "guidance_scale")
@@ -227,11 +228,12 @@ class LimitedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        # StatefulDataLoader (torchdata): Lightning saves its position and sampler state in checkpoints, so a run
+        # resumed mid-epoch continues with the next batch of the same order instead of restarting the epoch.
+        return StatefulDataLoader(
             self.dataset,
             batch_size=h.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(h.seed),
+            sampler=EpochSeededRandomSampler(len(self.dataset), h.seed),
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             drop_last=False,

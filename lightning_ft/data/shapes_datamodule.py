@@ -6,8 +6,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.data import shapes
+from lightning_ft.data.samplers import EpochSeededRandomSampler
 
 
 class ShapesDataset(Dataset):
@@ -100,12 +102,12 @@ class ShapesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         dataset = ShapesDataset(h.num_train, h.seed, h.resolution, h.styled_fraction, h.partial_caption_fraction)
-        generator = torch.Generator().manual_seed(h.seed)
-        return DataLoader(
+        # StatefulDataLoader (torchdata): Lightning saves its position and sampler state in checkpoints, so a run
+        # resumed mid-epoch continues with the next batch of the same order instead of restarting the epoch.
+        return StatefulDataLoader(
             dataset,
             batch_size=h.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=EpochSeededRandomSampler(len(dataset), h.seed),
             num_workers=h.num_workers,
             drop_last=True,
             persistent_workers=h.num_workers > 0,
