@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport, classify_stages
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import as_backbone, diversity, features, high_frequency_energy, memorisation, subject_fidelity
@@ -43,7 +44,7 @@ CSV_COLUMNS = ("step", "fidelity", "score", "memorisation", "diversity", "hf_ene
 BEST_CHECKPOINT = "best_before_corruption.ckpt"
 
 
-class CorruptionStageMonitor(L.Callback):
+class CorruptionStageMonitor(PeriodicEvaluation):
     """Sample fixed seeds during training, log fidelity / corruption / memorisation / diversity and the stage.
 
     Args:
@@ -253,16 +254,8 @@ class CorruptionStageMonitor(L.Callback):
         os.replace(tmp, self.csv_file)  # readers never see a half-written file
 
     # ------------------------------------------------------------------------------------------------ hooks
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)  # step 0 (or the resumed step, when the history lacks it)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
-
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
         if self.verbose and self.report is not None:
             rank_zero_info(f"lightning-ft: {self.report.summary()}")
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import FIDScorer, as_backbone
 from lightning_ft.metrics.backbones import make_backbone
 from lightning_ft.paths import cache_dir
 
 
-class FIDMonitor(L.Callback):
+class FIDMonitor(PeriodicEvaluation):
     """FID/KID of ``num_samples`` samples against ``reference_dir`` every ``every_n_steps`` steps (and at the end).
 
     Args:
@@ -134,18 +135,6 @@ class FIDMonitor(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self.at_start:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"history": [dict(p) for p in self.history]}
