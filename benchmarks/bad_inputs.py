@@ -202,10 +202,21 @@ CASES = [
 ]
 
 
-def trigger(case: Case) -> tuple[str, str]:
-    """Run a case; returns (error type, message). A case that does not fail raises AssertionError."""
+def _snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def trigger(case: Case) -> tuple[str, str, bool]:
+    """Run a case in a scratch folder that already holds a previous run's outputs (as the working directory, where
+    the experiment files write ``runs/``); returns (error type, message, previous outputs intact). A case that does not
+    fail raises AssertionError."""
     stderr = io.StringIO()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(stderr):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(stderr), contextlib.chdir(tmp):
+        previous = Path(tmp) / "runs" / "dreambooth" / "lightning_logs" / "version_0"
+        (previous / "checkpoints").mkdir(parents=True)
+        (previous / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+        (previous / "metrics.csv").write_text("step,train/loss\n0,0.5\n")
+        before = _snapshot(Path(tmp) / "runs")
         try:
             try:
                 case.run(Path(tmp))
@@ -222,20 +233,20 @@ def trigger(case: Case) -> tuple[str, str]:
                     ("Subtypes", "Given value", "- Expected a <class 'NoneType'>", "Does not validate")
                 )
             ]
-            return "CLI exit 2", " ".join(k for k in keep if k)
+            return "CLI exit 2", " ".join(k for k in keep if k), _snapshot(Path(tmp) / "runs") == before
         except Exception as error:  # noqa: BLE001 - recording what each bad input raises is the point
             message = str(error)
             if "Does not validate against any of the Union subtypes" in message:  # the module raised under the CLI
                 message = message[message.find("- ") + 2 :].split("\n")[0] if "- " in message else message
-            return type(error).__name__, message
+            return type(error).__name__, message, _snapshot(Path(tmp) / "runs") == before
     raise AssertionError(f"bad input {case.name!r} did not fail")
 
 
 def main() -> list[dict]:
     rows = []
     for case in CASES:
-        kind, message = trigger(case)
-        rows.append({"input": case.name, "error": kind, "message": " ".join(message.split())[:300]})
+        kind, message, intact = trigger(case)
+        rows.append({"input": case.name, "error": kind, "message": " ".join(message.split())[:300], "intact": intact})
         print(f"{case.name}: {kind}: {rows[-1]['message']}", flush=True)
     lines = ["| bad input | error | message (first 300 characters) |", "|---|---|---|"]
     lines += [f"| {r['input']} | {r['error']} | {r['message'].replace('|', '/')} |" for r in rows]
