@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from lightning_ft.data.sampled_folder import sample_into_folder
 from lightning_ft.paths import cache_dir
 
 
@@ -36,19 +33,18 @@ def class_cache_folder(
     return (root or cache_dir() / "class_images") / digest
 
 
-def generate_class_images(module, prompt: str, count: int, folder: Path, seed: int = 0, batch_size: int = 16) -> Path:
-    """Sample ``count`` images of ``prompt`` with ``module.generate`` into ``folder`` (atomically); return it."""
-    if folder.exists():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    images = module.generate(
-        prompts=[prompt] * count, seeds=[seed * 100_003 + i for i in range(count)], batch_size=batch_size
+def generate_class_images(
+    module, prompt: str, count: int, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None
+) -> Path:
+    """Sample ``count`` images of ``prompt`` with ``module.generate`` into ``folder`` (atomically; split across the
+    ranks of ``trainer`` when given, see ``sampled_folder``); return it."""
+    return sample_into_folder(
+        module,
+        folder,
+        seeds=[seed * 100_003 + i for i in range(count)],
+        conditions={"prompts": [prompt] * count},
+        prefix="class",
+        meta={"prompt": prompt, "seed": seed},
+        trainer=trainer,
+        batch_size=batch_size,
     )
-    for i, image in enumerate(images):
-        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(partial / f"class_{i:05d}.png")
-    (partial / "meta.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed}))
-    partial.rename(folder)
-    return folder

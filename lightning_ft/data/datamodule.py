@@ -152,15 +152,17 @@ class LimitedDataModule(L.LightningDataModule):
             h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root, sampler=sampler
         )
 
-    def prepare_data(self) -> None:
-        # Runs once per machine (local rank 0) before `setup`: the class images are sampled once, not per rank.
+    def _sample_class_images(self) -> None:
+        # In setup, on every rank: the missing class images are sampled once, split across the ranks.
         folder = self._generated_class_folder() if self.hparams.num_class_images > 0 else None
-        if folder is not None and not folder.exists():
+        if folder is not None:
             shortfall = self.hparams.num_class_images - len(self._user_class_files())
             module = self.trainer.lightning_module
-            # prepare_data runs before the strategy moves the model: sample on the accelerator, not on the CPU.
+            # setup runs before the strategy moves the model: sample on the accelerator, not on the CPU.
             module.to(self.trainer.strategy.root_device)
-            generate_class_images(module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed)
+            generate_class_images(
+                module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed, trainer=self.trainer
+            )
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -173,6 +175,8 @@ class LimitedDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and hasattr(module, "check_resolution"):
             module.check_resolution(h.resolution)
+        if h.num_class_images > 0 and self.trainer is not None:
+            self._sample_class_images()
         class_images, class_prompts = None, None
         if h.num_class_images > 0:
             class_files = self._user_class_files()

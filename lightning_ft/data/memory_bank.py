@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lightning_ft.data.folder import list_images, load_image
+from lightning_ft.data.sampled_folder import sample_into_folder
 from lightning_ft.paths import cache_dir
 
 #: Bumped when the on-disk layout or the sampling code changes, so old banks are not reused.
@@ -51,32 +50,29 @@ def generate_memory_bank(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    trainer=None,
 ) -> Path:
     """Sample ``count`` images with ``module.generate`` into ``folder`` (atomically) and return it.
 
     Image ``i`` uses ``prompts[i]`` (text models) or ``labels[i]`` (class models), or nothing (unconditional
-    models), and its own seed, so the bank does not depend on ``batch_size``. An existing folder is reused."""
-    if folder.exists():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    seeds = [seed * 100_003 + i for i in range(count)]
+    models), and its own seed, so the bank does not depend on ``batch_size`` or on how the work is split across the
+    ranks of ``trainer`` (see ``sampled_folder``). An existing folder is reused."""
     condition = {"prompts": list(prompts)} if prompts is not None else {}
     if labels is not None:
         condition = {"labels": [int(label) for label in labels]}
-    images = module.generate(
-        **condition, seeds=seeds, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size
+    meta = {"seed": seed, "steps": steps, "guidance_scale": guidance_scale, **condition}
+    return sample_into_folder(
+        module,
+        folder,
+        seeds=[seed * 100_003 + i for i in range(count)],
+        conditions=condition,
+        prefix="memory",
+        meta=meta,
+        trainer=trainer,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
     )
-    if len(images) != count:
-        raise RuntimeError(f"memory bank: asked for {count} images, the model returned {len(images)}")
-    for i, image in enumerate(images):
-        array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(partial / f"memory_{i:06d}.png")
-    meta = {"count": count, "seed": seed, "steps": steps, "guidance_scale": guidance_scale, **condition}
-    (partial / "meta.json").write_text(json.dumps(meta))
-    partial.rename(folder)
-    return folder
 
 
 def load_memory_bank(folder: Path) -> torch.Tensor:

@@ -178,19 +178,17 @@ class DiffTuning(DiffusionBase):
         )
 
     def prepare_memory_bank(self) -> torch.Tensor:
-        """Sample the bank if it is not cached (global rank 0 only, the others wait), then load it on every rank."""
+        """Sample the bank if it is not cached (split across the ranks), then load it on every rank."""
         h = self.hparams
         folder = self.memory_bank_folder()
         trainer = self._trainer
-        if not folder.exists() and (trainer is None or trainer.is_global_zero):
-            if trainer is not None:
-                self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
-            prompts, labels = self.memory_conditions()
-            generate_memory_bank(
-                self, folder, h.memory_size, prompts, labels, h.memory_sample_steps, h.memory_guidance_scale
-            )
         if trainer is not None:
-            trainer.strategy.barrier("diff_tuning_memory_bank")
+            self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
+        prompts, labels = self.memory_conditions()
+        generate_memory_bank(
+            self, folder, h.memory_size, prompts, labels, h.memory_sample_steps, h.memory_guidance_scale,
+            trainer=trainer,
+        )  # fmt: skip
         self.memory_bank = load_memory_bank(folder)
         return self.memory_bank
 

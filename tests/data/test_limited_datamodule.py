@@ -56,7 +56,7 @@ class _CountingGenerator:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, prompts, seeds, batch_size=16):
+    def generate(self, prompts, seeds, batch_size=16, **sampler):
         self.calls += 1
         return torch.stack([torch.full((3, 32, 32), (s % 7) / 7) for s in seeds])
 
@@ -188,9 +188,9 @@ class _Generator(_CountingGenerator):
         self.device = device
         return self
 
-    def generate(self, prompts, seeds, batch_size=16):
+    def generate(self, prompts, seeds, batch_size=16, **sampler):
         self.device_at_generate = self.device
-        return super().generate(prompts, seeds, batch_size)
+        return super().generate(prompts, seeds, batch_size, **sampler)
 
 
 def _with_fake_trainer(data, module, device="cpu"):
@@ -214,11 +214,11 @@ def test_class_image_cache_key_changes_with_the_sampling_settings(subject_dir, t
 
 
 def test_class_images_are_sampled_on_the_strategy_device(subject_dir, tmp_path):
-    # prepare_data runs before the strategy moves the model: without a move, SD class images are sampled on the CPU.
+    # setup runs before the strategy moves the model: without a move, SD class images are sampled on the CPU.
     module = _Generator()
     data = LimitedDataModule(
         str(subject_dir), instance_prompt="a sks star", class_prompt="a star", num_class_images=2,
         class_cache_dir=str(tmp_path), resolution=32,
     )  # fmt: skip
-    _with_fake_trainer(data, module, device="meta").prepare_data()
+    _with_fake_trainer(data, module, device="meta")._sample_class_images()
     assert module.calls == 1 and module.device_at_generate == torch.device("meta")

@@ -1,7 +1,9 @@
 """Fit the tiny model for a few steps with N CPU processes (DDP, gloo) or one, then save the trained weights.
 
 Run as a script (Lightning's DDP launcher re-executes this file once per extra rank; inside pytest it would re-run
-the pytest session instead): ``python tests/distributed/ddp_fit.py DEVICES IMAGES_DIR OUT.pt``.
+the pytest session instead): ``python tests/distributed/ddp_fit.py DEVICES IMAGES_DIR OUT.pt [CLASS_IMAGES]``.
+With CLASS_IMAGES, that many prior-preservation images are sampled first (into a cache beside OUT.pt) and each rank
+records how many it sampled, in ``OUT.pt.rank<r>``.
 
 The global batch is the whole 4-image set at every step, split 2 + 2 across ranks under DDP. Noise and timesteps are
 drawn from each image's content instead of the process's random stream, so that a sample gets the same noise
@@ -43,11 +45,21 @@ class ContentSeededDreamBooth(DreamBooth):
         return loss, {}
 
 
-def main(devices: int, images: str, out: str) -> None:
+def main(devices: int, images: str, out: str, class_images: int = 0) -> None:
     L.seed_everything(0)
     components = yaml.safe_load((REPO / "configs/model/tiny_t2i.yaml").read_text())["model"]["init_args"]["components"]
     module = ContentSeededDreamBooth(components=components, lr=1e-3, sample_steps=2)
-    data = LimitedDataModule(images, instance_prompt="a sks star", resolution=32, batch_size=4 // devices, repeats=1)
+    data = LimitedDataModule(images, instance_prompt="a sks star", resolution=32, batch_size=4 // devices, repeats=1,
+                             class_prompt="a red star", num_class_images=class_images,
+                             class_cache_dir=str(Path(out).parent / f"class_cache_{devices}"))  # fmt: skip
+    sample = module.generate
+
+    def counting_generate(*args, **kwargs):
+        images = sample(*args, **kwargs)
+        Path(f"{out}.rank{module.global_rank}").write_text(str(len(images)))
+        return images
+
+    module.generate = counting_generate
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -62,4 +74,4 @@ def main(devices: int, images: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)

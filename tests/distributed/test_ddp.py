@@ -14,9 +14,9 @@ from conftest import write_images
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
 
-def _fit(devices: int, images: Path, out: Path) -> dict:
+def _fit(devices: int, images: Path, out: Path, class_images: int = 0) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(images), str(out)],
+    result = subprocess.run([sys.executable, str(SCRIPT), str(devices), str(images), str(out), str(class_images)],
                             capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -40,3 +40,20 @@ def test_two_processes_reach_the_weights_of_one_at_the_same_global_batch(tmp_pat
     assert close / total > 0.995
     moved = [k for k, v in one["state"].items() if not torch.equal(v, one["initial"][k])]
     assert len(moved) > len(one["state"]) // 2  # the runs trained: the agreement is not that of untouched weights
+
+
+@pytest.mark.slow
+def test_class_images_are_sampled_once_split_across_ranks_and_equal_to_one_process(tmp_path):
+    images = write_images(tmp_path / "images", 4)
+    _fit(1, images, tmp_path / "one.pt", class_images=6)
+    _fit(2, images, tmp_path / "two.pt", class_images=6)
+    # Each of the 2 ranks sampled half of the 6 images (one process sampled all 6) ...
+    assert (tmp_path / "one.pt.rank0").read_text() == "6"
+    assert [(tmp_path / f"two.pt.rank{r}").read_text() for r in (0, 1)] == ["3", "3"]
+    # ... into one complete folder, image for image the same as the single process's (one seed per image).
+    (one,) = [p for p in (tmp_path / "class_cache_1").iterdir() if not p.name.endswith(".partial")]
+    (two,) = [p for p in (tmp_path / "class_cache_2").iterdir() if not p.name.endswith(".partial")]
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 6 and names == sorted(p.name for p in two.glob("*.png"))
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
