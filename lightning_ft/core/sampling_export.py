@@ -24,6 +24,17 @@ class SamplingExportMixin:
         h = self.hparams
         return pipe_utils.sampling_scheduler(self.noise_scheduler, h.sample_scheduler, h.sample_scheduler_kwargs)
 
+    def sampling_settings(
+        self, n: int, seeds: Sequence[int] | None, steps: int | None, guidance_scale: float | None
+    ) -> tuple[int, float, list[int]]:
+        """``generate``'s defaults: the model's steps and guidance when not given, seeds 0..n-1 (checked against n)."""
+        steps = steps or self.hparams.sample_steps
+        guidance = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        seeds = list(range(n)) if seeds is None else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"generate: {len(seeds)} seeds for {n} images")
+        return steps, guidance, seeds
+
     def exported_scheduler(self):
         """The sampling scheduler exactly as an export holds it: diffusers pipelines normalise some scheduler
         settings when built (StableDiffusionPipeline sets ``steps_offset=1``), so a sampler that drives the
@@ -49,12 +60,8 @@ class SamplingExportMixin:
         """Sample images in [0, 1], shape (N, C, H, W), one per prompt / label / seed.
 
         ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
-        steps = steps or self.hparams.sample_steps
-        guidance = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
-        seeds = list(range(n)) if seeds is None else list(seeds)
-        if len(seeds) != n:
-            raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts/labels")
+        steps, guidance, seeds = self.sampling_settings(n, seeds, steps, guidance_scale)
         chunks = []
         with self.sampling_weights():
             pipe = self.build_pipeline()

@@ -152,10 +152,9 @@ class LimitedDataModule(L.LightningDataModule):
             h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root, sampler=sampler
         )
 
-    def _sample_class_images(self) -> None:
+    def _sample_class_images(self, folder: Path | None) -> None:
         # In setup, on every rank: the missing class images are sampled once, split across the ranks.
-        folder = self._generated_class_folder() if self.hparams.num_class_images > 0 else None
-        if folder is not None:
+        if folder is not None and self.trainer is not None:
             shortfall = self.hparams.num_class_images - len(self._user_class_files())
             module = self.trainer.lightning_module
             # setup runs before the strategy moves the model: sample on the accelerator, not on the CPU.
@@ -175,12 +174,11 @@ class LimitedDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and hasattr(module, "check_resolution"):
             module.check_resolution(h.resolution)
-        if h.num_class_images > 0 and self.trainer is not None:
-            self._sample_class_images()
         class_images, class_prompts = None, None
         if h.num_class_images > 0:
+            folder = self._generated_class_folder()  # hashes the model's files: once per setup
+            self._sample_class_images(folder)
             class_files = self._user_class_files()
-            folder = self._generated_class_folder()
             if folder is not None:
                 class_files += list_images(folder, "data.class_images (generated cache)")
             class_images = [load_image(f) for f in class_files]

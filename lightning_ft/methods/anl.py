@@ -195,23 +195,18 @@ class ConditionTuning(DiffusionBase):
     ) -> torch.Tensor:
         """Images in [0, 1] from condition images (N, 3, H, W) in [-1, 1] (default: the reference conditions, one
         per sample, cycled), with ``mask_rate`` of their tokens masked and guidance against the null condition."""
-        h = self.hparams
-        steps = steps or h.sample_steps
-        guidance = h.guidance_scale if guidance_scale is None else guidance_scale
-        mask_rate = h.mask_rate if mask_rate is None else mask_rate
+        mask_rate = self.hparams.mask_rate if mask_rate is None else mask_rate
         if condition_images is None:
             if len(self.reference_conditions) == 0:
                 raise ValueError("ConditionTuning.generate needs condition_images (no reference conditions yet)")
             n = len(seeds) if seeds is not None else len(prompts or labels or self.reference_conditions)
             index = [i % len(self.reference_conditions) for i in range(n)]
             condition_images = self.reference_conditions[index]
-        n = len(condition_images)
-        seeds = list(range(n)) if seeds is None else list(seeds)
-        if len(seeds) != n:
-            raise ValueError(f"generate: {len(seeds)} seeds for {n} condition images")
+        steps, guidance, seeds = self.sampling_settings(len(condition_images), seeds, steps, guidance_scale)
         chunks = []
         with self.sampling_weights():
-            for start in range(0, n, batch_size):
+            scheduler = self.exported_scheduler()
+            for start in range(0, len(seeds), batch_size):
                 part = slice(start, start + batch_size)
                 k = len(seeds[part])
                 tokens = self.mask_tokens(self.condition_tokens(condition_images[part]), mask_rate, seeds[part])
@@ -226,9 +221,7 @@ class ConditionTuning(DiffusionBase):
                     base = self.predict(x, t, uncond)
                     return base + guidance * (out - base)
 
-                chunks.append(
-                    pipe_utils.denoise_loop(self.parts, self.exported_scheduler(), seeds[part], steps, model_output)
-                )
+                chunks.append(pipe_utils.denoise_loop(self.parts, scheduler, seeds[part], steps, model_output))
         return torch.cat(chunks).cpu()
 
     # --------------------------------------------------------------------------------------------------- export

@@ -220,5 +220,6 @@ def test_class_images_are_sampled_on_the_strategy_device(subject_dir, tmp_path):
         str(subject_dir), instance_prompt="a sks star", class_prompt="a star", num_class_images=2,
         class_cache_dir=str(tmp_path), resolution=32,
     )  # fmt: skip
-    _with_fake_trainer(data, module, device="meta")._sample_class_images()
+    data = _with_fake_trainer(data, module, device="meta")
+    data._sample_class_images(data._generated_class_folder())
     assert module.calls == 1 and module.device_at_generate == torch.device("meta")
