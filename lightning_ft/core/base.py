@@ -36,6 +36,7 @@ from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
 from lightning_ft.core.rng import rng_states, set_rng_states
 from lightning_ft.core.sampling_export import SamplingExportMixin
+from lightning_ft.core.speed import apply_speed_options
 from lightning_ft.core.trainable import DEFAULT_LORA_TARGETS, apply_trainable
 
 #: Folders that a method's export writes beside the diffusers weights (modules it inserts), and the method that
@@ -71,6 +72,12 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         cache_latents: compute the VAE posterior of each distinct training image once (default False).
         cache_text_embeddings: compute the frozen text encoder's output for each distinct prompt once
             (default True; ignored when ``train_text_encoder``).
+        attention: attention kernel of the denoiser, ``sdpa`` | ``eager`` (default None: the model's own, which is
+            SDPA for diffusers UNets on torch 2).
+        channels_last: keep the denoiser's weights in channels-last memory layout (default False).
+        gradient_checkpointing: recompute the denoiser's (and a training text encoder's) block activations in the
+            backward pass, trading time for memory (default False).
+        compile: ``torch.compile`` the denoiser in place (default False; compiles on the first forward).
     """
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
@@ -106,6 +113,10 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         null_class: int | None = None,
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
+        attention: str | None = None,
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -133,12 +144,23 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         if self.requires_frozen_denoiser:
             self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         self.configure_trainable()
+        apply_speed_options(
+            self.denoiser,
+            self.text_encoder if train_text_encoder else None,
+            attention=attention,
+            channels_last=channels_last,
+            gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
+        )
         # Checkpoints hold only trainable weights; the rest comes from `pretrained` (see on_load_checkpoint).
         self.strict_loading = False
         self.ema = None
         self._ema_global_step = 0
         self.latent_cache = EncodingCache() if cache_latents and self.vae is not None else None
         self.text_cache = EncodingCache() if cache_text_embeddings and not train_text_encoder else None
+        # diffusers' and transformers' from_pretrained leave models in eval mode, and Lightning keeps the modes it
+        # finds: put the trainable parts in train mode (dropout, a text encoder's gradient checkpointing).
+        self.train()
 
     # ----------------------------------------------------------------------------------------------- components
     @property
