@@ -63,7 +63,7 @@ def test_gradient_checkpointing_recomputes_blocks_in_backward():
         module = tiny_module(gradient_checkpointing=enabled, train_text_encoder=True)
         calls, resnet = [], module.denoiser.down_blocks[0].resnets[0]
         forward = resnet.forward  # counted by wrapping: torch's recomputation does not run forward hooks
-        resnet.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+        resnet.forward = lambda *a, calls=calls, forward=forward, **k: calls.append(1) or forward(*a, **k)
         _loss_and_grads(module)
         counts[enabled] = len(calls)
         assert module.text_encoder.is_gradient_checkpointing is enabled
