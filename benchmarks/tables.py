@@ -13,3 +13,18 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
+    """The rows as markdown table lines with the given columns (a missing value is empty)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def write_table(rows: list[dict], out: str | Path, title: str, columns: list[str], notes: list[str] = ()) -> None:
+    """``OUT.csv`` (every key of the rows) and ``OUT.md`` (title, the chosen columns, then the notes)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, f"{out}.csv")
+    lines = [f"# {title}", "", *markdown_table(rows, columns), "", *notes]
+    Path(f"{out}.md").write_text("\n".join(lines).rstrip() + "\n")

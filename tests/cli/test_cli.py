@@ -138,10 +138,11 @@ def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named(tmp_path, su
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output paths of the experiment land in the temporary folder
-    # The pretraining recipe chains its steps through runs/; here step 2 reads the shipped autoencoder instead
-    # (only that one entry: the autoencoder recipe's export_dir must stay inside the temporary folder).
+    # The pretraining recipe chains its steps through runs/; here steps 2 and 3 read the shipped model instead
+    # (only those entries: the recipes' export dirs must stay inside the temporary folder).
     text = experiment.read_text()
     text = text.replace("vae: {pretrained: runs/pretrain_shapes_vae/export}", f"vae: {{pretrained: {VAE}}}")
+    text = text.replace("pretrained: runs/pretrain_shapes/export", f"pretrained: {VAE.parent}")  # step 3 reads step 2
     config_file = _write(tmp_path / experiment.name, text)
     config = yaml.safe_load(text)
     overrides = ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
@@ -173,3 +174,11 @@ def test_validate_test_and_predict_subcommands(tmp_path, subject_dir):
     )
     images = torch.cat(cli.trainer.predict_loop.predictions)
     assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+
+
+def test_memory_saving_fragment_switches_the_options_on(tmp_path, subject_dir):
+    fragment = str(REPO / "configs/model/memory_saving.yaml")
+    cli = main([*_tiny(tmp_path, subject_dir), "--config", fragment], run=False)
+    assert cli.model.denoiser.is_gradient_checkpointing and cli.model.latent_cache is not None
+    plain = main(_tiny(tmp_path, subject_dir), run=False)
+    assert not plain.model.denoiser.is_gradient_checkpointing and plain.model.latent_cache is None

@@ -1,0 +1,162 @@
+"""Framework overhead: lightning-ft's DreamBooth training step against a plain PyTorch loop doing identical math on
+the same model, data, batch and optimizer (``benchmarks/plain_loop.py``; identity checked by
+``tests/benchmarks/test_plain_loop.py``), interleaved in one process.
+
+The framework arm is ``experiments/dreambooth.yaml``'s model and data run by a Lightning ``Trainer`` as the CLI runs
+it (CSV logger every 10 steps, progress bar, ``training_step``'s logging and non-finite check), without
+checkpointing or the sample and export callbacks (the plain loop does neither). Text embeddings are recomputed every
+step in both arms. After every framework step a callback runs one plain step, so both arms see the same machine
+state; a framework step is timed from the end of the previous plain step to the end of its own update, so
+everything the framework does between updates (data fetching, hooks, logging, progress bar) counts against it.
+
+Peak memory is measured per arm in a separate process each (a process's high-water mark cannot be reset).
+
+    python -m benchmarks.overhead                  # writes benchmarks/results/overhead.{md,csv}
+    python -m benchmarks.overhead --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.loggers import CSVLogger
+
+from benchmarks.perf import now, peak_mb, reset_peak, rss_mb, run_worker
+from benchmarks.plain_loop import PlainDreamBooth
+from benchmarks.step_cost import load_experiment
+from benchmarks.tables import write_table
+from lightning_ft.data import LimitedDataModule
+
+BASELINE_MB = rss_mb()
+
+
+class Interleave(L.Callback):
+    """After each framework step, one plain step; both are timed (synchronized wall clock)."""
+
+    def __init__(self, device: str, total_steps: int, plain: bool = True):
+        self.device, self.total_steps, self.run_plain = device, total_steps, plain
+        self.framework, self.plain, self.mark, self.loop = [], [], None, None
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.run_plain:  # the same data module's loader: the same dataset, sampler and collate
+            self.loop = PlainDreamBooth(module, trainer.datamodule.train_dataloader(), self.total_steps)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.mark is None:
+            self.mark = now(self.device)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        t = now(self.device)
+        self.framework.append(t - self.mark)
+        if self.loop is not None:
+            self.loop.step()
+            self.plain.append(now(self.device) - t)
+        self.mark = now(self.device)
+
+
+def build(args, tmp: str):
+    model, data = load_experiment("experiments/dreambooth.yaml")
+    model = copy.deepcopy(model)
+    model["init_args"]["cache_text_embeddings"] = False  # the plain loop encodes every step too
+    torch.manual_seed(0)
+    module = instantiate_class((), model)
+    datamodule = LimitedDataModule(**{**data, "batch_size": args.batch_size})
+    return module, datamodule
+
+
+def trainer_for(args, callback, tmp: str, steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=steps,
+        logger=CSVLogger(tmp), log_every_n_steps=10, enable_checkpointing=False, callbacks=[callback],
+        limit_val_batches=0,
+    )  # fmt: skip
+
+
+def interleaved(args) -> dict:
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        module, datamodule = build(args, tmp)
+        callback = Interleave(args.device, steps)
+        trainer_for(args, callback, tmp, steps).fit(module, datamodule)
+    framework = np.array(callback.framework[args.warmup :])
+    plain = np.array(callback.plain[args.warmup :])
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(plain), size=(2000, len(plain)))
+    boot = np.median(framework[draws], axis=1) / np.median(plain[draws], axis=1) - 1
+    return {
+        "pairs": len(plain),
+        "framework_median_ms": round(1000 * float(np.median(framework)), 2),
+        "plain_median_ms": round(1000 * float(np.median(plain)), 2),
+        "overhead_pct": round(100 * float(np.median(framework) / np.median(plain) - 1), 2),
+        "overhead_ci95_pct": f"{100 * np.quantile(boot, 0.025):.2f} to {100 * np.quantile(boot, 0.975):.2f}",
+        "median_paired_difference_ms": round(1000 * float(np.median(framework - plain)), 2),
+    }
+
+
+def memory_worker(spec: dict) -> dict:
+    """One arm alone in this process: the framework's Trainer, or the plain loop over the same data."""
+
+    class Args:
+        device, batch_size = spec["device"], spec["batch_size"]
+
+    steps = spec["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        module, datamodule = build(Args, tmp)
+        reset_peak(Args.device)
+        if spec["arm"] == "framework":
+            trainer_for(Args, Interleave(Args.device, steps, plain=False), tmp, steps).fit(module, datamodule)
+        else:
+            # The data module samples missing class images with the trainer's model (they are cached by then).
+            host = trainer_for(Args, L.Callback(), tmp, steps)
+            host.strategy.connect(module)
+            datamodule.trainer = host
+            datamodule.setup("fit")
+            module.to(Args.device)
+            loop = PlainDreamBooth(module, datamodule.train_dataloader(), steps, copy_denoiser=False)
+            for _ in range(steps):
+                loop.step()
+    return {"peak_mb": round(peak_mb(Args.device) - (BASELINE_MB if Args.device == "cpu" else 0), 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=300, help="timed step pairs (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4, help="instance images per batch (+ as many class images)")
+    parser.add_argument("--memory-steps", type=int, default=20)
+    parser.add_argument("--cpu", type=int, default=None, help="pin the memory workers to this core")
+    parser.add_argument("--out", default="benchmarks/results/overhead")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(memory_worker(json.loads(args.worker))))
+        return {}
+
+    row = {"device": args.device, "batch": f"{args.batch_size} instance + {args.batch_size} class", **interleaved(args)}
+    for arm in ("framework", "plain"):
+        spec = {"arm": arm, "device": args.device, "batch_size": args.batch_size, "steps": args.memory_steps}
+        row[f"{arm}_peak_mb"] = run_worker("benchmarks.overhead", spec, cpu=args.cpu)["peak_mb"]
+    print(row, flush=True)
+    columns = ["device", "batch", "pairs", "framework_median_ms", "plain_median_ms", "overhead_pct",
+               "overhead_ci95_pct", "framework_peak_mb", "plain_peak_mb"]  # fmt: skip
+    notes = [
+        f"`experiments/dreambooth.yaml` (embedded model, 32x32, prior preservation), {args.steps} interleaved step "
+        f"pairs after {args.warmup} warm-up pairs, one process. Overhead = median framework step / median plain step "
+        "- 1; the 95% interval is a bootstrap over the pairs (2,000 resamples). Goal: <= 2%. Peak: MiB above the "
+        f"process's floor after imports, each arm alone in its own process for {args.memory_steps} steps (CPU: "
+        "resident-set high-water; CUDA: max allocated).",
+    ]
+    write_table([row], args.out, "Framework overhead: lightning-ft vs a plain PyTorch loop", columns, notes)
+    return row
+
+
+if __name__ == "__main__":
+    main()

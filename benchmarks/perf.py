@@ -1,0 +1,76 @@
+"""Measuring cost: step timing, peak memory and isolated worker processes for the performance benchmarks.
+
+Peak memory on CUDA is the caching allocator's ``max_memory_allocated``; on CPU torch keeps no allocator statistics,
+so it is the process's high-water resident set (``ru_maxrss``). Because a high-water mark cannot be reset, every
+configuration whose memory is reported runs in its own worker process (``run_worker``), and the memory reported is
+the peak minus the process's resident set after imports (``baseline_mb``): model, optimizer state, activations,
+frozen copies and caches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (a no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def now(device: str) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def rss_mb() -> float:
+    """The resident set of this process now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb(device: str) -> float:
+    """Peak memory since the last ``reset_peak`` (CUDA) or since the process started (CPU), in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def summary_ms(seconds: list[float]) -> dict:
+    """Median and interquartile range of durations, in milliseconds."""
+    q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
+    return {"median_ms": round(1000 * q[1], 2), "q1_ms": round(1000 * q[0], 2), "q3_ms": round(1000 * q[2], 2)}
+
+
+def run_worker(module: str, spec: dict, cpu: int | None = None, timeout: float = 3600) -> dict:
+    """Run ``python -m MODULE --worker JSON`` in a fresh single-threaded process (pinned to core ``cpu`` when given)
+    and return the JSON object it prints on its last stdout line."""
+    command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {module} {spec} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference else ""
