@@ -55,7 +55,7 @@ class Interleave(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         t = now(self.device)
         self.framework.append(t - self.mark)
-        if self.loop is not None:
+        if self.loop is not None:  # (an exception escaping here, StopIteration included, would derail the fit)
             self.loop.step()
             self.plain.append(now(self.device) - t)
         self.mark = now(self.device)
@@ -87,6 +87,7 @@ def interleaved(args) -> dict:
         trainer_for(args, callback, tmp, steps).fit(module, datamodule)
     framework = np.array(callback.framework[args.warmup :])
     plain = np.array(callback.plain[args.warmup :])
+    assert len(framework) == len(plain) == args.steps, (len(framework), len(plain))
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(plain), size=(2000, len(plain)))
     boot = np.median(framework[draws], axis=1) / np.median(plain[draws], axis=1) - 1

@@ -32,7 +32,20 @@ class PlainDreamBooth:
                                            eps=h.adam_eps)  # fmt: skip
         self.lr_schedule = get_scheduler(h.lr_scheduler, self.optimizer, num_warmup_steps=h.warmup_steps,
                                          num_training_steps=total_steps)  # fmt: skip
+        self.loader, self.epoch = batches, 0
         self.batches = iter(batches)
+
+    def next_batch(self) -> dict:
+        """The next batch; a new epoch (with its own shuffle, when the sampler has ``set_epoch``) when one ends."""
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            sampler = getattr(self.loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            self.batches = iter(self.loader)
+            return next(self.batches)
 
     def loss(self, batch: dict) -> torch.Tensor:
         pixels, prompts = batch["pixel_values"].to(self.device), list(batch["prompts"])
@@ -63,7 +76,7 @@ class PlainDreamBooth:
         return per_sample[:n].mean() + self.prior_loss_weight * per_sample[n:].mean()
 
     def step(self) -> torch.Tensor:
-        loss = self.loss(next(self.batches))
+        loss = self.loss(self.next_batch())
         loss.backward()
         self.optimizer.step()
         self.lr_schedule.step()

@@ -85,7 +85,9 @@ def inference_cost(module, spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(module.save_pretrained(Path(tmp) / "export"))
         exported = loader_for(folder)(pretrained=str(folder), guidance_scale=guidance).to(device).eval()
-        base = DiffusionBase(pretrained=module.hparams.pretrained, guidance_scale=guidance).to(device).eval()
+        h = module.hparams
+        base = DiffusionBase(pretrained=h.pretrained, components=h.components, guidance_scale=guidance)
+        base = base.to(device).eval()
         seeds = list(range(images))
         times = {"base": [], "export": []}
         for _ in range(spec.get("inference_rounds", 3)):

@@ -42,3 +42,12 @@ def test_plain_loop_matches_dreambooth_loss_and_update(prior, prediction_type):
         assert torch.allclose(ours, theirs, atol=1e-6), name
     moved = max((a - b).abs().max() for a, b in zip(module.denoiser.parameters(), before))
     assert moved > 1e-4  # the update did move the weights (so equality above is not vacuous)
+
+
+def test_plain_loop_runs_past_the_end_of_an_epoch():
+    """A StopIteration escaping from the loop would end the framework's epoch when the loop runs in a callback."""
+    module = tiny_module()
+    plain = PlainDreamBooth(module, [_batch(False)])
+    for _ in range(3):
+        assert torch.isfinite(plain.step())
+    assert plain.epoch == 2
