@@ -97,13 +97,24 @@ class BayesianFineTuning(DreamBooth):
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, logs = super().training_loss(batch)
         weight = self.hparams.kl_weight
-        # With the KL off (released default) it is still logged, but without keeping a graph for it.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(weight)):
-            kl = self.kl()
         if weight:
+            kl = self.kl()
             loss = loss + weight * kl
+        elif self._kl_is_logged():
+            # With the KL off (released default) it is only a diagnostic: no graph, and only on the steps whose
+            # logs the trainer writes (about nine elementwise passes over every Bayesian element saved elsewhere).
+            with torch.no_grad():
+                kl = self.kl()
+        else:
+            return loss, logs
         logs["loss/kl"] = kl.detach()
         return loss, logs
+
+    def _kl_is_logged(self) -> bool:
+        """Whether a value logged now is written: always outside a trainer, else Lightning's own rule (every
+        ``log_every_n_steps`` steps)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is None or bool(connector.should_update_logs)
 
     # --------------------------------------------------------------------------------------------------- export
     def exportable_denoiser(self) -> torch.nn.Module:

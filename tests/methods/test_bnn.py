@@ -163,3 +163,28 @@ def test_bnn_lora_export_merged_and_lora_only(tmp_path):
     pipe.load_lora_weights(tmp_path / "lora")
     assert torch.allclose(_pipeline_images(pipe, [0, 1], 2, 1.5), expected, atol=1e-4)
     _assert_still_bayesian(module, 32)
+
+
+def test_kl_off_is_computed_only_on_the_steps_the_trainer_logs(subject_dir, tmp_path):
+    import csv
+
+    from conftest import quiet_trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_ft.data import LimitedDataModule
+
+    module = tiny_module(BayesianFineTuning, lr=1e-3)
+    calls = []
+    original = module.kl
+    module.kl = lambda: calls.append(module.global_step) or original()
+    data = LimitedDataModule(str(subject_dir), instance_prompt="a sks star", resolution=32, batch_size=2, repeats=4)
+    logger = CSVLogger(tmp_path, name="kl")
+    quiet_trainer(max_steps=6, log_every_n_steps=3, logger=logger, limit_val_batches=0).fit(module, data)
+    assert calls == [2, 5]  # the 3rd and 6th steps, as Lightning writes logs
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss/kl")]
+    assert [int(r["step"]) for r in rows] == [2, 5] and all(float(r["train/loss/kl"]) > 0 for r in rows)
+    # With the KL on, it is part of every step's loss.
+    module.hparams.kl_weight, calls[:] = 1e-6, []
+    quiet_trainer(max_steps=9, log_every_n_steps=3, limit_val_batches=0).fit(module, data)
+    assert calls == list(range(9))
