@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.launch import REPO, fit_run
-from benchmarks.tables import write_csv
+from benchmarks.tables import saved_figure, write_csv
 from lightning_ft.callbacks.stage_rules import classify_stages
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -75,11 +75,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def write_outputs(rows: list[dict], curves: dict, out: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, f"{out}.csv")
     lines = [
@@ -101,18 +96,16 @@ def write_outputs(rows: list[dict], curves: dict, out: Path, args) -> None:
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {name: f"C{i}" for i, name in enumerate(METHODS)}
-    for (name, seed), curve in curves.items():
-        for axis, key in zip(axes, ("fidelity", "score", "memorisation")):
-            axis.plot(curve["step"], curve[key], color=colours[name], alpha=0.8,
-                      label=name if seed == args.seeds[0] else None)  # fmt: skip
-    for axis, title in zip(axes, ("subject fidelity", "corruption score (HF energy ratio)", "memorisation")):
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(f"{out}.png", dpi=90)
+    with saved_figure(f"{out}.png", 3, (15, 4)) as axes:
+        for (name, seed), curve in curves.items():
+            for axis, key in zip(axes, ("fidelity", "score", "memorisation")):
+                axis.plot(curve["step"], curve[key], color=colours[name], alpha=0.8,
+                          label=name if seed == args.seeds[0] else None)  # fmt: skip
+        for axis, title in zip(axes, ("subject fidelity", "corruption score (HF energy ratio)", "memorisation")):
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.legend()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.launch import REPO, fit_run
-from benchmarks.tables import write_csv
+from benchmarks.tables import saved_figure, write_csv
 
 RESULTS = REPO / "benchmarks" / "results"
 #: method key -> (table name, experiment file, module class that loads its export)
@@ -155,11 +155,6 @@ def mean_std(values: list[float]) -> str:
 
 
 def write_outputs(rows: list[dict], out: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, f"{out}.csv")
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -190,16 +185,14 @@ def write_outputs(rows: list[dict], out: Path, args) -> None:
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, key, title in zip(axes, ("target_fid", "source_fid"), ("target FID (held-out domain)", "source FID")):
-        for i, group in enumerate(by_method.values()):
-            values = [r[key] for r in group]
-            axis.bar(i, statistics.mean(values), color=f"C{i}", alpha=0.6)
-            axis.scatter([i] * len(values), values, color="k", s=12, zorder=3)
-        axis.set_xticks(range(len(by_method)), list(by_method), rotation=15)
-        axis.set_title(f"{title}, lower is better")
-    figure.tight_layout()
-    figure.savefig(f"{out}.png", dpi=90)
+    with saved_figure(f"{out}.png", 2, (11, 4)) as axes:
+        for axis, key, title in zip(axes, ("target_fid", "source_fid"), ("target FID (held-out domain)", "source FID")):
+            for i, group in enumerate(by_method.values()):
+                values = [r[key] for r in group]
+                axis.bar(i, statistics.mean(values), color=f"C{i}", alpha=0.6)
+                axis.scatter([i] * len(values), values, color="k", s=12, zorder=3)
+            axis.set_xticks(range(len(by_method)), list(by_method), rotation=15)
+            axis.set_title(f"{title}, lower is better")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

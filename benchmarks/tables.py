@@ -1,7 +1,8 @@
-"""Writing benchmark results: one CSV per table (the markdown beside it is each benchmark's own)."""
+"""Writing benchmark results: CSV and markdown tables, and figures."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 
@@ -28,3 +29,21 @@ def write_table(rows: list[dict], out: str | Path, title: str, columns: list[str
     write_csv(rows, f"{out}.csv")
     lines = [f"# {title}", "", *markdown_table(rows, columns), "", *notes]
     Path(f"{out}.md").write_text("\n".join(lines).rstrip() + "\n")
+
+
+@contextlib.contextmanager
+def saved_figure(path: str | Path, ncols: int, size: tuple[float, float], dpi: int = 90):
+    """Yield the axes of a one-row figure of ``ncols`` panels drawn off-screen (Agg); on exit the figure is laid
+    out, written to ``path`` and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, ncols, figsize=size)
+    try:
+        yield axes
+        figure.tight_layout()
+        figure.savefig(path, dpi=dpi)
+    finally:
+        plt.close(figure)

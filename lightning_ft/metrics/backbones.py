@@ -71,19 +71,40 @@ class _InceptionUint8(nn.Module):
         return self.inception((x * 255).round().to(torch.uint8))
 
 
-class _CLIPImageEmbeds(nn.Module):
-    """Resize and normalise as CLIP expects, return the projected image embeddings (N, projection_dim)."""
+def clip_normalisation(folder: str | Path) -> tuple[tuple, tuple]:
+    """(mean, std) of a local CLIP checkpoint: its ``preprocessor_config.json`` when present, else OpenAI CLIP's."""
+    config = Path(folder) / "preprocessor_config.json"
+    if not config.exists():
+        return CLIP_MEAN, CLIP_STD
+    pre = json.loads(config.read_text())
+    return tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD))
 
-    def __init__(self, model: nn.Module, image_size: int, mean: tuple, std: tuple):
+
+class CLIPPreprocess(nn.Module):
+    """Images in [0, 1] (N, 3, H, W) -> CLIP pixel values: antialiased bicubic resize to ``image_size``, then
+    normalise by ``mean`` / ``std`` (shared by the CLIP metric backbone and ANL's CLIP condition encoder)."""
+
+    def __init__(self, image_size: int, mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD):
         super().__init__()
-        self.model, self.image_size = model, image_size
+        self.image_size = image_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        out = self.model(pixel_values=(x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+
+class _CLIPImageEmbeds(nn.Module):
+    """CLIP-preprocess, return the projected image embeddings (N, projection_dim)."""
+
+    def __init__(self, model: nn.Module, image_size: int, mean: tuple, std: tuple):
+        super().__init__()
+        self.model, self.preprocess = model, CLIPPreprocess(image_size, mean, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(pixel_values=self.preprocess(x))
         # transformers 5 returns output objects, not tensors: take the projected embeddings when the model has a
         # projection, else the pooled output.
         embeds = getattr(out, "image_embeds", None)
@@ -117,10 +138,7 @@ def _clip(path: str | None) -> FeatureExtractor:
     folder = Path(path)
     model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
     config = model.config
-    mean, std = CLIP_MEAN, CLIP_STD
-    if (folder / "preprocessor_config.json").exists():
-        pre = json.loads((folder / "preprocessor_config.json").read_text())
-        mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+    mean, std = clip_normalisation(folder)
     dim = getattr(config, "projection_dim", None) or config.hidden_size
     return FeatureExtractor(_CLIPImageEmbeds(model, config.image_size, mean, std), dim, "clip")
 

@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
@@ -168,18 +167,15 @@ class CLIPVisionTokens(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModel
 
-        from lightning_ft.metrics.backbones import CLIP_MEAN, CLIP_STD
+        from lightning_ft.metrics.backbones import CLIPPreprocess, clip_normalisation
 
         self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-        self.size, self.dim = self.model.config.image_size, self.model.config.hidden_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.dim = self.model.config.hidden_size
+        self.preprocess = CLIPPreprocess(self.model.config.image_size, *clip_normalisation(path))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images + 1) / 2
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
-        return self.model(pixel_values=(x - self.mean) / self.std).last_hidden_state
+        """Images in [-1, 1] (B, 3, H, W) -> the last hidden states (B, L, D)."""
+        return self.model(pixel_values=self.preprocess((images + 1) / 2)).last_hidden_state
 
 
 def make_condition_encoder(name: str = "shapes", path: str | None = None) -> nn.Module:

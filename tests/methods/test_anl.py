@@ -121,3 +121,27 @@ def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="condition_encoder_path"):
         tiny_module(ConditionTuning, condition_encoder="clip")
     assert all(isinstance(m, ANLModule) for m in [tiny_module(ConditionTuning).denoiser.mid_block.resnets[0].anl])
+
+
+def test_clip_condition_tokens_resize_and_normalise_with_the_checkpoint_statistics(tmp_path):
+    import json
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from lightning_ft.nn.anl import make_condition_encoder
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPVisionModel(config).eval()
+    model.save_pretrained(tmp_path / "clip")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    encoder = make_condition_encoder("clip", str(tmp_path / "clip"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    tokens = encoder(images)
+    assert tokens.shape == (2, 5, 32) and encoder.dim == 32  # 16x16 / 8x8 patches + the class token
+    pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(16, 16), mode="bicubic", antialias=True)
+    pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(tokens, model(pixel_values=pixels).last_hidden_state, atol=1e-5)
