@@ -17,4 +17,4 @@ test-slow:
 	$(PY) -m pytest -q -m slow
 
 lint:
-	$(PY) -m ruff check lightning_ft tests benchmarks
+	$(PY) -m ruff check lightning_ft tests benchmarks notebooks

@@ -44,21 +44,24 @@ cli = main([
 ])
 log_dir = Path(cli.trainer.log_dir)
 print("logs in", log_dir)'''),
-    new_markdown_cell("Samples of the fine-tuned model (EMA / mean weights), on the training background and on new ones:"),
+    new_markdown_cell("Samples of the fine-tuned model (EMA / mean weights), on the training background and on new "
+                      "ones:"),
     new_code_cell('''import matplotlib.pyplot as plt
+
 from lightning_ft.data.targets import SUBJECT_EVAL_PROMPTS
 
 module = cli.model
 images = module.generate(prompts=[p for p in SUBJECT_EVAL_PROMPTS for _ in range(4)], seeds=list(range(4)) * 3)
 figure, axes = plt.subplots(3, 4, figsize=(6, 4.5))
-for axis, image, prompt in zip(axes.flat, images, [p for p in SUBJECT_EVAL_PROMPTS for _ in range(4)]):
+for axis, image in zip(axes.flat, images):
     axis.imshow(image.permute(1, 2, 0).numpy())
     axis.set_axis_off()
 for row, prompt in zip(axes[:, 0], SUBJECT_EVAL_PROMPTS):
     row.set_title(prompt, fontsize=7, loc="left")
 plt.tight_layout()'''),
-    new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject fidelity to the instance images, the
-high-frequency corruption score, memorisation, and the stage verdict (see `lightning_ft/callbacks/stage_rules.py`)."""),
+    new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject fidelity to the
+instance images, the high-frequency corruption score, memorisation, and the stage verdict (see
+`lightning_ft/callbacks/stage_rules.py`)."""),
     new_code_cell('''import csv
 
 with open(log_dir / "corruption_stage.csv") as handle:
@@ -87,6 +90,7 @@ else (components, EMA, prior preservation, checkpoints, sampling, export) comes 
 the two hooks below."""),
     new_code_cell(SETUP),
     new_code_cell('''import torch
+
 from lightning_ft.methods import DreamBooth
 
 
@@ -118,8 +122,8 @@ class CurriculumDreamBooth(DreamBooth):
         loss, logs = super().training_loss(batch)
         logs["curriculum_power"] = torch.tensor(self.power_at(self.global_step))
         return loss, logs'''),
-    new_markdown_cell("""Check the hook before training: at step 0 the draws lean to the noisy end, once the curriculum is over they are
-uniform (mean ~T/2)."""),
+    new_markdown_cell("""Check the hook before training: at step 0 the draws lean to the noisy end, once the
+curriculum is over they are uniform (mean ~T/2)."""),
     new_code_cell('''from lightning_ft.paths import asset_path
 
 module = CurriculumDreamBooth(pretrained=str(asset_path("shapes-t2i")), lr=2e-5, curriculum_steps=20, sample_steps=10)
@@ -127,17 +131,17 @@ early = module.timesteps_with_power(4000, module.power_at(0)).float().mean().ite
 late = module.timesteps_with_power(4000, module.power_at(20)).float().mean().item()
 print(f"mean timestep at step 0: {early:.0f}, after the curriculum: {late:.0f}")
 assert early > 600 and 450 < late < 550'''),
-    new_markdown_cell("""Train it with a plain Lightning `Trainer` on the embedded subject (the CLI takes it just as well:
-`--model.class_path my_module.CurriculumDreamBooth`)."""),
+    new_markdown_cell("""Train it with a plain Lightning `Trainer` on the embedded subject (the CLI takes it just as
+well: `--model.class_path my_module.CurriculumDreamBooth`)."""),
     new_code_cell('''import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.data.targets import SUBJECT_PROMPT, ensure_target
 
 data = LimitedDataModule(str(ensure_target("subject") / "train"), instance_prompt=SUBJECT_PROMPT, resolution=32,
                          batch_size=4, repeats=50)
-from lightning.pytorch.callbacks import TQDMProgressBar
-
 trainer = L.Trainer(max_steps=6 if QUICK else 100, accelerator="cpu", logger=CSVLogger("runs/notebook_new_method"),
                     enable_checkpointing=False, log_every_n_steps=2, callbacks=[TQDMProgressBar()])
 trainer.fit(module, data)
@@ -155,13 +159,16 @@ corruption-stage benchmark's runs when they exist (`python -m benchmarks.corrupt
 short runs (DreamBooth and BNN DreamBooth) to compare."""),
     new_code_cell(SETUP),
     new_code_cell('''import csv
+
 from lightning_ft.run import main
+
 
 def runs_of(root: Path) -> dict[str, list[Path]]:
     found = {}
     for method in ("dreambooth", "dreambooth_bnn"):
         found[method] = sorted((root / method).glob("seed*/lightning_logs/version_*"))
     return found
+
 
 bench = REPO / "runs" / "bench_corruption"
 runs = runs_of(bench) if not QUICK else {}
@@ -173,12 +180,14 @@ if not runs or not all(runs.values()):
               f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
               "--data.num_class_images=4", "--model.sample_steps=5"])
     runs = runs_of(root)
-{k: len(v) for k, v in runs.items()}'''),
+print({k: len(v) for k, v in runs.items()})'''),
     new_code_cell('''import matplotlib.pyplot as plt
+
 
 def read(path: Path) -> list[dict]:
     with open(path) as handle:
         return list(csv.DictReader(handle))
+
 
 figure, axes = plt.subplots(1, 3, figsize=(13, 3.2))
 for colour, (method, dirs) in zip(("C0", "C1"), runs.items()):
