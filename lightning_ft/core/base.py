@@ -393,6 +393,12 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         return loss
 
+    def logs_are_written(self) -> bool:
+        """Whether values logged now reach the logger: always outside a trainer, else Lightning's own rule (every
+        ``trainer.log_every_n_steps`` steps). For diagnostics that cost something to compute or to log."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return connector is None or bool(connector.should_update_logs)
+
     @torch.no_grad()
     def evaluation_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Denoising loss at fixed timesteps and noise (seeded by the batch index): comparable across checkpoints,

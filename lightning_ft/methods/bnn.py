@@ -100,7 +100,7 @@ class BayesianFineTuning(DreamBooth):
         if weight:
             kl = self.kl()
             loss = loss + weight * kl
-        elif self._kl_is_logged():
+        elif self.logs_are_written():
             # With the KL off (released default) it is only a diagnostic: no graph, and only on the steps whose
             # logs the trainer writes (about nine elementwise passes over every Bayesian element saved elsewhere).
             with torch.no_grad():
@@ -109,12 +109,6 @@ class BayesianFineTuning(DreamBooth):
             return loss, logs
         logs["loss/kl"] = kl.detach()
         return loss, logs
-
-    def _kl_is_logged(self) -> bool:
-        """Whether a value logged now is written: always outside a trainer, else Lightning's own rule (every
-        ``log_every_n_steps`` steps)."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return connector is None or bool(connector.should_update_logs)
 
     # --------------------------------------------------------------------------------------------------- export
     def exportable_denoiser(self) -> torch.nn.Module:
