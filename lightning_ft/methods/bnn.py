@@ -41,7 +41,8 @@ class BayesianFineTuning(DreamBooth):
     Args:
         sigma_init: initial posterior std of every Bayesian element (default 0.01, released).
         prior_sigma: prior std (default 0.01, released).
-        kl_weight: weight of the KL term (default 0.0: off, as in the released scripts; ``loss/kl`` is logged anyway).
+        kl_weight: weight of the KL term (default 0.0: off, as in the released scripts; ``loss/kl`` is still computed
+            and logged, on the steps the logger writes).
         kl_form: ``released`` = KL(prior || q) as the released code computes it, or ``textbook`` = KL(q || prior)
             (default ``released``).
         kl_reduction: ``sum`` over every Bayesian element (released) or ``mean`` per element (inferred)
