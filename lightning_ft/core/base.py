@@ -396,6 +396,7 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
     def logs_are_written(self) -> bool:
         """Whether values logged now reach the logger: always outside a trainer, else Lightning's own rule (every
         ``trainer.log_every_n_steps`` steps). For diagnostics that cost something to compute or to log."""
+        # Lightning exposes the rule only on the trainer's logger connector (private); without one: True.
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or bool(connector.should_update_logs)
 

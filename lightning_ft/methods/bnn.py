@@ -101,14 +101,12 @@ class BayesianFineTuning(DreamBooth):
         if weight:
             kl = self.kl()
             loss = loss + weight * kl
+            logs["loss/kl"] = kl.detach()
         elif self.logs_are_written():
             # With the KL off (released default) it is only a diagnostic: no graph, and only on the steps whose
             # logs the trainer writes (about nine elementwise passes over every Bayesian element saved elsewhere).
             with torch.no_grad():
-                kl = self.kl()
-        else:
-            return loss, logs
-        logs["loss/kl"] = kl.detach()
+                logs["loss/kl"] = self.kl()
         return loss, logs
 
     # --------------------------------------------------------------------------------------------------- export

@@ -99,9 +99,9 @@ class CLIPPreprocess(nn.Module):
 class _CLIPImageEmbeds(nn.Module):
     """CLIP-preprocess, return the projected image embeddings (N, projection_dim)."""
 
-    def __init__(self, model: nn.Module, image_size: int, mean: tuple, std: tuple):
+    def __init__(self, model: nn.Module, preprocess: CLIPPreprocess):
         super().__init__()
-        self.model, self.preprocess = model, CLIPPreprocess(image_size, mean, std)
+        self.model, self.preprocess = model, preprocess
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(pixel_values=self.preprocess(x))
@@ -138,9 +138,9 @@ def _clip(path: str | None) -> FeatureExtractor:
     folder = Path(path)
     model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
     config = model.config
-    mean, std = clip_normalisation(folder)
+    preprocess = CLIPPreprocess(config.image_size, *clip_normalisation(folder))
     dim = getattr(config, "projection_dim", None) or config.hidden_size
-    return FeatureExtractor(_CLIPImageEmbeds(model, config.image_size, mean, std), dim, "clip")
+    return FeatureExtractor(_CLIPImageEmbeds(model, preprocess), dim, "clip")
 
 
 def make_backbone(
