@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for (name, _, seed), log_dir in log_dirs.items():
         curve = read_curve(log_dir)
         report = classify_stages(curve["step"], curve["fidelity"], curve["score"], curve.get("memorisation"))
-        # Fidelity-only rule (as METHODS.md infers it): a drop of max(0.1, 0.3 x rise) below the running max counts,
-        # noisy samples or not.
+        # Fidelity-only rule (inferred; docs/methods.md, BNN): a drop of max(0.1, 0.3 x rise) below the running max
+        # counts, noisy samples or not.
         fidelity_only = classify_stages(curve["step"], curve["fidelity"], curve["score"], require_noise=False)
         curves[(name, seed)] = curve
         interval = f"{report.corruption_start}-{report.corruption_end}" if report.corruption_detected else "none"

@@ -1,12 +1,12 @@
 """A3FTA: adapter-augmented attention fine-tuning ("Fine-Tuning Diffusion Models with Limited Data", NeurIPS 2022
-workshop; ../shared/METHODS.md section 5).
+workshop; docs/methods.md, A3FTA).
 
 Only the attention layers of the denoiser train (q/k/v/out projections and their norms; resnets, convolutions and
 the time embedding stay frozen), and a time-aware adapter sits between each attention operation and its output
 projection (``lightning_ft.nn.adapters``). What was read: attention-only fine-tuning overfits less than full
 fine-tuning, and the adapter (time fusion, cross-attention, time scaling) improves it further at ~1.8% extra
-parameters. **Inferred** (METHODS.md): the exact adapter layers, reduction 8, 4 heads, zero-initialised output, and
-the two learning rates (1e-4 for the adapters, 2e-5 for the pretrained attention).
+parameters. **Inferred** (docs/methods.md, A3FTA): the exact adapter layers, reduction 8, 4 heads, zero-initialised
+output, and the two learning rates (1e-4 for the adapters, 2e-5 for the pretrained attention).
 
 The adapters stay in the graph at inference (they cannot be folded into ``W_o``): the export writes the plain
 pipeline (with the fine-tuned attention) plus ``a3fta_adapters/``, which this class (``pretrained=export``) or

@@ -1,4 +1,4 @@
-"""BNN fine-tuning: DreamBooth in which some weights are Gaussian random variables (../shared/METHODS.md section 1).
+"""BNN fine-tuning: DreamBooth in which some weights are Gaussian random variables (docs/methods.md, BNN).
 
 Few-shot fine-tuning passes through a "corruption stage" (fidelity rises, collapses into noisy samples, then recovers
 into memorisation); making a subset of weights variational broadens the learned distribution and removes it.

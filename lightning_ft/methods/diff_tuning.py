@@ -1,4 +1,4 @@
-"""Diff-Tuning: transfer a diffusion model along its "chain of forgetting" (../shared/METHODS.md section 2).
+"""Diff-Tuning: transfer a diffusion model along its "chain of forgetting" (docs/methods.md, Diff-Tuning).
 
 The pretrained model stays a good denoiser near the data (small t) but transfers poorly at high noise, so
 fine-tuning *retains* pretrained knowledge at small t, by replaying images the pretrained model sampled before

@@ -1,9 +1,9 @@
 """DreamBooth: fine-tune on a few subject images with a rare token, with optional prior preservation.
 
 L = l(theta; x_inst, t, c_inst) + prior_loss_weight * l(theta; x_cls, t', c_cls), with the class images sampled
-from the pretrained model (diffusers ``train_dreambooth.py``; ../shared/METHODS.md section 0a). The instance and
+from the pretrained model (diffusers ``train_dreambooth.py``; docs/methods.md, DreamBooth). The instance and
 class halves go through the denoiser in one batch, as in the reference script. With ``trainable='lora'`` this is
-LoRA-DreamBooth (section 0b).
+LoRA-DreamBooth (docs/methods.md, LoRA-DreamBooth).
 """
 
 from __future__ import annotations

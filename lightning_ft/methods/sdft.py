@@ -1,4 +1,4 @@
-"""SDFT: self-distillation fine-tuning from the frozen source model (../shared/METHODS.md section 3).
+"""SDFT: self-distillation fine-tuning from the frozen source model (docs/methods.md, SDFT).
 
 The paper (WACV 2024) distils from the source model, pretrained on large data, its general features (shape,
 colour) and less its domain-specific ones (texture, detail), "without disturbing training on the target dataset".

@@ -1,6 +1,6 @@
 """A3FTA's time-aware adapter, inserted between an attention operation and its output projection.
 
-METHODS.md section 5 gives the design this implements; the paper's text was not fully available, so the exact layer
+docs/methods.md (A3FTA) gives the design this implements; the paper's text was not fully available, so the exact layer
 shapes are **inferred** (reduction 8, 4 heads, LayerNorm inputs, zero-initialised up-projection and time scale):
 
     out = W_o (a + Δ) + b_o,   a = softmax(QKᵀ/√d) V   (the attention output, before its output projection)

@@ -1,4 +1,4 @@
-"""Variational Bayesian linear layers for BNN fine-tuning (../shared/METHODS.md section 1).
+"""Variational Bayesian linear layers for BNN fine-tuning (docs/methods.md, BNN).
 
 A ``BayesianLinear`` holds a factorised Gaussian q(W) = N(mu, sigma^2) over its weight and bias. Following the
 released code:
