@@ -174,7 +174,7 @@ def a3fta_export_as_plain(tmp: Path) -> None:
 
 
 def unknown_embedded_target(tmp: Path) -> None:
-    from lightning_ft.data.targets import ensure_target
+    from lightning_ft.embedded.targets import ensure_target
 
     ensure_target("dragons", tmp)
 

@@ -59,10 +59,11 @@ def evaluate(
     import numpy as np
     import torch
 
-    from lightning_ft.data import shapes
     from lightning_ft.data.folder import list_images, load_image
-    from lightning_ft.data.targets import ensure_target
-    from lightning_ft.metrics import FIDScorer, default_feature_net, diversity
+    from lightning_ft.embedded import shapes
+    from lightning_ft.embedded.feature_net import default_feature_net
+    from lightning_ft.embedded.targets import ensure_target
+    from lightning_ft.metrics import FIDScorer, diversity
 
     torch.manual_seed(0)
     module_name, _, class_name = loader.rpartition(".")
@@ -119,7 +120,7 @@ def one_job(method: str, seed: int | None, args) -> list[dict]:
     """Fit (unless a finished run is there) and score one method and seed; ANL gives one row per mask rate."""
     root = Path(args.root)
     if method == "pretrained":
-        from lightning_ft.paths import asset_path
+        from lightning_ft.embedded import asset_path
 
         model, out = asset_path(MODELS[args.model][1]), root / "pretrained.json"
         scores = evaluate_in_subprocess(model, METHODS["plain"][2], out, args)

@@ -7,7 +7,7 @@ model (the DiT) is given each spec's class (shape x colour) instead, so its back
 Two reference rows bound the numbers: fresh renders (the floor: same distribution) and the VAE round trip of fresh
 renders (what the autoencoder alone costs).
 
-To run: python -m benchmarks.embedded_model [--model lightning_ft/assets/shapes-dit] [--samples 512 --guidance 2.0]
+To run: python -m benchmarks.embedded_model [--model lightning_ft/embedded/assets/shapes-dit] [--samples 512]
 Writes benchmarks/results/embedded_model.{md,csv} (the text-to-image model) or embedded_<model folder>.{md,csv},
 and a sample grid.
 """
@@ -24,9 +24,10 @@ import torch
 from benchmarks.tables import write_csv
 from lightning_ft.callbacks.sample_grid import save_grid
 from lightning_ft.core import DiffusionBase
-from lightning_ft.data import shapes
-from lightning_ft.metrics import FIDScorer, default_feature_net, prompt_accuracy
-from lightning_ft.paths import asset_path
+from lightning_ft.embedded import asset_path, shapes
+from lightning_ft.embedded.feature_net import default_feature_net
+from lightning_ft.embedded.prompts import prompt_accuracy
+from lightning_ft.metrics import FIDScorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,12 +36,6 @@ def renders(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
     specs = [shapes.spec_for_index(seed, i) for i in range(count)]
     images = np.stack([shapes.render(s) for s in specs])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, [s.caption for s in specs]
-
-
-@torch.no_grad()
-def vae_round_trip(module: DiffusionBase, images: torch.Tensor) -> torch.Tensor:
-    latents = module.vae.encode(images * 2 - 1).latent_dist.mode()
-    return (module.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
 
 
 def percent(value: float) -> str:
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     add("source renders (floor)", fresh, captions)
     if module.vae is not None:
-        add("VAE round trip of renders", vae_round_trip(module, fresh), captions)
+        add("VAE round trip of renders", module.round_trip(fresh), captions)
     for guidance in args.guidance:
         start = time.perf_counter()
         conditions = {"labels": labels} if class_model else {"prompts": captions}

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                 [f"Device {args.device}, one thread per process; DreamBooth full fine-tuning of the embedded model on "
                  f"the embedded domain; median of {args.steps} steps after {args.warmup} warm-up. Peak: MiB above the "
                  "worker's floor after imports. 64x64 runs the 32x32-native model at twice the size."])  # fmt: skip
-    from lightning_ft.paths import asset_path
+    from lightning_ft.embedded import asset_path
 
     spec = {"device": args.device, "pretrained": str(asset_path("shapes-t2i")), "counts": args.counts}
     sampled = run_worker("benchmarks.scaling", spec, cpu=args.cpu)

@@ -1,22 +1,9 @@
-"""Where the project's shipped assets and its on-disk caches live."""
+"""Where the project's on-disk caches live."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-
-
-def asset_path(name: str) -> Path:
-    """Path of a shipped asset folder; a clear error names the folder when it is missing."""
-    path = ASSETS_DIR / name
-    if not path.exists():
-        available = (
-            sorted(p.name for p in ASSETS_DIR.iterdir() if not p.name.startswith("_")) if ASSETS_DIR.exists() else []
-        )
-        raise FileNotFoundError(f"asset {name!r} not found at {path}; available: {available}")
-    return path
 
 
 def cache_dir() -> Path:

@@ -4,8 +4,10 @@ A thin ``LightningCLI``: the model is any ``LightningModule`` (normally a ``Diff
 any ``LightningDataModule``, both given by ``class_path`` + ``init_args``. YAML is parsed in OmegaConf mode, so
 ``${...}`` interpolation works, and two resolvers are registered:
 
-- ``${asset:NAME}``: absolute path of a model shipped in ``lightning_ft/assets/NAME``.
+- ``${asset:NAME}``: absolute path of an embedded model shipped in ``lightning_ft/embedded/assets/NAME``.
 - ``${embedded:NAME}``: folder of an embedded few-shot target (written on first use, then reused).
+
+Both belong to the embedded world (``lightning_ft.embedded``) and import it only when a config uses them.
 """
 
 from __future__ import annotations
@@ -16,19 +18,23 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
-from lightning_ft.paths import asset_path
+
+def _embedded_asset(name: str) -> str:
+    from lightning_ft.embedded import asset_path
+
+    return str(asset_path(name))
 
 
 def _embedded_target(name: str) -> str:
     # Imported lazily: writing a target renders images, which the other subcommands never need.
-    from lightning_ft.data.targets import ensure_target
+    from lightning_ft.embedded.targets import ensure_target
 
     return str(ensure_target(name))
 
 
 def register_resolvers() -> None:
     """Register the project's OmegaConf resolvers (idempotent)."""
-    for name, fn in {"asset": lambda n: str(asset_path(n)), "embedded": _embedded_target}.items():
+    for name, fn in {"asset": _embedded_asset, "embedded": _embedded_target}.items():
         if not OmegaConf.has_resolver(name):
             # omegaconf 2.4 renamed register_new_resolver to register_resolver.
             register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver

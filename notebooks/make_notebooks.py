@@ -48,7 +48,7 @@ print("logs in", log_dir)'''),
                       "ones:"),
     new_code_cell('''import matplotlib.pyplot as plt
 
-from lightning_ft.data.targets import SUBJECT_EVAL_PROMPTS
+from lightning_ft.embedded.targets import SUBJECT_EVAL_PROMPTS
 
 module = cli.model
 images = module.generate(prompts=[p for p in SUBJECT_EVAL_PROMPTS for _ in range(4)], seeds=list(range(4)) * 3)
@@ -124,7 +124,7 @@ class CurriculumDreamBooth(DreamBooth):
         return loss, logs'''),
     new_markdown_cell("""Check the hook before training: at step 0 the draws lean to the noisy end, once the
 curriculum is over they are uniform (mean ~T/2)."""),
-    new_code_cell('''from lightning_ft.paths import asset_path
+    new_code_cell('''from lightning_ft.embedded import asset_path
 
 module = CurriculumDreamBooth(pretrained=str(asset_path("shapes-t2i")), lr=2e-5, curriculum_steps=20, sample_steps=10)
 early = module.timesteps_with_power(4000, module.power_at(0)).float().mean().item()
@@ -138,7 +138,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_ft.data import LimitedDataModule
-from lightning_ft.data.targets import SUBJECT_PROMPT, ensure_target
+from lightning_ft.embedded.targets import SUBJECT_PROMPT, ensure_target
 
 data = LimitedDataModule(str(ensure_target("subject") / "train"), instance_prompt=SUBJECT_PROMPT, resolution=32,
                          batch_size=4, repeats=50)

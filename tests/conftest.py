@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lightning_ft.data import shapes  # noqa: E402
+from lightning_ft.embedded import shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

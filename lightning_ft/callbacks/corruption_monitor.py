@@ -39,8 +39,12 @@ from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport, classify_stages
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import as_backbone, diversity, features, high_frequency_energy, memorisation, subject_fidelity
+from lightning_ft.metrics.backbones import model_folder, resolve_backbone
 
-CSV_COLUMNS = ("step", "fidelity", "score", "memorisation", "diversity", "hf_energy", "stage", "stage_code")
+CSV_COLUMNS = (
+    "step", "fidelity", "progress", "score", "memorisation", "diversity", "hf_energy", "class_prior", "ceiling",
+    "stage", "stage_code",
+)  # fmt: skip
 BEST_CHECKPOINT = "best_before_corruption.ckpt"
 
 
@@ -55,7 +59,10 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         every_n_steps: evaluation period in optimizer steps (default 50; 0 = only at step 0 and at the end).
         steps: sampler steps (default None: the model's ``sample_steps``).
         guidance_scale: classifier-free guidance (default None: the model's).
-        backbone: feature extractor for the scores, a name for ``make_backbone`` or a module (default ``shapes``).
+        backbone: the subject-identity backbone: ``auto`` (default: what the model's pretrained folder declares
+            for the ``identity`` role in ``lightning_ft.json``, else DINO ViT-S/16 as in the BNN paper), a name for
+            ``make_backbone`` (``dino``, ``dinov2``, ``clip``, ``package.module:function``) or a module.
+        backbone_path: folder or hub id of the backbone's weights (default None: the declared or paper default).
         instance_dir: folder of the instance images (default None: the datamodule's ``dataset.images``).
         csv_path: CSV of the curves (default ``<log dir>/corruption_stage.csv``).
         keep_best_checkpoint: save ``<log dir>/best_before_corruption.ckpt`` (``trainer.save_checkpoint``)
@@ -63,8 +70,18 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         dip, dip_mode, min_dip, noise_factor, require_noise, min_points: ``classify_stages`` rules (defaults 0.3,
             ``relative``, 0.1, 1.5, True, 1).
         memorisation_threshold: nearest-instance similarity that counts as copying (default None: halfway between
-            the instance images' own leave-one-out nearest-neighbour similarity and 1, i.e. samples closer to a
-            training image than distinct training images are to each other; 0.95 with a single instance image).
+            the instance images' own leave-one-out nearest-neighbour similarity and the memorisation ceiling, the
+            nearest-instance similarity of the instance images' own autoencoder round trips; with a single
+            instance image, 90% of that ceiling).
+        levels: measure the two levels the fidelity curve is read against, at the start of a fit, and write the
+            stage rules against them (default True): ``class_prior``, the fidelity of the pretrained model's
+            samples of ``class_prompt`` (what it draws for the class before it has seen the subject), and
+            ``ceiling``, the fidelity of the autoencoder round trips of ``heldout_dir`` (or of the instance images
+            themselves: a perfect copy), which no sample can beat. ``progress`` = (fidelity - prior) / (ceiling -
+            prior) is logged beside the fidelity.
+        class_prompt: prompt of the class prior (default None: the datamodule's ``class_prompt``; without one, no
+            class prior is measured).
+        heldout_dir: held-out images of the subject for the ceiling (default None: the instance images).
         verbose: print the one-line verdict at the end of training (default True).
     """
 
@@ -76,7 +93,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         every_n_steps: int = 50,
         steps: int | None = None,
         guidance_scale: float | None = None,
-        backbone: str | torch.nn.Module = "shapes",
+        backbone: str | torch.nn.Module = "auto",
+        backbone_path: str | None = None,
         instance_dir: str | None = None,
         csv_path: str | None = None,
         keep_best_checkpoint: bool = False,
@@ -87,11 +105,15 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         require_noise: bool = True,
         min_points: int = 1,
         memorisation_threshold: float | None = None,
+        levels: bool = True,
+        class_prompt: str | None = None,
+        heldout_dir: str | None = None,
         verbose: bool = True,
     ):
         self.prompts, self.labels, self.seeds = prompts, labels, list(seeds)
         self.every_n_steps, self.steps, self.guidance_scale = every_n_steps, steps, guidance_scale
-        self.backbone_spec, self.instance_dir, self.csv_path = backbone, instance_dir, csv_path
+        self.backbone_spec, self.backbone_path = backbone, backbone_path
+        self.instance_dir, self.csv_path = instance_dir, csv_path
         self.keep_best_checkpoint, self.verbose = keep_best_checkpoint, verbose
         self.rules = dict(
             dip=dip,
@@ -103,6 +125,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         )
         self.memorisation_threshold = memorisation_threshold
         self.effective_memorisation_threshold = memorisation_threshold  # set at fit start when None
+        self.measure_levels, self.class_prompt, self.heldout_dir = levels, class_prompt, heldout_dir
+        self.levels: dict[str, float] = {}  # class_prior, ceiling, ceiling_memorisation; kept across resumes
         self.history: list[dict] = []
         self.report: StageReport | None = None
         self.saved_step: int | None = None  # step held by the best-before-corruption checkpoint
@@ -121,14 +145,24 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         self.best_checkpoint_path = log_dir / BEST_CHECKPOINT
         self.instance_images = self._instance_images(trainer)
         self.conditions = self._conditions(trainer, pl_module)
-        self.backbone = as_backbone(self.backbone_spec).to(pl_module.device)
+        if isinstance(self.backbone_spec, str):
+            folder = model_folder(pl_module)
+            self.backbone = resolve_backbone("identity", self.backbone_spec, self.backbone_path, folder)
+        else:
+            self.backbone = as_backbone(self.backbone_spec)
+        self.backbone = self.backbone.to(pl_module.device)
         self._reference = {}
         size = pl_module.native_resolution() if hasattr(pl_module, "native_resolution") else 512
         ref, _ = self.reference(size)
+        if self.measure_levels and not self.levels:  # a resumed run keeps the levels measured at its start
+            levels = self._measure_levels(trainer, pl_module, size) if trainer.is_global_zero else None
+            self.levels = trainer.strategy.broadcast(levels, src=0)
         if self.memorisation_threshold is not None:
             self.effective_memorisation_threshold = self.memorisation_threshold
         elif self.effective_memorisation_threshold is None:  # not restored from a checkpoint either
-            self.effective_memorisation_threshold = self._auto_memorisation_threshold(ref)
+            self.effective_memorisation_threshold = self._auto_memorisation_threshold(
+                ref, self.levels.get("ceiling_memorisation", 1.0)
+            )
 
     def _instance_images(self, trainer: L.Trainer) -> list:
         if self.instance_dir:
@@ -162,14 +196,56 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         return self._reference[size]
 
     @staticmethod
-    def _auto_memorisation_threshold(ref: torch.Tensor) -> float:
+    def _auto_memorisation_threshold(ref: torch.Tensor, ceiling: float = 1.0) -> float:
+        """Halfway from the instance images' leave-one-out nearest-neighbour similarity to ``ceiling`` (the
+        nearest-instance similarity of a perfect copy); 90% of the ceiling with a single instance image."""
         if len(ref) < 2:
-            return 0.95
+            return 0.9 * ceiling
         unit = torch.nn.functional.normalize(ref.float(), dim=-1)
         sim = unit @ unit.T
         sim.fill_diagonal_(-float("inf"))
         loo = float(sim.amax(dim=1).mean())
-        return loo + 0.5 * (1.0 - loo)
+        # An autoencoder so lossy that a copy is further from its source than the instance images are from each
+        # other leaves no room in between: then only a sample as close as a perfect copy counts (up to rounding).
+        return loo + 0.5 * (ceiling - loo) if ceiling > loo else ceiling - 1e-4
+
+    def _measure_levels(self, trainer: L.Trainer, pl_module, size: int) -> dict[str, float]:
+        """The class prior (the model's class-prompt samples, measured before any update) and the ceiling (the
+        autoencoder round trips of the held-out or instance images), both scored like every history point."""
+        ref, _ = self.reference(size)
+        levels = {"class_prior": float("nan")}
+        if self.heldout_dir:
+            files = list_images(self.heldout_dir, "CorruptionStageMonitor.heldout_dir")
+            images = [load_image(f) for f in files]
+        else:
+            images = self.instance_images
+        pixels = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in images])
+        copies = features(pl_module.round_trip(pixels), self.backbone)
+        levels["ceiling"] = subject_fidelity(copies, ref)
+        own = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in self.instance_images])
+        levels["ceiling_memorisation"] = memorisation(features(pl_module.round_trip(own), self.backbone), ref)
+        class_prompt = self.class_prompt or dict(getattr(trainer.datamodule, "hparams", {})).get("class_prompt")
+        if class_prompt and self.conditions[0] == "prompts":
+            with torch.random.fork_rng(devices=[]):
+                prior = pl_module.generate(
+                    prompts=[class_prompt] * len(self.seeds),
+                    seeds=self.seeds,
+                    steps=self.steps,
+                    guidance_scale=self.guidance_scale,
+                )
+            levels["class_prior"] = subject_fidelity(features(prior, self.backbone), ref)
+        rank_zero_info(
+            f"lightning-ft: fidelity levels: class prior {levels['class_prior']:.3f} ({class_prompt!r}, "
+            f"{len(self.seeds)} samples), ceiling {levels['ceiling']:.3f} ({len(images)} autoencoder round trips)"
+        )
+        return levels
+
+    def progress(self, fidelity: float) -> float:
+        """(fidelity - class prior) / (ceiling - class prior): 0 = what the model drew for the class before
+        fine-tuning, 1 = as close as a perfect copy; NaN when a level is unknown or the span is not positive."""
+        prior, ceiling = self.levels.get("class_prior", float("nan")), self.levels.get("ceiling", float("nan"))
+        span = ceiling - prior
+        return (fidelity - prior) / span if span == span and span > 0 else float("nan")
 
     # ----------------------------------------------------------------------------------------- measurement
     def sample(self, pl_module) -> torch.Tensor:
@@ -190,9 +266,11 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         ref, ref_hf = self.reference(images.shape[-1])
         feats = features(images, self.backbone)
         hf = float(high_frequency_energy(images).mean())
+        fidelity = subject_fidelity(feats, ref)
         return {
             "step": int(step),
-            "fidelity": subject_fidelity(feats, ref),
+            "fidelity": fidelity,
+            "progress": self.progress(fidelity),
             "score": hf / max(ref_hf, 1e-3),
             "memorisation": memorisation(feats, ref),
             "diversity": diversity(feats),
@@ -208,8 +286,13 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             [p["score"] for p in h],
             [p["memorisation"] for p in h],
             memorisation_threshold=0.95 if threshold is None else threshold,
+            levels=self._rule_levels(),
             **self.rules,
         )
+
+    def _rule_levels(self) -> tuple[float, float] | None:
+        prior, ceiling = self.levels.get("class_prior", float("nan")), self.levels.get("ceiling", float("nan"))
+        return (prior, ceiling) if prior == prior and ceiling == ceiling and ceiling > prior else None
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step
@@ -235,6 +318,9 @@ class CorruptionStageMonitor(PeriodicEvaluation):
     def _metrics(self, point: dict) -> dict:
         r = self.report
         metrics = {f"corruption/{k}": point[k] for k in ("fidelity", "score", "memorisation", "diversity")}
+        metrics.update({f"corruption/{k}": v for k, v in self.levels.items() if v == v})
+        if point.get("progress") == point.get("progress"):
+            metrics["corruption/progress"] = point["progress"]
         metrics["corruption/stage"] = STAGE_CODES[r.verdict]
         metrics["corruption/detected"] = int(r.corruption_detected)
         if r.best_step_before_corruption is not None:
@@ -250,7 +336,10 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             writer.writeheader()
             for p in self.history:
                 stage = stages[p["step"]]
-                writer.writerow({**p, "stage": stage, "stage_code": STAGE_CODES[stage]})
+                levels = {k: self.levels.get(k, float("nan")) for k in ("class_prior", "ceiling")}
+                writer.writerow(
+                    {"progress": float("nan"), **p, **levels, "stage": stage, "stage_code": STAGE_CODES[stage]}
+                )
         os.replace(tmp, self.csv_file)  # readers never see a half-written file
 
     # ------------------------------------------------------------------------------------------------ hooks
@@ -265,6 +354,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             "history": [dict(p) for p in self.history],
             "saved_step": self.saved_step,
             "memorisation_threshold": self.effective_memorisation_threshold,
+            "levels": dict(self.levels),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -273,4 +363,5 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         # A resumed run keeps the threshold it was classified with, unless one is given explicitly.
         if self.memorisation_threshold is None:
             self.effective_memorisation_threshold = state_dict.get("memorisation_threshold")
+        self.levels = dict(state_dict.get("levels", {}))
         self.report = self.classify() if self.history else None

@@ -21,8 +21,8 @@ import torch
 
 from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.data.folder import list_images, load_image, to_tensor
-from lightning_ft.metrics import FIDScorer, as_backbone
-from lightning_ft.metrics.backbones import make_backbone
+from lightning_ft.metrics import FIDScorer
+from lightning_ft.metrics.backbones import backbone_spec, make_backbone, model_folder
 from lightning_ft.paths import cache_dir
 
 
@@ -38,7 +38,9 @@ class FIDMonitor(PeriodicEvaluation):
         at_start: evaluate before the first update too (default True: the pretrained model's score is the baseline).
         prompts, labels: conditions cycled over the samples (default: the datamodule's captions or labels, cycled).
         steps, guidance_scale: sampler settings (default: the model's).
-        backbone: ``shapes`` (default), ``inception`` or ``clip``; ``backbone_path`` for its weights.
+        backbone: ``auto`` (default: what the model's pretrained folder declares for the ``fid`` role in
+            ``lightning_ft.json``, else ``inception``), or a name for ``make_backbone`` (``inception``, ``clip``,
+            ``dinov2``, ``package.module:function``); ``backbone_path`` for its weights.
         resolution: side the reference images are resized and centre-cropped to (default: the datamodule's).
         cache: keep reference features on disk (default True).
     """
@@ -54,7 +56,7 @@ class FIDMonitor(PeriodicEvaluation):
         labels: list[int] | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
-        backbone: str = "shapes",
+        backbone: str = "auto",
         backbone_path: str | None = None,
         resolution: int | None = None,
         cache: bool = True,
@@ -80,7 +82,7 @@ class FIDMonitor(PeriodicEvaluation):
     def reference_features(self, files: list[Path], resolution: int) -> torch.Tensor:
         """Backbone features of the reference images, from the on-disk cache when the same files were seen."""
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        key = json.dumps([self.backbone_name, self.backbone_path, resolution, stamp])
+        key = json.dumps([*self.resolved_backbone, resolution, stamp])
         cached = cache_dir() / "fid_reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if self.cache and cached.exists():
             return torch.load(cached)
@@ -96,7 +98,9 @@ class FIDMonitor(PeriodicEvaluation):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        self.scorer = FIDScorer(as_backbone(make_backbone(self.backbone_name, self.backbone_path)))
+        name, path = backbone_spec("fid", self.backbone_name, self.backbone_path, model_folder(pl_module))
+        self.resolved_backbone = (name, path)
+        self.scorer = FIDScorer(make_backbone(name, path))
         resolution = self.resolution or dict(getattr(trainer.datamodule, "hparams", {})).get("resolution")
         resolution = resolution or pl_module.native_resolution()
         self.scorer.set_reference(self.reference_features(self._reference_files(trainer), resolution))

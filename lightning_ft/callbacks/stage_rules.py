@@ -14,8 +14,11 @@ and ignored by every rule below (it neither breaks nor extends a run).
 For each remaining point i:
 
 - running max M_i = max(f_0..f_i); rise R_i = M_i - f_0 (f_0 = first finite fidelity); drop D_i = M_i - f_i.
-- threshold T_i = max(``min_dip``, ``dip`` * R_i) when ``dip_mode="relative"`` (default), or
-  max(``min_dip``, ``dip``) when ``dip_mode="absolute"``.
+- threshold T_i = max(``min_dip`` * S, ``dip`` * R_i) when ``dip_mode="relative"`` (default), or
+  max(``min_dip``, ``dip``) * S when ``dip_mode="absolute"``. S = 1 (score units), or, when the two reference
+  levels of the score are known (``levels``: the class prior, what the pretrained model draws for the class, and
+  the ceiling, what a perfect copy scores through the model's autoencoder), S = ceiling - prior: thresholds are
+  then fractions of the distance from "nothing learnt" to "perfect", the same on every backbone and model.
 - *dipped*: D_i > T_i.
 - *noisy*: c_i > ``noise_factor`` (default 1.5: samples carry 1.5x the instance images' high-frequency energy).
   A missing or NaN c_i does not veto.
@@ -31,12 +34,13 @@ when it reaches the last point; later runs are listed in ``intervals``); ``best_
 step of the highest fidelity before the stage starts (over all points when there is no stage; ties go to the
 earliest step); ``dip_depth`` is the largest D_i observed (0 for a curve that never falls).
 
-Why these defaults. METHODS' inferred rule flags DINO falling more than 0.2 below its running max; in the paper's
-figure DINO rises 0.36 -> 0.90 (a rise of 0.54) and the corruption stage drops it by 0.3-0.5. Our fidelity
-backbone has another scale, so the threshold is relative to the run's own rise: ``dip=0.3`` of the rise (0.16 on
-the paper's curve, close to its 0.2) catches drops of 55-100% of the rise with margin. ``min_dip=0.1`` keeps
-sampling noise from being called a dip when the rise is small or the curve is flat (the fidelity of 8 samples
-moves by a few hundredths between evaluations). ``require_noise=True`` asks for the paper's visible signature,
+Why these defaults. The inferred rule of docs/methods.md (BNN) flags DINO falling more than 0.2 below its running
+max; in the paper's figure DINO rises 0.36 -> 0.90 (a rise of 0.54) and the corruption stage drops it by 0.3-0.5.
+Other backbones have other scales, so the threshold is relative to the run's own rise: ``dip=0.3`` of the rise
+(0.16 on the paper's curve, close to its 0.2) catches drops of 55-100% of the rise with margin. ``min_dip=0.1``
+keeps sampling noise from being called a dip when the rise is small or the curve is flat (the fidelity of 8
+samples moves by a few hundredths between evaluations); with ``levels`` it is 10% of the prior-to-ceiling span.
+``require_noise=True`` asks for the paper's visible signature,
 noisy high-frequency patterns, so that a fidelity drop towards clean but different images is not called
 corruption; set it False to reproduce the fidelity-only rule. Nothing here needs torch.
 """
@@ -117,6 +121,7 @@ def classify_stages(
     require_noise: bool = True,
     min_points: int = 1,
     memorisation_threshold: float = 0.95,
+    levels: tuple[float, float] | None = None,
 ) -> StageReport:
     """Label every evaluated step and summarise the run (rules and defaults: module docstring).
 
@@ -135,9 +140,18 @@ def classify_stages(
         min_points: consecutive flagged points needed for a corruption stage (default 1).
         memorisation_threshold: nearest-instance similarity from which a near-top point is memorising
             (default 0.95).
+        levels: (class prior, ceiling) of the fidelity score, when measured: what the pretrained model already
+            scores for the class, and what a perfect copy scores through the model's autoencoder. Then ``min_dip``
+            (and an ``absolute`` ``dip``) are fractions of the span ceiling - prior instead of score units, so the
+            rules mean the same on any backbone and model (default None: score units).
     """
     if dip_mode not in ("relative", "absolute"):
         raise ValueError(f"dip_mode must be 'relative' or 'absolute', got {dip_mode!r}")
+    scale = 1.0
+    if levels is not None and all(_finite(v) for v in levels):
+        if levels[1] <= levels[0]:
+            raise ValueError(f"classify_stages: levels {levels} must be (class prior, ceiling) with prior < ceiling")
+        scale = levels[1] - levels[0]
     n = len(steps)
     fid = _values("fidelity", fidelity, n)
     score = _values("corruption", corruption, n)
@@ -154,8 +168,8 @@ def classify_stages(
     for i in finite:
         first = fid[i] if first is None else first
         running_max = max(running_max, fid[i])
-        base = dip * (running_max - first) if dip_mode == "relative" else dip
-        thresholds[i] = max(min_dip, base)
+        base = dip * (running_max - first) if dip_mode == "relative" else dip * scale
+        thresholds[i] = max(min_dip * scale, base)
         drops[i] = running_max - fid[i]
         noisy = not _finite(score[i]) or score[i] > noise_factor
         flagged[i] = drops[i] > thresholds[i] and (noisy or not require_noise)

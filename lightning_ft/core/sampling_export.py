@@ -14,6 +14,7 @@ import torch
 
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.trainable import has_lora, lora_state_dict
+from lightning_ft.metrics.backbones import copy_declaration
 
 
 class SamplingExportMixin:
@@ -90,6 +91,22 @@ class SamplingExportMixin:
                     chunks.append(pipe_utils.sample_unconditional(pipe, seeds[part], steps))
         return torch.cat(chunks).cpu()
 
+    @torch.no_grad()
+    def round_trip(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Images in [0, 1] (N, 3, H, W) encoded by the model's autoencoder (posterior mode) and decoded again, in
+        [0, 1] on the CPU; a copy for a pixel-space model. No sample can resemble an image more than its round trip
+        does, so the round trip of the instance images is the ceiling of every fidelity score."""
+        if self.vae is None:
+            return images.detach().float().cpu().clone()
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(self.device, self.vae.dtype) * 2 - 1
+            encoded = self.vae.encode(x)
+            dist = getattr(encoded, "latent_dist", None)
+            latents = dist.mode() if dist is not None else encoded.latent
+            out.append(((self.vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(out)
+
     def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:
         """Write a diffusers folder (full pipeline) or, with ``lora_only``, LoRA weights for ``load_lora_weights``.
 
@@ -117,6 +134,8 @@ class SamplingExportMixin:
                 self.noise_scheduler.save_pretrained(path / "scheduler")
             else:
                 pipe.save_pretrained(path)
+        # The metric backbones the pretrained folder declared belong to the fine-tuned model too.
+        copy_declaration(self.hparams.get("pretrained"), path)
         return path
 
     def exportable_lora_state(self) -> dict[str, torch.Tensor]:

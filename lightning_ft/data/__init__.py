@@ -1,6 +1,5 @@
-"""Datamodules and datasets: limited image folders and the embedded shapes world."""
+"""Datamodules and datasets for limited image folders."""
 
 from lightning_ft.data.datamodule import LimitedDataModule
-from lightning_ft.data.shapes_datamodule import ShapesDataModule
 
-__all__ = ["LimitedDataModule", "ShapesDataModule"]
+__all__ = ["LimitedDataModule"]

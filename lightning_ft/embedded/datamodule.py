@@ -8,15 +8,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_ft.data import shapes
 from lightning_ft.data.samplers import EpochSeededRandomSampler
+from lightning_ft.embedded import shapes
 
 
 class ShapesDataset(Dataset):
     """``length`` deterministic renders of the shapes world; item ``i`` depends only on ``(seed, i)``.
 
     Items are dicts with ``pixel_values`` (float, [-1, 1], CHW), ``prompts`` (the caption) and the integer
-    attribute labels ``shape``, ``color``, ``background``, and ``class_labels`` (shape x colour, see
+    attribute labels of ``shapes.labels``, ``styled`` (bool), and ``class_labels`` (shape x colour, see
     ``shapes.class_label``) for class-conditional models. With ``styled_fraction`` p, a fraction p/2 of the images
     get two-tone stripes and p/2 an outline (their captions stay the plain ones): for an autoencoder that must also
     represent the few-shot targets, never for the text-to-image model whose source domain they are not.
@@ -46,10 +46,12 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         spec = shapes.spec_for_index(self.seed, index)
+        styled = False
         if self.styled_fraction:
             rng = np.random.default_rng((self.seed, index, 1))
             u = rng.random()
-            if u < self.styled_fraction:
+            styled = bool(u < self.styled_fraction)
+            if styled:
                 spec = shapes.styled(
                     spec, rng, stripes=u < self.styled_fraction / 2, outline=u >= self.styled_fraction / 2
                 )
@@ -65,6 +67,7 @@ class ShapesDataset(Dataset):
             "pixel_values": pixels,
             "prompts": caption,
             "class_labels": shapes.class_label(spec),
+            "styled": styled,
             **shapes.labels(spec),
         }
 

@@ -1,10 +1,11 @@
 """The embedded world's metric backbone: a small CNN trained to recognise the shapes world's attributes.
 
-It stands in for Inception (FID/KID), DINO / CLIP-I (subject fidelity) and CLIP-T (prompt fidelity, read here as
-attribute accuracy) when no hub weights are available. ``forward`` returns a (N, D) feature vector, which is what
-torchmetrics' FID/KID expect from a custom ``feature`` module; ``classify`` returns logits of the three attribute
-heads. Trained by ``python -m lightning_ft.metrics.train_feature_net``; the shipped weights live in
-``lightning_ft/assets/shapes-features``.
+It stands in for Inception (FID/KID), DINO / CLIP-I (subject identity) and CLIP-T (prompt fidelity, read here as
+attribute accuracy) for the embedded models only. ``forward`` returns a (N, D) feature vector, which is what
+torchmetrics' FID/KID expect from a custom ``feature`` module; ``identity`` the centred features that subject
+identity compares; ``classify`` the logits of the attribute heads (shape, colour, background, surface pattern,
+stripe colour). Trained by ``python -m lightning_ft.embedded.train_feature_net``; the shipped weights live in
+``lightning_ft/embedded/assets/shapes-features``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_ft.data import shapes
-from lightning_ft.paths import asset_path
+from lightning_ft.embedded import asset_path, shapes
+from lightning_ft.metrics.images import as_float_images
 
 DEFAULT_ASSET = "shapes-features"
 CONFIG_NAME = "config.json"
@@ -26,27 +27,13 @@ WEIGHTS_NAME = "model.safetensors"
 
 def default_label_names() -> dict[str, list[str]]:
     """Class names of each head, in the index order of ``shapes.labels``."""
-    return {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "background": list(shapes.BACKGROUNDS)}
-
-
-def as_float_images(x: Tensor) -> Tensor:
-    """Images as float (N, 3, H, W) in [0, 1]: uint8 is divided by 255, a single CHW image gets a batch axis.
-
-    Float input outside [0, 1] by more than rounding raises, because the usual cause is a [-1, 1] sample passed
-    unconverted, which would silently shift every score."""
-    if x.ndim == 3:
-        x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    x = x.float()
-    if x.numel() and (x.min() < -0.05 or x.max() > 1.05):
-        raise ValueError(
-            f"expected float images in [0, 1], got values in [{x.min().item():.3f}, {x.max().item():.3f}]; "
-            "convert [-1, 1] samples with (x + 1) / 2"
-        )
-    return x.clamp(0.0, 1.0)
+    return {
+        "shape": list(shapes.SHAPES),
+        "color": list(shapes.COLORS),
+        "background": list(shapes.BACKGROUNDS),
+        "pattern": list(shapes.PATTERNS),
+        "stripe_color": list(shapes.STRIPE_COLORS),
+    }
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -66,7 +53,8 @@ class ShapesFeatureNet(nn.Module):
         widths: channels of the conv blocks (default (16, 32, 64, 128, 128)); the first block keeps the full
             resolution, the next three halve it, the rest keep it.
         num_features: size D of the feature vector returned by ``forward`` (default 128).
-        label_names: class names per head (default: shapes, colours and backgrounds of ``lightning_ft.data.shapes``).
+        label_names: class names per head (default: the shapes, colours, backgrounds, patterns and stripe colours
+            of ``lightning_ft.embedded.shapes``).
 
     Attributes:
         num_features: D, read by torchmetrics FID/KID so that they need not probe the net with a dummy image.
@@ -96,6 +84,10 @@ class ShapesFeatureNet(nn.Module):
         # pair of images would look alike by cosine similarity.
         self.project = nn.Linear(c_in, num_features)
         self.heads = nn.ModuleDict({k: nn.Linear(num_features, len(names)) for k, names in self.label_names.items()})
+        # The mean feature of the world's images (set after training by ``set_center``): subtracted before
+        # ``identity`` compares images, so that a cosine measures what sets an image apart from the world's average
+        # and not what every image of the world shares (raw features of any two renders are alike by cosine).
+        self.register_buffer("center", torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature vectors (N, D) of images (float in [0, 1] or uint8; (N, 3, H, W) or one (3, H, W))."""
@@ -103,8 +95,20 @@ class ShapesFeatureNet(nn.Module):
         h = self.trunk(x * 2.0 - 1.0)
         return self.project(self.pool(h).flatten(1))
 
+    def identity(self, x: Tensor) -> Tensor:
+        """Identity embeddings (N, D): features minus the world's mean feature, the DINO role. Cosine similarity of
+        two embeddings is high for the same object (shape, colour, surface pattern) in any pose or size and
+        low for another object of the same class; see the model card for the measured levels."""
+        return self.forward(x) - self.center
+
+    @torch.no_grad()
+    def set_center(self, images: Tensor, batch_size: int = 500) -> None:
+        """Set ``center`` to the mean feature of ``images`` (a broad sample of the world)."""
+        feats = torch.cat([self.forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        self.center.copy_(feats.mean(dim=0))
+
     def classify(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits per attribute head: ``{"shape": (N, 6), "color": (N, 8), "background": (N, 3)}``."""
+        """Logits per attribute head, e.g. ``{"shape": (N, 6), "color": (N, 8), "background": (N, 3), ...}``."""
         features = self.forward(x)
         return {name: head(features) for name, head in self.heads.items()}
 
@@ -134,5 +138,5 @@ class ShapesFeatureNet(nn.Module):
 
 
 def default_feature_net(device: str | torch.device = "cpu") -> ShapesFeatureNet:
-    """The shipped net from ``lightning_ft/assets/shapes-features`` (frozen); a clear error if it is missing."""
+    """The shipped net from ``lightning_ft/embedded/assets/shapes-features`` (frozen); a clear error if missing."""
     return ShapesFeatureNet.load(asset_path(DEFAULT_ASSET), device=device)

@@ -5,7 +5,7 @@ size, position and rotation, captioned as ``"a red star on a gray background"``.
 ``(seed, index)``, so a dataset is unlimited and reproducible without storing a file.
 
 Rendering is done in numpy with 4x supersampling (anti-aliased edges) and needs nothing else. The same renderer
-draws the few-shot targets (``lightning_ft.data.targets``): a subject with two-tone stripes and an outline style,
+draws the few-shot targets (``lightning_ft.embedded.targets``): a subject with two-tone stripes and an outline style,
 which the source domain never shows.
 """
 
@@ -174,12 +174,25 @@ def class_name(label: int) -> str:
     return f"{list(COLORS)[label % len(COLORS)]} {SHAPES[label // len(COLORS)]}"
 
 
+PATTERNS = ("plain", "striped", "outlined", "striped-outlined")
+STRIPE_COLORS = ("none",) + tuple(COLORS)
+
+
+def pattern(spec: ShapeSpec) -> str:
+    """The spec's surface: ``plain``, ``striped``, ``outlined`` or ``striped-outlined``."""
+    return PATTERNS[(spec.stripes is not None) + 2 * (spec.outline is not None)]
+
+
 def labels(spec: ShapeSpec) -> dict[str, int]:
-    """Integer attribute labels, as the feature network's heads index them."""
+    """Integer attribute labels, as the feature network's heads index them: shape, (main) colour, background, and
+    the surface that tells a specific instance from its class: ``pattern`` (``PATTERNS``) and ``stripe_color``
+    (``STRIPE_COLORS``, ``none`` for unstriped shapes)."""
     return {
         "shape": SHAPES.index(spec.shape),
         "color": list(COLORS).index(spec.color),
         "background": list(BACKGROUNDS).index(spec.background),
+        "pattern": PATTERNS.index(pattern(spec)),
+        "stripe_color": STRIPE_COLORS.index(spec.stripes[0] if spec.stripes else "none"),
     }
 
 
@@ -189,11 +202,12 @@ def spec_for_index(seed: int, index: int, **fixed) -> ShapeSpec:
 
 
 def styled(spec: ShapeSpec, rng: np.random.Generator, stripes: bool, outline: bool) -> ShapeSpec:
-    """``spec`` with two-tone stripes (another colour, period 0.08-0.2) and/or an outline (0.25-0.45 of the radius)."""
+    """``spec`` with two-tone stripes (another colour, period 0.08-0.3 of the width) and/or an outline (0.25-0.45 of
+    the radius)."""
     extra = {}
     if stripes:
         others = [c for c in COLORS if c != spec.color]
-        extra["stripes"] = (others[rng.integers(len(others))], float(rng.uniform(0.08, 0.2)))
+        extra["stripes"] = (others[rng.integers(len(others))], float(rng.uniform(0.08, 0.3)))
     if outline:
         extra["outline"] = float(rng.uniform(0.25, 0.45))
     return ShapeSpec(**{**spec.__dict__, **extra})

@@ -2,12 +2,14 @@
 
 To run (about 5 minutes on one CPU thread):
 
-    python -m lightning_ft.metrics.train_feature_net --out lightning_ft/assets/shapes-features --steps 2000 --seed 0
+    python -m lightning_ft.embedded.train_feature_net --out lightning_ft/embedded/assets/shapes-features \
+        --steps 3000 --seed 0 --autoencoder lightning_ft/embedded/assets/shapes-t2i/vae
 
-Training images are fresh random renders; one in five gets two-tone stripes and one in five an outline, so the
-features also separate the few-shot targets' styles (the colour label stays the main colour). Held-out accuracy is
-measured on plain source-domain renders of another seed and written with the run's settings to ``metrics.json``,
-next to a ``README.md`` model card.
+Training images are fresh random renders; 30% get two-tone stripes and 20% an outline, with heads for the surface
+pattern and the stripe colour, so that the features tell a specific patterned object from its plain class (the
+colour label stays the main colour); 30% are passed through the autoencoder, whose blur every sample carries.
+Held-out accuracy is measured on plain source-domain renders of another seed and written with the run's settings
+to ``metrics.json``, next to a ``README.md`` model card.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from torch import Tensor
 
-from lightning_ft.data import shapes
-from lightning_ft.metrics.feature_net import ShapesFeatureNet
+from lightning_ft.embedded import shapes
+from lightning_ft.embedded.feature_net import ShapesFeatureNet
 
-STRIPE_PROB, OUTLINE_PROB = 0.2, 0.2
+STRIPE_PROB, OUTLINE_PROB = 0.3, 0.2
 
 
 def random_spec(rng: np.random.Generator) -> shapes.ShapeSpec:
-    """A random training spec, striped with probability 0.2 and (independently) outlined with probability 0.2."""
+    """A random training spec, striped with probability 0.3 and (independently) outlined with probability 0.2."""
     return shapes.styled(shapes.sample_spec(rng), rng, rng.random() < STRIPE_PROB, rng.random() < OUTLINE_PROB)
 
 
@@ -37,7 +40,8 @@ def render_batch(specs: list[shapes.ShapeSpec], resolution: int = 32) -> tuple[T
     """Float images (N, 3, H, W) in [0, 1] and long label tensors per attribute."""
     images = np.stack([shapes.render(s, resolution) for s in specs])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    y = {k: torch.tensor([shapes.labels(s)[k] for s in specs]) for k in ("shape", "color", "background")}
+    rows = [shapes.labels(s) for s in specs]
+    y = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
     return x, y
 
 
@@ -47,18 +51,46 @@ class RenderPool:
     Rendering costs about 1 ms per image, as much as a training step on 128 images, so each batch is drawn from a
     pool that keeps turning over instead of being rendered whole."""
 
-    def __init__(self, rng: np.random.Generator, size: int, refresh: int, resolution: int = 32):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        size: int,
+        refresh: int,
+        resolution: int = 32,
+        autoencoder: AutoencoderKL | None = None,
+        roundtrip: float = 0.0,
+    ):
         self.rng, self.refresh, self.resolution = rng, refresh, resolution
-        self.images, self.labels = render_batch([random_spec(rng) for _ in range(size)], resolution)
+        self.autoencoder, self.roundtrip = autoencoder, roundtrip
+        self.images, self.labels = self._new(size)
+
+    def _new(self, count: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """``count`` fresh renders, a fraction ``roundtrip`` of them passed through the autoencoder: every sample
+        the net will judge was decoded by such an autoencoder, so its blur must not change what the net sees."""
+        x, y = render_batch([random_spec(self.rng) for _ in range(count)], self.resolution)
+        if self.autoencoder is not None and self.roundtrip > 0:
+            chosen = torch.from_numpy(self.rng.random(count) < self.roundtrip)
+            for i in range(0, count, 500):
+                part = chosen[i : i + 500]
+                if part.any():
+                    x[i : i + 500][part] = autoencoder_round_trip(self.autoencoder, x[i : i + 500][part])
+        return x, y
 
     def batch(self, batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
         slots = torch.from_numpy(self.rng.choice(len(self.images), self.refresh, replace=False))
-        new_x, new_y = render_batch([random_spec(self.rng) for _ in range(self.refresh)], self.resolution)
+        new_x, new_y = self._new(self.refresh)
         self.images[slots] = new_x
         for k in self.labels:
             self.labels[k][slots] = new_y[k]
         index = torch.from_numpy(self.rng.choice(len(self.images), batch_size, replace=False))
         return augment(self.images[index], self.rng), {k: v[index] for k, v in self.labels.items()}
+
+
+@torch.no_grad()
+def autoencoder_round_trip(autoencoder: AutoencoderKL, x: Tensor) -> Tensor:
+    """Images in [0, 1] encoded (posterior mode) and decoded by ``autoencoder``, clamped back to [0, 1]."""
+    latents = autoencoder.encode(x * 2 - 1).latent_dist.mode()
+    return ((autoencoder.decode(latents).sample + 1) / 2).clamp(0, 1)
 
 
 def augment(x: Tensor, rng: np.random.Generator) -> Tensor:
@@ -98,15 +130,18 @@ def train(
     refresh: int = 16,
     resolution: int = 32,
     log_every: int = 250,
+    autoencoder: AutoencoderKL | None = None,
+    roundtrip: float = 0.3,
 ) -> ShapesFeatureNet:
     """Train a ``ShapesFeatureNet`` with Adam, a one-cycle learning rate (5% warm-up, cosine decay) and the sum of
-    the three heads' cross-entropies; returns it in eval mode. ``pool_size`` and ``refresh``: see ``RenderPool``."""
+    the heads' cross-entropies; returns it in eval mode, its identity centre set from 4,000 renders of another stream.
+    ``pool_size``, ``refresh``, ``autoencoder`` and ``roundtrip``: see ``RenderPool``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = ShapesFeatureNet()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    pool = RenderPool(rng, pool_size, refresh, resolution)
+    pool = RenderPool(rng, pool_size, refresh, resolution, autoencoder, roundtrip)
     net.train()
     start = time.time()
     for step in range(1, steps + 1):
@@ -119,13 +154,16 @@ def train(
         sched.step()
         if step % log_every == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
-    return net.eval()
+    net.eval()
+    center_rng = np.random.default_rng((seed, 7))
+    net.set_center(render_batch([random_spec(center_rng) for _ in range(4000)], resolution)[0])
+    return net
 
 
 MODEL_CARD = """# shapes-features: the embedded world's metric backbone
 
 `ShapesFeatureNet` ({params:,} parameters, {size_kb:.0f} kB): a small CNN over 32x32 RGB images in [0, 1] of the
-procedural shapes world (`lightning_ft/data/shapes.py`). It returns a {dim}-d feature vector and has three linear
+procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has three linear
 heads on it: shape (6), colour (8) and background (3).
 
 **Used for** offline evaluation when no Inception / CLIP / DINO weights are available:
@@ -166,18 +204,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-seed", type=int, default=9_999, help="seed of the held-out renders")
     parser.add_argument("--eval-count", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 leaves room for other jobs)")
+    parser.add_argument("--autoencoder", default=None, help="AutoencoderKL folder whose round trips the net also sees")
+    parser.add_argument("--roundtrip", type=float, default=0.3, help="fraction of training images round-tripped")
     args = parser.parse_args(argv)
     if args.eval_seed == args.seed:
         parser.error("--eval-seed must differ from --seed")
     torch.set_num_threads(args.threads)
 
     start = time.time()
-    net = train(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    autoencoder = AutoencoderKL.from_pretrained(args.autoencoder).eval() if args.autoencoder else None
+    net = train(
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        autoencoder=autoencoder,
+        roundtrip=args.roundtrip,
+    )
     wall = time.time() - start
     plain = accuracy(net, *heldout_set(args.eval_seed, args.eval_count))
     styled_acc = accuracy(net, *heldout_set(args.eval_seed, args.eval_count, styles=True))
     out = net.save(args.out)
-    command = "python -m lightning_ft.metrics.train_feature_net " + " ".join(argv)
+    command = "python -m lightning_ft.embedded.train_feature_net " + " ".join(argv)
     metrics = {
         "command": command,
         "seed": args.seed,

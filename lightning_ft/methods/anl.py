@@ -1,5 +1,5 @@
 """ANL condition-based tuning ("Transferring Pretrained Diffusion Probabilistic Models", ICLR 2023 submission;
-../shared/METHODS.md section 4).
+docs/methods.md, ANL).
 
 The pretrained denoiser stays frozen; semantic tokens of a **condition image** (CLIP image tokens when a CLIP vision
 checkpoint is given, the embedded feature network's tokens otherwise) are injected through ANL modules after its
@@ -9,10 +9,10 @@ the null condition instead, for guidance. Sampling takes condition images and ma
 tokens (replaced by the null tokens), which trades fidelity to the condition image for diversity.
 
 What was read: modules = cross-attention fusion + non-linear mapping, inserted hierarchically, only they tune;
-masked sampling raises diversity. **Inferred** (METHODS.md): one module after every resnet, the layer layout, zero
-initialisation, 10% condition dropout to a learned null, the masking mechanism (random token positions replaced by
-the null tokens; m = 0.5 by default), lr 1e-4; whether prompts are used at all (here: off by default, the empty prompt,
-so the image is the only condition, as for the unconditional DPMs of the paper).
+masked sampling raises diversity. **Inferred** (docs/methods.md, ANL): one module after every resnet, the layer
+layout, zero initialisation, 10% condition dropout to a learned null, the masking mechanism (random token positions
+replaced by the null tokens; m = 0.5 by default), lr 1e-4; whether prompts are used at all (here: off by default, the
+empty prompt, so the image is the only condition, as for the unconditional DPMs of the paper).
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ class ConditionTuning(DiffusionBase):
     """Train only ANL modules that inject condition-image tokens into a frozen denoiser; masked sampling.
 
     Args:
-        condition_encoder: ``shapes`` (the embedded feature network, default) or ``clip`` (a local CLIP vision
-            checkpoint, ``condition_encoder_path``; e.g. ViT-L/14 for the paper's setting).
-        condition_encoder_path: folder of the encoder weights (default None: the shipped feature network).
+        condition_encoder: ``auto`` (default: the encoder the pretrained folder declares for the ``condition``
+            role in its ``lightning_ft.json``, else ``clip``), ``clip`` (CLIP vision tokens; ViT-L/14, the paper's
+            setting, by default) or ``package.module:function`` (a factory).
+        condition_encoder_path: folder or hub id of the encoder weights (default None: the declared one, or
+            ``openai/clip-vit-large-patch14``).
         anl_head_width: channels per attention head of the ANL modules (default 64, inferred).
         image_condition_dropout: probability of training a sample with the null condition tokens (default 0.1).
         mask_rate: default fraction of condition tokens replaced by the null tokens at sampling (default 0.5).
@@ -61,7 +63,7 @@ class ConditionTuning(DiffusionBase):
         self,
         *args,
         trainable: str = "none",
-        condition_encoder: str = "shapes",
+        condition_encoder: str = "auto",
         condition_encoder_path: str | None = None,
         anl_head_width: int = 64,
         image_condition_dropout: float = 0.1,
@@ -82,7 +84,9 @@ class ConditionTuning(DiffusionBase):
     def configure_trainable(self) -> None:
         super().configure_trainable()
         h = self.hparams
-        self.condition_encoder = make_condition_encoder(h.condition_encoder, h.condition_encoder_path)
+        self.condition_encoder = make_condition_encoder(
+            h.condition_encoder, h.condition_encoder_path, h.get("pretrained")
+        )
         resolution = self.native_resolution()
         with torch.no_grad():
             probe = self.condition_encoder(torch.zeros(1, 3, resolution, resolution))

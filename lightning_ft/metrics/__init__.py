@@ -1,7 +1,18 @@
-"""Offline evaluation: the embedded world's feature net, swappable backbones and the scores built on them."""
+"""Offline evaluation: swappable metric backbones (DINO, CLIP, Inception, or one a model folder declares) and the
+scores built on them."""
 
-from lightning_ft.metrics.backbones import BACKBONES, FeatureExtractor, as_backbone, make_backbone
-from lightning_ft.metrics.feature_net import ShapesFeatureNet, default_feature_net
+from lightning_ft.metrics.backbones import (
+    BACKBONES,
+    ROLE_DEFAULTS,
+    FeatureExtractor,
+    as_backbone,
+    backbone_spec,
+    declared_backbones,
+    make_backbone,
+    resolve_backbone,
+)
+from lightning_ft.metrics.images import as_float_images
+from lightning_ft.metrics.prompt_scores import CLIPTextScore
 from lightning_ft.metrics.scores import (
     FIDScorer,
     diversity,
@@ -9,25 +20,25 @@ from lightning_ft.metrics.scores import (
     fid_kid,
     high_frequency_energy,
     memorisation,
-    parse_prompt,
-    prompt_accuracy,
     subject_fidelity,
 )
 
 __all__ = [
     "BACKBONES",
+    "CLIPTextScore",
     "FIDScorer",
     "FeatureExtractor",
-    "ShapesFeatureNet",
+    "ROLE_DEFAULTS",
     "as_backbone",
-    "default_feature_net",
+    "as_float_images",
+    "backbone_spec",
+    "declared_backbones",
     "diversity",
     "features",
     "fid_kid",
     "high_frequency_energy",
     "make_backbone",
     "memorisation",
-    "parse_prompt",
-    "prompt_accuracy",
+    "resolve_backbone",
     "subject_fidelity",
 ]

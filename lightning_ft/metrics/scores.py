@@ -1,5 +1,5 @@
-"""Scores of generated images: FID/KID (torchmetrics), subject fidelity, memorisation, diversity, prompt accuracy
-and high-frequency energy.
+"""Scores of generated images: FID/KID (torchmetrics), subject fidelity, memorisation, diversity and high-frequency
+energy.
 
 Images are float tensors (N, 3, H, W) in [0, 1] (uint8 also accepted). Wherever a score takes images for a
 backbone, a 2-D tensor (N, D) is taken as features already computed with that backbone, so a callback can extract
@@ -8,7 +8,6 @@ the reference set's features once and reuse them at every evaluation.
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import torch
@@ -17,15 +16,16 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightning_ft.data.shapes import RESERVED_TOKENS
 from lightning_ft.metrics.backbones import FeatureExtractor, as_backbone
-from lightning_ft.metrics.feature_net import ShapesFeatureNet, default_feature_net
 
 
 def features(images: Tensor, backbone: nn.Module | str | None = None, batch_size: int = 256) -> Tensor:
-    """(N, D) features of ``images`` with ``backbone`` (default: the shapes net); a 2-D input is returned as is."""
+    """(N, D) features of ``images`` with ``backbone`` (a ``FeatureExtractor``, a module with ``num_features`` or a
+    name for ``make_backbone``); a 2-D input is taken as features already computed and returned as is."""
     if images.ndim == 2:
         return images
+    if backbone is None:
+        raise ValueError("images need a backbone to be scored (e.g. resolve_backbone('identity', ...)); none given")
     return as_backbone(backbone).extract(images, batch_size)
 
 
@@ -45,7 +45,7 @@ class FIDScorer:
     """FID and KID of generated images against a reference set whose features are computed once.
 
     Args:
-        backbone: feature extractor, a name for ``make_backbone`` or None (default: the shapes net).
+        backbone: feature extractor or a name for ``make_backbone`` (e.g. ``inception``).
         kid_subset_size: images per KID subset (default 1000), lowered to the smaller set's size when needed.
         kid_subsets: number of KID subsets (default 100).
         seed: seed of KID's subset sampling (default 0), so that repeated scores are comparable.
@@ -56,7 +56,7 @@ class FIDScorer:
 
     def __init__(
         self,
-        backbone: nn.Module | str | None = None,
+        backbone: nn.Module | str,
         kid_subset_size: int = 1000,
         kid_subsets: int = 100,
         seed: int = 0,
@@ -119,7 +119,7 @@ class FIDScorer:
 def fid_kid(
     real: Tensor,
     fake: Tensor,
-    backbone: nn.Module | str | None = None,
+    backbone: nn.Module | str,
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
 ) -> dict[str, float]:
@@ -127,7 +127,7 @@ def fid_kid(
 
     Args:
         real, fake: images (N, 3, H, W) in [0, 1] or (N, D) features, at least 2 each.
-        backbone: feature extractor (default: the shapes net).
+        backbone: feature extractor or a name for ``make_backbone``.
         kid_subset_size: images per KID subset (default 1000, capped at the smaller set's size).
         kid_subsets: number of KID subsets (default 100).
 
@@ -140,7 +140,7 @@ def fid_kid(
 
 def _unit(*sets: Tensor, backbone: nn.Module | str | None) -> list[Tensor]:
     """L2-normalised features of each set, loading the backbone once when any set is images."""
-    if any(x.ndim != 2 for x in sets):
+    if any(x.ndim != 2 for x in sets) and backbone is not None:
         backbone = as_backbone(backbone)
     return [F.normalize(features(x, backbone).float(), dim=-1) for x in sets]
 
@@ -167,59 +167,6 @@ def diversity(generated: Tensor, backbone: nn.Module | str | None = None) -> flo
     n = len(f)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=f.device)
     return float((1.0 - f @ f.T)[off_diagonal].mean())
-
-
-_ALIASES = {"grey": "gray", "violet": "purple"}
-
-
-def parse_prompt(prompt: str, label_names: dict[str, list[str]]) -> dict[str, int]:
-    """Class index per attribute named in ``prompt``; attributes it does not name (e.g. the shape of a subject
-    called ``sks``) are absent. When a prompt names two values of one attribute, the first is taken: captions put
-    the main colour first (``"a red star with blue stripes"``)."""
-    found: dict[str, int] = {}
-    for word in re.findall(r"[a-z]+", prompt.lower()):
-        if word in RESERVED_TOKENS:
-            continue
-        word = _ALIASES.get(word, word)
-        # Plurals ("stars", "crosses") name the same class.
-        candidates = [word] + ([word[:-1]] if word.endswith("s") else []) + ([word[:-2]] if word.endswith("es") else [])
-        for attribute, names in label_names.items():
-            match = next((c for c in candidates if c in names), None)
-            if attribute not in found and match is not None:
-                found[attribute] = names.index(match)
-    return found
-
-
-@torch.no_grad()
-def prompt_accuracy(images: Tensor, prompts: list[str], net: nn.Module | None = None) -> dict[str, float]:
-    """Attribute accuracy of images against their prompts, judged by the shapes net (the CLIP-T role).
-
-    Args:
-        images: (N, 3, H, W) in [0, 1].
-        prompts: N prompts; each attribute a prompt names (shape, colour, background) is scored for its image.
-        net: a ``ShapesFeatureNet`` (or a ``FeatureExtractor`` around one); default: the shipped net.
-
-    Returns ``{attribute: accuracy}`` (NaN when no prompt names it) and ``{"n_" + attribute: count}``.
-    """
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    net = net.module if isinstance(net, FeatureExtractor) else net
-    net = net if net is not None else default_feature_net()
-    if not isinstance(net, ShapesFeatureNet):
-        raise TypeError("prompt_accuracy needs a ShapesFeatureNet (a classifier of the shapes world's attributes)")
-    preds = {k: [] for k in net.label_names}
-    for i in range(0, len(images), 256):
-        for k, p in net.predict(images[i : i + 256]).items():
-            preds[k].append(p.cpu())
-    preds = {k: torch.cat(v) for k, v in preds.items()}
-    targets = [parse_prompt(p, net.label_names) for p in prompts]
-    result: dict[str, float] = {}
-    for attribute in net.label_names:
-        scored = [(i, t[attribute]) for i, t in enumerate(targets) if attribute in t]
-        correct = sum(int(preds[attribute][i]) == label for i, label in scored)
-        result[attribute] = correct / len(scored) if scored else float("nan")
-        result[f"n_{attribute}"] = len(scored)
-    return result
 
 
 def high_frequency_energy(images: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """ANL ("Attention-NonLinear") modules and image-condition encoders for condition-based tuning.
 
-METHODS.md section 4: semantic embeddings of condition images are injected into a frozen pretrained denoiser
+docs/methods.md (ANL): semantic embeddings of condition images are injected into a frozen pretrained denoiser
 through ANL modules inserted after its residual blocks; only they train. What was read: cross-attention fusion plus
 a non-linear mapping, inserted hierarchically. **Inferred** (the paper's full text was not available): one module
 after every ``ResnetBlock2D``, each
@@ -144,22 +144,6 @@ def load_anl_weights(denoiser: nn.Module, folder: str | Path) -> tuple[torch.Ten
 
 
 # ------------------------------------------------------------------------------------ image-condition encoders
-class FeatureNetTokens(nn.Module):
-    """Condition tokens from the embedded feature network: its last feature map, one token per position
-    (32x32 images -> 16 tokens of width 128). The stand-in for CLIP image tokens in the embedded world."""
-
-    def __init__(self, path: str | None = None):
-        super().__init__()
-        from lightning_ft.metrics.feature_net import ShapesFeatureNet, default_feature_net
-
-        self.net = ShapesFeatureNet.load(path) if path else default_feature_net()
-        self.dim = self.net.trunk[-1][0].out_channels
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> tokens (B, L, D)."""
-        return self.net.trunk(images.to(self.net.project.weight.dtype)).flatten(2).transpose(1, 2)
-
-
 class CLIPVisionTokens(nn.Module):
     """Condition tokens from a local CLIP vision checkpoint: the last hidden states (ViT-L/14: 257 x 1024)."""
 
@@ -167,9 +151,9 @@ class CLIPVisionTokens(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModel
 
-        from lightning_ft.metrics.backbones import CLIPPreprocess, clip_normalisation
+        from lightning_ft.metrics.backbones import CLIPPreprocess, clip_normalisation, load_pretrained
 
-        self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        self.model = load_pretrained(CLIPVisionModel, path, "clip (condition encoder)")
         self.dim = self.model.config.hidden_size
         self.preprocess = CLIPPreprocess(self.model.config.image_size, *clip_normalisation(path))
 
@@ -178,15 +162,25 @@ class CLIPVisionTokens(nn.Module):
         return self.model(pixel_values=self.preprocess((images + 1) / 2)).last_hidden_state
 
 
-def make_condition_encoder(name: str = "shapes", path: str | None = None) -> nn.Module:
-    """``shapes`` (the embedded feature network, default) or ``clip`` (a local CLIP vision checkpoint at ``path``);
-    returned frozen, with a ``dim`` attribute (token width)."""
-    if name == "shapes":
-        encoder = FeatureNetTokens(path)
-    elif name == "clip":
-        if not path:
-            raise ValueError("model.condition_encoder='clip' needs model.condition_encoder_path (a local CLIP folder)")
-        encoder = CLIPVisionTokens(path)
+def make_condition_encoder(name: str = "auto", path: str | None = None, folder: str | None = None) -> nn.Module:
+    """ANL's frozen image-condition encoder, with a ``dim`` attribute (token width).
+
+    Args:
+        name: ``auto`` (default: what the model folder declares for the ``condition`` role in ``lightning_ft.json``,
+            else ``clip``), ``clip`` (CLIP vision tokens, the paper's ViT-L/14 by default) or
+            ``package.module:function`` (a factory taking ``path``).
+        path: the encoder's folder or hub id (default: the declared one, or CLIP ViT-L/14's hub id).
+        folder: the pretrained model folder whose declaration ``auto`` reads.
+    """
+    from lightning_ft.metrics.backbones import DEFAULT_CHECKPOINTS, backbone_spec, import_factory
+
+    name, path = backbone_spec("condition", name, path, folder)
+    if name == "clip":
+        encoder = CLIPVisionTokens(path or DEFAULT_CHECKPOINTS["clip"])
+    elif ":" in name:
+        encoder = import_factory(name)(path)
     else:
-        raise ValueError(f"model.condition_encoder={name!r} is not 'shapes' or 'clip'")
+        raise ValueError(f"model.condition_encoder={name!r} is not 'auto', 'clip' or 'package.module:function'")
+    if not hasattr(encoder, "dim"):
+        raise TypeError(f"condition encoder {name!r} has no 'dim' attribute (its token width)")
     return encoder.eval().requires_grad_(False)

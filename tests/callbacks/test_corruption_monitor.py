@@ -18,10 +18,13 @@ from lightning_ft.data import LimitedDataModule
 from lightning_ft.metrics import subject_fidelity
 
 PROMPT = "a sks star"
+# The tiny test model declares no backbone (it has no pretrained folder): the embedded identity network scores it.
+IDENTITY = "lightning_ft.embedded.backbones:identity"
 
 
 def _fit(root, data_dir, max_steps, module=None, ckpt_path=None, **monitor_args):
-    monitor = CorruptionStageMonitor(seeds=[0, 1], every_n_steps=2, steps=2, verbose=False, **monitor_args)
+    monitor_args = {"backbone": IDENTITY, "class_prompt": "a star", "seeds": [0, 1], **monitor_args}
+    monitor = CorruptionStageMonitor(every_n_steps=2, steps=2, verbose=False, **monitor_args)
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -74,7 +77,7 @@ def test_curves_reach_the_csv_at_step_0_every_n_steps_and_the_end(run):
     # The samples are fixed-seed: re-sampling the final model reproduces the last point.
     _, _, _, _, module = run
     images = module.generate(prompts=[PROMPT, PROMPT], seeds=[0, 1], steps=2)
-    assert subject_fidelity(images, monitor.reference(32)[0]) == pytest.approx(
+    assert subject_fidelity(images, monitor.reference(32)[0], monitor.backbone) == pytest.approx(
         monitor.history[-1]["fidelity"], abs=1e-5
     )
 
@@ -111,6 +114,7 @@ def test_state_dict_round_trip_and_resume_keep_the_history(run, tmp_path):
     fresh = CorruptionStageMonitor()
     fresh.load_state_dict(monitor.state_dict())
     assert fresh.history == monitor.history and fresh.saved_step == monitor.saved_step
+    assert fresh.levels == monitor.levels
     assert fresh.report.stages == monitor.report.stages
     assert fresh.effective_memorisation_threshold == monitor.effective_memorisation_threshold
 
@@ -123,3 +127,57 @@ def test_state_dict_round_trip_and_resume_keep_the_history(run, tmp_path):
     assert [p["step"] for p in resumed.history] == sorted({*[s for s in monitor.report.steps if s <= best], *new})
     restored = [p for p in resumed.history if p["step"] <= best]
     assert restored == [p for p in monitor.history if p["step"] <= best]
+    # The levels were measured on the pretrained model at the first start; a resume keeps them, not re-measures.
+    assert resumed.levels == monitor.levels
+
+
+def test_levels_are_measured_logged_and_give_progress(run):
+    root, data_dir, _, monitor, module = run
+    levels = monitor.levels
+    assert set(levels) == {"class_prior", "ceiling", "ceiling_memorisation"}
+    # The ceiling: the instance images' own round trips through the model's autoencoder, scored like a sample.
+    from lightning_ft.data.folder import list_images, load_image, to_tensor
+
+    images = torch.stack(
+        [(to_tensor(load_image(f), 32, True, False, None) + 1) / 2 for f in list_images(data_dir, "x")]
+    )
+    ref = monitor.reference(32)[0]
+    assert levels["ceiling"] == pytest.approx(
+        subject_fidelity(module.round_trip(images), ref, monitor.backbone), abs=1e-5
+    )
+    assert -1 <= levels["class_prior"] <= 1
+    for point in monitor.history:
+        expected = (point["fidelity"] - levels["class_prior"]) / (levels["ceiling"] - levels["class_prior"])
+        assert point["progress"] == pytest.approx(expected)
+    with (root / "run" / "version_0" / "corruption_stage.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(float(r["ceiling"]) == pytest.approx(levels["ceiling"]) for r in rows)
+    with (root / "run" / "version_0" / "metrics.csv").open() as handle:
+        logged = [r for r in csv.DictReader(handle) if r.get("corruption/ceiling")]
+    assert logged and float(logged[0]["corruption/class_prior"]) == pytest.approx(levels["class_prior"])
+    # The memorisation threshold lies between the instances' own nearest-neighbour similarity and the ceiling's.
+    assert monitor.effective_memorisation_threshold <= levels["ceiling_memorisation"] + 1e-6
+
+
+def test_a_memorised_sample_reaches_the_ceiling(tmp_path, monkeypatch):
+    """A model that draws exact copies of the instance images (through its own autoencoder) scores the ceiling:
+    progress 1, and the stage rules call it memorising."""
+    from lightning_ft.data.folder import list_images, load_image, to_tensor
+
+    data_dir = write_images(tmp_path / "subject", 3)
+    images = torch.stack(
+        [(to_tensor(load_image(f), 32, True, False, None) + 1) / 2 for f in list_images(data_dir, "x")]
+    )
+    module = tiny_module(lr=1e-3)
+    copies = module.round_trip(images)
+
+    def generate(prompts=None, seeds=(), **kwargs):
+        if prompts and prompts[0] == "a star":  # the class prompt: the prior draws something else
+            return torch.rand(len(seeds), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return copies.repeat(len(seeds) // len(copies) + 1, 1, 1, 1)[: len(seeds)]
+
+    monkeypatch.setattr(module, "generate", generate)
+    _, monitor, _ = _fit(tmp_path, data_dir, max_steps=2, module=module, seeds=[0, 1, 2])
+    assert monitor.history[-1]["fidelity"] == pytest.approx(monitor.levels["ceiling"], abs=1e-5)
+    assert monitor.history[-1]["progress"] == pytest.approx(1.0, abs=1e-4)
+    assert monitor.report.verdict == "memorising"

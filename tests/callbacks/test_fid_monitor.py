@@ -14,6 +14,8 @@ from lightning_ft.callbacks import FIDMonitor
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.metrics import FIDScorer
 
+FEATURES = "lightning_ft.embedded.backbones:features"  # the tiny test model declares no backbone
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -21,7 +23,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")
     data_dir = write_images(root / "train", 3)
     reference = write_images(root / "reference", 12, seed=5)
-    monitor = FIDMonitor(reference_dir=str(reference), num_samples=6, every_n_steps=2, steps=2)
+    monitor = FIDMonitor(reference_dir=str(reference), num_samples=6, every_n_steps=2, steps=2, backbone=FEATURES)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=CSVLogger(root, name="run", version=0),
                         callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, default_root_dir=root)  # fmt: skip
@@ -48,7 +50,7 @@ def test_the_last_score_is_the_fid_of_the_final_models_samples(run):
 
     images = torch.stack([to_tensor(load_image(f), 32, True, False, None) for f in list_images(reference, "ref")])
     samples = module.generate(prompts=["a red star"] * 6, seeds=list(range(6)), steps=2)
-    expected = FIDScorer("shapes").set_reference((images + 1) / 2).score(samples)["fid"]
+    expected = FIDScorer(FEATURES).set_reference((images + 1) / 2).score(samples)["fid"]
     assert monitor.history[-1]["fid"] == pytest.approx(expected, rel=1e-6)
 
 

@@ -129,3 +129,22 @@ def test_edge_cases_single_point_nan_and_unsorted():
     assert r.steps == STEPS and r.intervals == [(400, 600)] and r.best_step_before_corruption == 300
     with pytest.raises(ValueError):
         classify_stages([0, 1], [0.5, 0.6], [1.0])
+
+
+def test_levels_make_the_rules_the_same_on_any_score_scale():
+    """The same run scored on two backbones of different scale (prior/ceiling 0.2/0.4 and 0.0/1.0: one is the other
+    stretched) gets the same stages once the levels are given; without them the small scale hides the dip."""
+    progress = [0.0, 0.5, 0.9, 0.55, 0.6, 0.95]  # a rise, a dip of 0.35 of the span, a recovery
+    steps, noisy = [0, 100, 200, 300, 400, 500], [1.0, 1.0, 1.0, 2.0, 2.0, 1.0]
+    narrow = [0.2 + 0.2 * p for p in progress]  # the dip is 0.07 in score units: under min_dip=0.1
+    wide = [0.0 + 1.0 * p for p in progress]
+    plain = classify_stages(steps, narrow, noisy, dip=0.3)
+    assert not plain.corruption_detected
+    with_levels = classify_stages(steps, narrow, noisy, dip=0.3, levels=(0.2, 0.4))
+    reference = classify_stages(steps, wide, noisy, dip=0.3, levels=(0.0, 1.0))
+    assert with_levels.stages == reference.stages and with_levels.intervals == [(300, 400)]
+    assert with_levels.thresholds[3] == pytest.approx(0.2 * reference.thresholds[3])
+    with pytest.raises(ValueError, match="prior < ceiling"):
+        classify_stages(steps, narrow, noisy, levels=(0.4, 0.2))
+    # An unknown level (NaN) leaves the score units in place.
+    assert classify_stages(steps, narrow, noisy, levels=(math.nan, 0.4)).stages == plain.stages

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 
 from lightning_ft.core import DiffusionBase
-from lightning_ft.paths import asset_path
+from lightning_ft.embedded import asset_path
 from lightning_ft.run import main
 
 TINY = str(REPO / "configs/model/tiny_t2i.yaml")

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_module
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from lightning_ft.paths import asset_path
+from lightning_ft.embedded import asset_path
 
 
 def _batch(n: int = 2) -> dict:

@@ -8,8 +8,8 @@ import torch
 from diffusers import DiffusionPipeline
 from transformers import AutoTokenizer
 
-from lightning_ft.data.shapes import RESERVED_TOKENS
-from lightning_ft.paths import asset_path
+from lightning_ft.embedded import asset_path
+from lightning_ft.embedded.shapes import RESERVED_TOKENS
 
 
 def test_text_to_image_asset_loads_with_plain_diffusers_and_generates():

@@ -12,9 +12,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402
 
-from lightning_ft.data import shapes  # noqa: E402
-from lightning_ft.metrics import FeatureExtractor, ShapesFeatureNet, default_feature_net, fid_kid  # noqa: E402
-from lightning_ft.paths import ASSETS_DIR  # noqa: E402
+from lightning_ft.embedded import (
+    ASSETS_DIR,  # noqa: E402
+    shapes,  # noqa: E402
+)
+from lightning_ft.embedded.feature_net import ShapesFeatureNet, default_feature_net  # noqa: E402
+from lightning_ft.metrics import FeatureExtractor, fid_kid  # noqa: E402
 
 
 def renders(seed: int, count: int, resolution: int = 32) -> torch.Tensor:
@@ -33,7 +36,9 @@ def test_outputs_and_resolutions(random_net):
     assert random_net(x).shape == (4, random_net.num_features) == (4, 128)
     assert random_net(renders(0, 2, resolution=64)).shape == (2, 128)
     logits = random_net.classify(x)
-    assert {k: v.shape[-1] for k, v in logits.items()} == {"shape": 6, "color": 8, "background": 3}
+    assert {k: v.shape[-1] for k, v in logits.items()} == {
+        "shape": 6, "color": 8, "background": 3, "pattern": 4, "stripe_color": 9
+    }  # fmt: skip
     # uint8 input is read as [0, 255].
     as_uint8 = (x * 255).round().to(torch.uint8)
     torch.testing.assert_close(random_net(as_uint8), random_net(x), atol=1e-5, rtol=1e-5)
@@ -55,11 +60,16 @@ def test_rejects_images_in_minus_one_one(random_net):
 
 
 def test_save_load_round_trip(random_net, tmp_path):
+    x = renders(2, 8)
+    random_net.set_center(renders(5, 16))
+    assert random_net.center.abs().sum() > 0
     folder = random_net.save(tmp_path / "net")
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
     loaded = ShapesFeatureNet.load(folder)
-    x = renders(2, 8)
     assert torch.equal(loaded(x), random_net(x))
+    # The identity centre is saved with the weights: identity embeddings survive the round trip.
+    assert torch.equal(loaded.identity(x), random_net.identity(x))
+    torch.testing.assert_close(loaded.identity(x), loaded(x) - random_net.center)
     for k, v in random_net.classify(x).items():
         assert torch.equal(loaded.classify(x)[k], v)
     assert loaded.label_names == random_net.label_names

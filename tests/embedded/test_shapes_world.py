@@ -10,9 +10,10 @@ import torch
 from transformers import AutoTokenizer
 
 from lightning_ft.core.tokenizer import build_word_tokenizer
-from lightning_ft.data import LimitedDataModule, shapes
-from lightning_ft.data.shapes_datamodule import ShapesDataset
-from lightning_ft.data.targets import SUBJECT_PROMPT, ensure_target
+from lightning_ft.data import LimitedDataModule
+from lightning_ft.embedded import shapes
+from lightning_ft.embedded.datamodule import ShapesDataset
+from lightning_ft.embedded.targets import SUBJECT_PROMPT, ensure_target
 
 
 def test_renderer_is_deterministic_by_seed_and_index():

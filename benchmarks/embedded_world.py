@@ -1,0 +1,187 @@
+"""The embedded world's table: does the autoencoder hold the subject, does the pretrained model follow its prompts,
+and where does subject identity put the class prior, the main job's samples and the ceiling.
+
+Three parts, each row with its sample count:
+
+1. Autoencoder: PSNR of the round trip of held-out subject renders and of plain source renders, and how often the
+   feature network still names the shape (and, for the subject, the stripes) after the round trip.
+2. Pretrained model: prompt accuracy (shape, colour, background) and FID at guidance 2 (``benchmarks.embedded_model``).
+3. Subject identity (cosine of identity embeddings to the 5 instance images, the DINO role): held-out subject
+   renders, plain renders of its class, their round trips (the ceiling), the pretrained model's class-prompt
+   samples (the class prior) and, with ``--run``, the main job's samples: the instance prompt (identity and
+   progress from prior to ceiling), the instance token on other backgrounds (background accuracy) and the class
+   prompt (do its samples stay plain).
+
+To run: python -m benchmarks.embedded_world [--run runs/dreambooth_bnn/lightning_logs/version_0] [--samples 512]
+Writes benchmarks/results/embedded_world.{md,csv} and a grid per sample set (embedded_world_*.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import embedded_model
+from benchmarks.tables import write_csv
+from lightning_ft.callbacks.sample_grid import save_grid
+from lightning_ft.core import DiffusionBase
+from lightning_ft.embedded import asset_path, shapes, targets
+from lightning_ft.embedded.backbones import identity
+from lightning_ft.embedded.feature_net import default_feature_net
+from lightning_ft.embedded.prompts import prompt_accuracy
+from lightning_ft.metrics import features, subject_fidelity
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_folder(folder: Path, count: int | None = None) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:count]
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def render(specs: list[shapes.ShapeSpec]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([shapes.render(s) for s in specs])).permute(0, 3, 1, 2).float() / 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) of images in [0, 1]."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((-10 * torch.log10(mse)).mean())
+
+
+def plain_class_specs(count: int, seed: int) -> list[shapes.ShapeSpec]:
+    """The subject's class without its pattern: plain orange stars on gray, posed like the subject renders."""
+    rng = np.random.default_rng((seed, 5))
+    return [targets.subject_spec(rng, stripes=None) for _ in range(count)]
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(asset_path("shapes-t2i")))
+    parser.add_argument("--run", default=None, help="a main-job log folder (version_N) whose export/ is scored")
+    parser.add_argument("--samples", type=int, default=512, help="captions for the pretrained model's quality")
+    parser.add_argument("--count", type=int, default=64, help="images per identity row and per sample set")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--skip-quality", action="store_true", help="leave out part 2 (the slowest)")
+    parser.add_argument("--out", default=str(RESULTS / "embedded_world"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    pretrained = DiffusionBase(pretrained=args.model)
+    net, ident = default_feature_net(), identity()
+    subject = targets.ensure_target("subject")
+    meta = json.loads((subject / "meta.json").read_text())
+    instances = load_folder(subject / "train")
+    heldout = load_folder(subject / "heldout", args.count)
+    ref = features(instances, ident)
+    rows: list[dict] = []
+
+    def predicted(images: torch.Tensor, head: str, name: str) -> float:
+        return float((net.predict(images)[head] == net.label_names[head].index(name)).float().mean())
+
+    # 1. the autoencoder
+    plain_specs = [shapes.spec_for_index(31, i) for i in range(args.count * 4)]
+    plain = render(plain_specs)
+    for name, images, shape in (("held-out subject renders", heldout, meta["subject"]["shape"]),):
+        trip = pretrained.round_trip(images)
+        rows.append({"part": "autoencoder", "images": f"round trip of {name}", "n": len(images),
+                     "psnr_db": psnr(trip, images), "shape_acc": predicted(trip, "shape", shape),
+                     "striped": predicted(trip, "pattern", "striped")})  # fmt: skip
+    trip = pretrained.round_trip(plain)
+    truth = torch.tensor([shapes.SHAPES.index(s.shape) for s in plain_specs])
+    rows.append({"part": "autoencoder", "images": "round trip of plain source renders", "n": len(plain),
+                 "psnr_db": psnr(trip, plain), "shape_acc": float((net.predict(trip)["shape"] == truth).float().mean()),
+                 "striped": predicted(trip, "pattern", "striped")})  # fmt: skip
+    save_grid(torch.cat([heldout[:8], pretrained.round_trip(heldout[:8])]), f"{out}_round_trip.png", columns=8)
+
+    # 2. the pretrained model's prompt accuracy and FID
+    if not args.skip_quality:
+        quality = embedded_model.main(
+            ["--model", args.model, "--samples", str(args.samples), "--guidance", str(args.guidance),
+             "--steps", str(args.steps), "--out", f"{out}_quality"]
+        )  # fmt: skip
+        for r in quality:
+            rows.append({"part": "pretrained model", **{k: v for k, v in r.items() if k != "seconds"}})
+
+    # 3. subject identity
+    seeds = list(range(args.count))
+
+    def sample(module: DiffusionBase, prompt: str) -> torch.Tensor:
+        return module.generate(
+            prompts=[prompt] * len(seeds), seeds=seeds, steps=args.steps, guidance_scale=args.guidance, batch_size=64
+        )
+
+    def add_identity(name: str, images: torch.Tensor, **extra) -> float:
+        score = subject_fidelity(features(images, ident), ref)
+        rows.append({"part": "subject identity", "images": name, "n": len(images), "identity": score, **extra})
+        return score
+
+    plain_class = render(plain_class_specs(args.count, 0))
+    add_identity("held-out subject renders", heldout)
+    add_identity(f"plain renders of its class ({meta['class_prompt']!r})", plain_class)
+    ceiling = add_identity("round trip of held-out subject renders (ceiling)", pretrained.round_trip(heldout))
+    prior_images = sample(pretrained, meta["class_prompt"])
+    prior = add_identity("pretrained model, class prompt (class prior)", prior_images)
+    before = sample(pretrained, meta["instance_prompt"])
+    add_identity("pretrained model, instance prompt", before)
+    save_grid(prior_images[:16], f"{out}_class_prior.png", columns=8)
+    if args.run:
+        export = Path(args.run) / "export"
+        tuned = DiffusionBase(pretrained=str(export))
+        images = sample(tuned, meta["instance_prompt"])
+        score = add_identity(f"main job ({args.run}), instance prompt", images)
+        rows[-1]["progress"] = (score - prior) / (ceiling - prior)
+        rows[-1]["striped"] = predicted(images, "pattern", "striped")
+        rows[-1]["shape_acc"] = predicted(images, "shape", meta["subject"]["shape"])
+        others = [p for p in meta["eval_prompts"] if p != meta["instance_prompt"]]
+        moved = torch.cat([sample(tuned, p) for p in others])
+        accuracy = prompt_accuracy(moved, [p for p in others for _ in seeds], net)
+        add_identity("main job, instance token on other backgrounds", moved, background_acc=accuracy["background"])
+        rows[-1]["striped"] = predicted(moved, "pattern", "striped")
+        cls = sample(tuned, meta["class_prompt"])
+        add_identity("main job, class prompt", cls, plain=predicted(cls, "pattern", "plain"))
+        save_grid(torch.cat([images[:8], moved[:8], moved[-8:], cls[:8]]), f"{out}_main_job.png", columns=8)
+
+    write_csv(rows, f"{out}.csv")
+    lines = [
+        f"# The embedded world (`{Path(args.model).name}`; subject: {meta['instance_prompt']!r})",
+        "",
+        "Identity is the mean cosine of identity embeddings (the embedded feature network's centred features) to the "
+        f"{len(instances)} instance images; progress = (identity - class prior) / (ceiling - class prior). Samples: "
+        f"{args.steps} sampler steps, guidance {args.guidance}, seeds 0-{args.count - 1}.",
+        "",
+        "| part | images | n | PSNR (dB) | shape | striped | colour | background | FID | identity | progress | plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return ""
+        return "n/a" if value != value else format(value, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r['part']} | {r['images']} | {r['n']} | {cell(r, 'psnr_db', '.1f')} | "
+            f"{cell(r, 'shape_acc', '.1%') or cell(r, 'shape', '.1%')} | {cell(r, 'striped', '.1%')} | "
+            f"{cell(r, 'color', '.1%')} | {cell(r, 'background_acc', '.1%') or cell(r, 'background', '.1%')} | "
+            f"{cell(r, 'fid', '.2f')} | {cell(r, 'identity', '.3f')} | {cell(r, 'progress', '.2f')} | "
+            f"{cell(r, 'plain', '.1%')} |"
+        )
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
