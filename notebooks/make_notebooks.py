@@ -59,9 +59,10 @@ for axis, image in zip(axes.flat, images):
 for row, prompt in zip(axes[:, 0], SUBJECT_EVAL_PROMPTS):
     row.set_title(prompt, fontsize=7, loc="left")
 plt.tight_layout()'''),
-    new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject fidelity to the
-instance images, the high-frequency corruption score, memorisation, and the stage verdict (see
-`lightning_ft/callbacks/stage_rules.py`)."""),
+    new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject identity to the
+instance images, read against its two levels (the class prior: what the pretrained model drew for the class prompt;
+the ceiling: what a perfect copy scores through the autoencoder), the high-frequency corruption score,
+memorisation, and the stage verdict (see `lightning_ft/callbacks/stage_rules.py`)."""),
     new_code_cell('''import csv
 
 with open(log_dir / "corruption_stage.csv") as handle:
@@ -72,8 +73,11 @@ for axis, key in zip(axes, ("fidelity", "score", "memorisation")):
     axis.plot(steps_, [float(r[key]) for r in rows], marker="o")
     axis.set_title(key)
     axis.set_xlabel("step")
-print("verdict:", rows[-1]["stage"])
-assert len(rows) >= 2 and all(0 <= float(r["fidelity"]) <= 1 for r in rows)'''),
+for level, style in (("class_prior", ":"), ("ceiling", "--")):
+    axes[0].axhline(float(rows[0][level]), color="gray", linestyle=style, label=level)
+axes[0].legend()
+print("verdict:", rows[-1]["stage"], "| progress from class prior to ceiling:", rows[-1]["progress"])
+assert len(rows) >= 2 and all(-1 <= float(r["fidelity"]) <= 1 for r in rows)'''),
     new_markdown_cell("""The export is a plain diffusers folder: load it without lightning-ft."""),
     new_code_cell('''from diffusers import DiffusionPipeline
 

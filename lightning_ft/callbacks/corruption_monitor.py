@@ -48,6 +48,11 @@ CSV_COLUMNS = (
 BEST_CHECKPOINT = "best_before_corruption.ckpt"
 
 
+def unit_pixels(images: list, size: int) -> torch.Tensor:
+    """PIL images centre-cropped to ``size`` as a float batch in [0, 1], the way samples come out of ``generate``."""
+    return torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in images])
+
+
 class CorruptionStageMonitor(PeriodicEvaluation):
     """Sample fixed seeds during training, log fidelity / corruption / memorisation / diversity and the stage.
 
@@ -190,7 +195,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
     def reference(self, size: int) -> tuple[torch.Tensor, float]:
         """Features and mean high-frequency energy of the instance images centre-cropped to ``size`` pixels."""
         if size not in self._reference:
-            images = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in self.instance_images])
+            images = unit_pixels(self.instance_images, size)
             feats = features(images, self.backbone)
             self._reference[size] = (feats, float(high_frequency_energy(images).mean()))
         return self._reference[size]
@@ -219,11 +224,10 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             images = [load_image(f) for f in files]
         else:
             images = self.instance_images
-        pixels = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in images])
-        copies = features(pl_module.round_trip(pixels), self.backbone)
+        copies = features(pl_module.round_trip(unit_pixels(images, size)), self.backbone)
         levels["ceiling"] = subject_fidelity(copies, ref)
-        own = torch.stack([(to_tensor(im, size, True, False, None) + 1) / 2 for im in self.instance_images])
-        levels["ceiling_memorisation"] = memorisation(features(pl_module.round_trip(own), self.backbone), ref)
+        own = pl_module.round_trip(unit_pixels(self.instance_images, size))
+        levels["ceiling_memorisation"] = memorisation(features(own, self.backbone), ref)
         class_prompt = self.class_prompt or dict(getattr(trainer.datamodule, "hparams", {})).get("class_prompt")
         if class_prompt and self.conditions[0] == "prompts":
             with torch.random.fork_rng(devices=[]):

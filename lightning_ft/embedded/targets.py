@@ -2,8 +2,8 @@
 
 ``LimitedDataModule`` reads them exactly as it reads a user's folder. Two targets:
 
-- ``subject``: 5 images of a novel object the source domain never shows: an orange star with blue stripes on a
-  gray background (DreamBooth-style: ``a sks orange star on a gray background``, class prompt
+- ``subject``: 5 images of a novel object the source domain never shows: an orange star with wide blue stripes on
+  a gray background (DreamBooth-style: ``a sks orange star on a gray background``, class prompt
   ``a orange star on a gray background``), plus held-out renders of the same subject for fidelity and
   the evaluation prompts (the subject on new backgrounds).
 - ``domain``: 32 images of a new style, shapes drawn as outlines ("a red outlined star on a black background"),
@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lightning_ft.data import shapes
+from lightning_ft.embedded import shapes
 from lightning_ft.paths import cache_dir
 
-VERSION = 3  # 3: the domain's captions carry class labels (shape x colour) for class-conditional models
-SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.14), "background": "gray"}
+# 3: the domain's captions carry class labels (shape x colour) for class-conditional models; 4: the subject's stripes
+# are wider (period 0.24 of the width, 7.7 px at 32 px, against 0.14), so that the 16x16 latent grid holds them.
+VERSION = 4
+SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.24), "background": "gray"}
 # The class prompt is a full caption of the source domain (colour, shape and background), the form most pretraining
 # captions take (20% leave out colour and/or background), so the pretrained model samples it best.
 SUBJECT_PROMPT = "a sks orange star on a gray background"

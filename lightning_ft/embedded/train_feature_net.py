@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,17 +164,20 @@ def train(
 MODEL_CARD = """# shapes-features: the embedded world's metric backbone
 
 `ShapesFeatureNet` ({params:,} parameters, {size_kb:.0f} kB): a small CNN over 32x32 RGB images in [0, 1] of the
-procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has three linear
-heads on it: shape (6), colour (8) and background (3).
+procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has five linear
+heads on it: shape (6), colour (8), background (3), surface pattern (plain, striped, outlined, striped-outlined) and
+stripe colour (none + 8).
 
-**Used for** offline evaluation when no Inception / CLIP / DINO weights are available:
-FID and KID (torchmetrics with this net as the custom `feature` module), subject fidelity and memorisation (cosine
-similarity of features, the DINO / CLIP-I role), diversity, and prompt fidelity as attribute accuracy of samples
-(the CLIP-T role). See `lightning_ft.metrics`.
+**Used for** the embedded models only (their `lightning_ft.json` declares it; real models get DINO, Inception and
+CLIP): subject identity, memorisation and diversity (cosine similarity of the *identity* embedding: the features
+minus their mean over 4,000 renders of the world, the DINO role), FID and KID (torchmetrics with the raw features as
+the custom `feature` module), ANL's image conditions (the last feature map as tokens), and prompt fidelity as
+attribute accuracy of samples (the CLIP-T role). See `lightning_ft.embedded.backbones`.
 
 **Trained** from scratch for {steps} steps (batch {batch_size}, Adam with one-cycle schedule, seed {seed}) on fresh
-random renders, {stripe:.0%} with two-tone stripes and {outline:.0%} outlined (colour label = main colour), with
-random flips and quarter turns. Wall time {wall:.0f} s on {threads} CPU thread(s).
+random renders, {stripe:.0%} with two-tone stripes (period 0.08-0.3 of the width) and {outline:.0%} outlined (colour
+label = main colour), {roundtrip:.0%} of them passed through the autoencoder `{autoencoder}` (whose blur every
+sample carries), with random flips and quarter turns. Wall time {wall:.0f} s on {threads} CPU thread(s).
 
     {command}
 
@@ -187,10 +191,38 @@ On {count} striped/outlined renders of the same seed: {styled}.
 These are lower by construction: stripes cover half of the shape, so which colour is the main one is ambiguous
 for round shapes, and an outlined circle and an outlined ring draw the same pixels.
 
+**Subject identity** and the levels a fidelity curve is read against are measured by
+`python -m benchmarks.embedded_world` (`benchmarks/results/embedded_world.md`).
+
 **Limits**: it knows only this world; the features of noisy or off-distribution samples are not calibrated, and it
-is no judge of images from other domains. Files: `config.json` (architecture and class names), `model.safetensors`,
-`metrics.json` (the numbers above).
+is no judge of images from other domains. Files: `config.json` (architecture and class names), `model.safetensors`
+(weights and the identity centre), `metrics.json` (the numbers above).
 """
+
+
+def write_model_card(out: Path, metrics: dict) -> None:
+    """``out/README.md`` from the content of the run's ``metrics.json``."""
+    heldout, styled = metrics["heldout"], metrics["heldout_styled"]
+    text = MODEL_CARD.format(
+        params=metrics["parameters"],
+        size_kb=(out / "model.safetensors").stat().st_size / 1024,
+        dim=json.loads((out / "config.json").read_text())["num_features"],
+        steps=metrics["steps"],
+        batch_size=metrics["batch_size"],
+        seed=metrics["seed"],
+        stripe=STRIPE_PROB,
+        outline=OUTLINE_PROB,
+        roundtrip=metrics.get("roundtrip", 0.0),
+        autoencoder=metrics.get("autoencoder") or "none",
+        wall=metrics["wall_time_s"],
+        threads=metrics["threads"],
+        command=metrics["command"],
+        count=heldout["count"],
+        eval_seed=heldout["seed"],
+        rows="\n".join(f"| {k} | {v:.2%} |" for k, v in heldout["accuracy"].items()),
+        styled=", ".join(f"{k} {v:.2%}" for k, v in styled["accuracy"].items()),
+    )
+    (out / "README.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,28 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": sum(p.numel() for p in net.parameters()),
         "heldout": {"seed": args.eval_seed, "count": args.eval_count, "accuracy": plain},
         "heldout_styled": {"seed": args.eval_seed, "count": args.eval_count, "accuracy": styled_acc},
+        "autoencoder": args.autoencoder,
+        "roundtrip": args.roundtrip if args.autoencoder else 0.0,
         "torch": torch.__version__,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "README.md").write_text(
-        MODEL_CARD.format(
-            params=metrics["parameters"],
-            size_kb=(out / "model.safetensors").stat().st_size / 1024,
-            dim=net.num_features,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            stripe=STRIPE_PROB,
-            outline=OUTLINE_PROB,
-            wall=wall,
-            threads=args.threads,
-            command=command,
-            count=args.eval_count,
-            eval_seed=args.eval_seed,
-            rows="\n".join(f"| {k} | {v:.2%} |" for k, v in plain.items()),
-            styled=", ".join(f"{k} {v:.2%}" for k, v in styled_acc.items()),
-        )
-    )
+    write_model_card(out, metrics)
     print(json.dumps(metrics, indent=2))
     return metrics
 

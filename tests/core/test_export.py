@@ -63,3 +63,23 @@ def test_lora_export_merged_and_lora_only(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
     pipe.load_lora_weights(tmp_path / "lora")
     assert torch.allclose(_pipeline_images(pipe, [0, 1], 2, 1.5), expected, atol=1e-4)
+
+
+def test_an_export_keeps_the_backbones_its_pretrained_folder_declares(tmp_path):
+    """A fine-tuned model is scored like the model it came from: its export carries ``lightning_ft.json``."""
+    import json
+
+    from lightning_ft.core import DiffusionBase
+    from lightning_ft.metrics import backbone_spec
+
+    torch.manual_seed(0)
+    tiny_module().save_pretrained(tmp_path / "base")
+    declaration = {"backbones": {"identity": {"name": "dinov2", "path": "/models/dinov2"}}}
+    (tmp_path / "base" / "lightning_ft.json").write_text(json.dumps(declaration))
+    module = DiffusionBase(pretrained=str(tmp_path / "base"), sample_steps=2)
+    module.save_pretrained(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "lightning_ft.json").read_text()) == declaration
+    assert backbone_spec("identity", folder=str(tmp_path / "export")) == ("dinov2", "/models/dinov2")
+    # A model built from configs declares nothing, and its export says nothing either.
+    tiny_module().save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "lightning_ft.json").exists()

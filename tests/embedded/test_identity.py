@@ -68,13 +68,15 @@ def test_the_autoencoder_round_trip_keeps_the_subject(world, model):
     assert (predicted["pattern"] == shapes.PATTERNS.index("striped")).float().mean() >= 0.9
 
 
-def test_a_memorised_sample_scores_the_ceiling_and_copies_are_nearest_to_their_source(world, model):
-    backbone, instances, _, _ = world
+def test_a_memorised_sample_scores_the_ceiling(world, model):
+    """Copies of the instance images through the autoencoder (what a fully memorised model draws) score at the
+    ceiling's level, far above the class. The identity embedding ignores pose (flips, turns, position), as it should
+    for identity, so it does not tell a copy from a new pose of the subject: nearest-instance similarity is high for
+    both."""
+    backbone, instances, heldout, plain = world
     copies = model.round_trip(instances)
+    ceiling = score(backbone, model.round_trip(heldout), instances)
+    assert score(backbone, copies, instances) == pytest.approx(ceiling, abs=0.05)
+    assert score(backbone, copies, instances) > score(backbone, plain, instances) + 0.3
     ref = features(instances, backbone)
-    assert score(backbone, copies, instances) == pytest.approx(subject_fidelity(features(copies, backbone), ref))
-    sims = (
-        torch.nn.functional.normalize(features(copies, backbone), dim=-1) @ torch.nn.functional.normalize(ref, dim=-1).T
-    )
-    assert torch.equal(sims.argmax(dim=1), torch.arange(len(instances)))
-    assert memorisation(features(copies, backbone), ref) > 0.9
+    assert memorisation(features(copies, backbone), ref) > memorisation(features(plain, backbone), ref) + 0.3

@@ -33,7 +33,10 @@ def test_render_draws_the_requested_colours_in_the_right_places():
     ring = shapes.render(shapes.ShapeSpec("ring", "white", "black", 0.4, 0.5, 0.5, 0.0), 32)
     assert tuple(ring[16, 16]) == shapes.BACKGROUNDS["black"]  # the hole
     assert spec.caption == "a red square on a navy background"
-    assert shapes.labels(spec) == {"shape": 1, "color": 0, "background": 2}
+    assert shapes.labels(spec) == {"shape": 1, "color": 0, "background": 2, "pattern": 0, "stripe_color": 0}
+    striped = shapes.ShapeSpec(**{**spec.__dict__, "stripes": ("blue", 0.2), "outline": 0.3})
+    assert shapes.labels(striped)["pattern"] == shapes.PATTERNS.index("striped-outlined")
+    assert shapes.labels(striped)["stripe_color"] == shapes.STRIPE_COLORS.index("blue")
 
 
 def test_every_shape_renders_a_distinct_mask_of_sensible_area():

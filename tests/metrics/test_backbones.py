@@ -53,7 +53,9 @@ def by_hand(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def with_preprocessor(folder, mean, std):
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(mean), "image_std": list(std)}))
+    file = folder / "preprocessor_config.json"
+    config = json.loads(file.read_text()) if file.exists() else {}
+    file.write_text(json.dumps({**config, "image_mean": list(mean), "image_std": list(std)}))
     return folder
 
 
@@ -76,6 +78,8 @@ def dinov2_folder(tmp_path_factory):
     torch.manual_seed(1)
     folder = tmp_path_factory.mktemp("dinov2")
     Dinov2Model(Dinov2Config(mlp_ratio=2, **TINY_VISION)).save_pretrained(folder)
+    # DINOv2's processor crops to 224 whatever its position table allows; this tiny one says its own crop.
+    (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": SIZE, "width": SIZE}}))
     return folder
 
 
@@ -152,6 +156,17 @@ def test_dinov2_is_the_cls_token_of_the_dinov2_model(dinov2_folder):
     torch.testing.assert_close(backbone.extract(x), out.last_hidden_state[:, 0], atol=1e-5, rtol=1e-4)
     # The CLS token, not a mean of the patch tokens.
     assert not torch.allclose(backbone.extract(x), out.last_hidden_state[:, 1:].mean(1), atol=1e-3)
+
+
+def test_dinov2_scores_at_its_processors_crop_not_its_position_table(dinov2_folder, tmp_path):
+    """facebook/dinov2-* configs say image_size 518 but their processor feeds 224 crops: without a crop_size the
+    backbone feeds 224, with one it feeds that."""
+    import shutil
+
+    assert make_backbone("dinov2", dinov2_folder).module.preprocess.image_size == SIZE
+    bare = shutil.copytree(dinov2_folder, tmp_path / "bare")
+    (bare / "preprocessor_config.json").unlink()
+    assert make_backbone("dinov2", bare).module.preprocess.image_size == 224
 
 
 @pytest.mark.parametrize("name", ["dino", "dinov2", "clip"])
