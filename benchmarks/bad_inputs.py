@@ -1,6 +1,6 @@
 """Bad inputs and what lightning-ft says about them: each case is triggered for real and its message recorded.
 
-To run: python -m benchmarks.bad_inputs      (about a minute; writes benchmarks/results/bad_inputs.md)
+To run: python -m benchmarks.bad_inputs      (about two minutes; writes benchmarks/results/bad_inputs.md)
 The same cases run as tests (tests/cli/test_bad_inputs.py), so the table in the README stays true.
 """
 
@@ -40,6 +40,22 @@ def _cli(*args: str) -> None:
     from lightning_ft.run import main
 
     main(["--config", DREAMBOOTH, "--config", TINY, "--trainer.logger", "false", *args], run=False)
+
+
+def _fit(*args: str) -> None:
+    """``fit`` through the CLI, with no callbacks; the cases fail before the first step."""
+    from lightning_ft.run import main
+
+    main(["fit", "--config", DREAMBOOTH, "--config", TINY, "--trainer.logger", "false", "--trainer.callbacks", "[]",
+          "--trainer.max_steps", "2", "--data.num_class_images", "2", "--model.sample_steps", "2", *args])  # fmt: skip
+
+
+def _trained(tmp: Path, *args: str) -> str:
+    """The last.ckpt of a 1-step run (outside ``runs/``, whose earlier outputs must stay as they are)."""
+    callbacks = "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"
+    _fit("--trainer.max_steps", "1", "--trainer.callbacks", callbacks, "--trainer.default_root_dir",
+         str(tmp / "first"), "--trainer.enable_progress_bar", "false", *args)  # fmt: skip
+    return str(tmp / "first" / "checkpoints" / "last.ckpt")
 
 
 def _setup(folder: Path, **kwargs) -> None:
@@ -179,6 +195,94 @@ def unknown_embedded_target(tmp: Path) -> None:
     ensure_target("dragons", tmp)
 
 
+def several_unreadable_images(tmp: Path) -> None:
+    folder = _images(tmp / "data", 3)
+    (folder / "broken_a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "broken_b.jpg").write_bytes(b"nothing")
+    _setup(folder, instance_prompt="a sks star")
+
+
+def lora_rank_zero(tmp: Path) -> None:
+    _cli("--model.init_args.trainable", "lora", "--model.init_args.lora_rank", "0")
+
+
+def zero_sample_steps(tmp: Path) -> None:
+    _cli("--model.init_args.sample_steps", "0")
+
+
+def pretrained_without_denoiser(tmp: Path) -> None:
+    import shutil
+
+    from lightning_ft.embedded import asset_path
+    from lightning_ft.run import main
+
+    folder = tmp / "no-denoiser"
+    shutil.copytree(asset_path("shapes-t2i"), folder, ignore=shutil.ignore_patterns("unet"))
+    main(["--config", DREAMBOOTH, "--trainer.logger", "false", "--model.init_args.pretrained", str(folder)], run=False)
+
+
+def negative_lr(tmp: Path) -> None:
+    _cli("--model.init_args.lr", "-1")
+
+
+def lr_scheduler_typo(tmp: Path) -> None:
+    _cli("--model.init_args.lr_scheduler", "cosin")
+
+
+def prediction_type_typo(tmp: Path) -> None:
+    _cli("--model.init_args.prediction_type", "v-prediction")
+
+
+def empty_instance_prompt(tmp: Path) -> None:
+    _cli("--data.init_args.instance_prompt", "")
+
+
+def negative_class_images(tmp: Path) -> None:
+    _cli("--data.init_args.num_class_images", "-3")
+
+
+def condition_dropout_over_one(tmp: Path) -> None:
+    _cli("--model.init_args.condition_dropout", "1.5")
+
+
+def ema_decay_over_one(tmp: Path) -> None:
+    _cli("--model.init_args.ema_decay", "2.0")
+
+
+def zero_steps(tmp: Path) -> None:
+    _fit("--trainer.max_steps", "0")
+
+
+def ckpt_not_a_checkpoint(tmp: Path) -> None:
+    # The earlier run's last.ckpt of the scratch folder holds a few bytes of text.
+    _fit("--ckpt_path", "runs/dreambooth/lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+def ckpt_missing(tmp: Path) -> None:
+    _fit("--ckpt_path", "last.ckpt")
+
+
+def ckpt_last_without_earlier_run(tmp: Path) -> None:
+    _fit("--ckpt_path", "last", "--trainer.default_root_dir", str(tmp / "elsewhere"))
+
+
+def ckpt_of_another_method(tmp: Path) -> None:
+    _fit("--model.class_path", "lightning_ft.methods.BayesianFineTuning", "--ckpt_path", _trained(tmp))
+
+
+def ckpt_of_another_trainable_set(tmp: Path) -> None:
+    _fit("--model.trainable", "lora", "--ckpt_path", _trained(tmp))
+
+
+def ckpt_of_another_lora_rank(tmp: Path) -> None:
+    ckpt = _trained(tmp, "--model.trainable", "lora")
+    _fit("--model.trainable", "lora", "--model.lora_rank", "8", "--ckpt_path", ckpt)
+
+
+def checkpoint_every_without_checkpoint(tmp: Path) -> None:
+    _fit("--checkpoint_every", "50")
+
+
 CASES = [
     Case("corrupt image in the instance folder", corrupt_image, ("broken.png", "cannot be read")),
     Case("empty instance folder", empty_folder, ("data.instance_dir", "holds no image")),
@@ -199,6 +303,25 @@ CASES = [
     Case("sweep file without ${args} / the project CLI", bad_sweep_file, ("sweep.yaml", "command")),
     Case("A3FTA export loaded as a plain model", a3fta_export_as_plain, ("AdapterAttentionFineTuning",)),
     Case("unknown embedded target", unknown_embedded_target, ("dragons",)),
+    Case("several unreadable images", several_unreadable_images, ("2 of 5 images", "broken_a.png", "broken_b.jpg")),
+    Case("LoRA rank 0", lora_rank_zero, ("model.lora_rank=0",)),
+    Case("0 sampling steps", zero_sample_steps, ("model.sample_steps=0",)),
+    Case("pretrained folder without a denoiser", pretrained_without_denoiser, ("model.pretrained", "unet/")),
+    Case("negative learning rate", negative_lr, ("model.lr=-1",)),
+    Case("typo in the LR schedule", lr_scheduler_typo, ("model.lr_scheduler='cosin'",)),
+    Case("typo in the prediction type", prediction_type_typo, ("model.prediction_type='v-prediction'",)),
+    Case("empty instance prompt", empty_instance_prompt, ("data.instance_prompt=''",)),
+    Case("negative number of class images", negative_class_images, ("data.num_class_images=-3",)),
+    Case("condition dropout over 1", condition_dropout_over_one, ("model.condition_dropout=1.5",)),
+    Case("EMA decay over 1", ema_decay_over_one, ("model.ema_decay=2.0",)),
+    Case("0 training steps", zero_steps, ("trainer.max_steps=0",)),
+    Case("ckpt_path that is not a checkpoint", ckpt_not_a_checkpoint, ("ckpt_path", "not a Lightning checkpoint")),
+    Case("ckpt_path that does not exist", ckpt_missing, ("ckpt_path='last.ckpt'", "does not exist")),
+    Case("ckpt_path last with no earlier run", ckpt_last_without_earlier_run, ("ckpt_path='last'", "no last.ckpt")),
+    Case("checkpoint of another method", ckpt_of_another_method, ("DreamBooth", "BayesianFineTuning")),
+    Case("checkpoint of another trainable set", ckpt_of_another_trainable_set, ("'full'", "'lora'")),
+    Case("checkpoint of another LoRA rank", ckpt_of_another_lora_rank, ("lora_rank: 4 in the checkpoint, 8 now",)),
+    Case("checkpoint_every without a ModelCheckpoint", checkpoint_every_without_checkpoint, ("checkpoint_every=50",)),
 ]
 
 

@@ -1,7 +1,8 @@
 """Command-line entry: ``python -m lightning_ft.run {fit,validate,test,predict} --config experiment.yaml``.
 
-A thin ``LightningCLI``: the model is any ``LightningModule`` (normally a ``DiffusionBase`` subclass) and the data
-any ``LightningDataModule``, both given by ``class_path`` + ``init_args``. YAML is parsed in OmegaConf mode, so
+A thin ``LightningCLI`` (``lightning_ft.cli.FineTuneCLI``, which adds resume checks, input checks and clean-up of
+failed runs): the model is any ``LightningModule`` (normally a ``DiffusionBase`` subclass) and the data any
+``LightningDataModule``, both given by ``class_path`` + ``init_args``. YAML is parsed in OmegaConf mode, so
 ``${...}`` interpolation works, and two resolvers are registered:
 
 - ``${asset:NAME}``: absolute path of an embedded model shipped in ``lightning_ft/embedded/assets/NAME``.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import os
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
+
+from lightning_ft.cli import FineTuneCLI
 
 
 def _embedded_asset(name: str) -> str:
@@ -53,13 +55,13 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def main(args: list[str] | None = None, run: bool = True) -> FineTuneCLI:
     """Run the CLI on ``args`` (default: sys.argv); with ``run=False`` only parse and instantiate (tests)."""
     register_resolvers()
     # W&B must work with no account: offline unless credentials exist or the user chose a mode.
     if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
-    return LightningCLI(
+    return FineTuneCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -3,12 +3,14 @@
 A sweep file (``experiments/sweeps/*.yaml``) is in W&B's format; its ``command`` runs the project's CLI with the swept
 keys as overrides, so the same file works with ``wandb sweep FILE`` + ``wandb agent ID`` and with
 
-    python -m lightning_ft.sweep experiments/sweeps/dreambooth_bnn.yaml --method grid [--count N] [--out results]
+    python -m lightning_ft.sweep experiments/sweeps/dreambooth_bnn.yaml --method grid [--count N] [--out results] \
+        [-- --trainer.max_steps 60 ...]
 
 The local runner expands the file's ``parameters`` (``grid``: every combination of ``values``; ``random``: ``count``
 draws, ``values`` uniformly and ``distribution`` ``uniform`` / ``log_uniform_values`` / ``int_uniform`` /
 ``q_uniform`` as W&B defines them), runs the fits one after the other in this process, reads the sweep's
-``metric.name`` from each run's ``callback_metrics`` and writes one table (CSV and markdown), best run first. W&B's
+``metric.name`` from each run's ``callback_metrics`` and writes one table (CSV and markdown), best run first, with
+the values each run used (an override after ``--`` included). W&B's
 ``bayes`` method needs its server; locally it is rejected. Written here because W&B's own local controller needs
 a W&B server too.
 """
@@ -20,6 +22,7 @@ import csv
 import itertools
 import math
 import random
+import sys
 from pathlib import Path
 
 import yaml
@@ -107,6 +110,13 @@ def cli_args(sweep: dict, values: dict) -> list[str]:
     return out
 
 
+def used_value(cli, key: str, drawn):
+    """The value of dotted ``key`` in the run's parsed config (``drawn`` when the config does not hold it)."""
+    config = cli.config[cli.subcommand] if cli.subcommand else cli.config
+    value = config.get(key, drawn)
+    return list(value) if isinstance(value, tuple) else value
+
+
 def run_sweep(path: str | Path, method: str = "grid", count: int | None = None, out: str | Path | None = None,
               extra: list[str] = (), seed: int = 0) -> list[dict]:  # fmt: skip
     """Run every expanded configuration in turn; write ``<out>.csv`` and ``<out>.md`` (best first)."""
@@ -121,8 +131,11 @@ def run_sweep(path: str | Path, method: str = "grid", count: int | None = None, 
         cli = main([*cli_args(sweep, values), *extra])
         value = cli.trainer.callback_metrics.get(metric)
         value = float(value) if isinstance(value, torch.Tensor) else float("nan")
-        rows.append({"run": i, **values, metric: value})
-        print(f"lightning-ft sweep: run {i} {values} -> {metric} = {value:.4g}", flush=True)
+        # The values the run used, from its parsed config (what its config.yaml records): an override in `extra`
+        # (`-- --trainer.max_steps 60`) wins over the sweep file's value, and the table must say so.
+        used = {key: used_value(cli, key, drawn) for key, drawn in values.items()}
+        rows.append({"run": i, **used, metric: value})
+        print(f"lightning-ft sweep: run {i} {used} -> {metric} = {value:.4g}", flush=True)
     rows.sort(key=lambda r: (math.isnan(r[metric]), r[metric] if goal == "minimize" else -r[metric]))
     out = Path(out or Path("runs") / "sweeps" / Path(path).stem)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,19 +153,25 @@ def run_sweep(path: str | Path, method: str = "grid", count: int | None = None, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The runner's own options (before or after the file) and, after ``--``, the overrides for every run."""
     parser = argparse.ArgumentParser(
-        description="Run a W&B sweep file locally (grid or random), one run after another."
+        description="Run a W&B sweep file locally (grid or random), one run after another.",
+        epilog="Arguments after -- go to every run's training CLI, e.g. -- --trainer.max_steps 60",
     )
     parser.add_argument("sweep")
     parser.add_argument("--method", default=None, help="grid | random (default: the file's method)")
     parser.add_argument("--count", type=int, default=None, help="runs (random: default 10; grid: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     parser.add_argument("--out", default=None, help="table path without suffix (default runs/sweeps/<file stem>)")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more CLI overrides for every run, after --")
-    args = parser.parse_args(argv)
+    # Split at `--` by hand: argparse's REMAINDER after a positional takes the runner's own options too.
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    return parser.parse_args(own), extra
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     method = args.method or load_sweep(args.sweep).get("method", "grid")
-    extra = [a for a in args.extra if a != "--"]
     return run_sweep(args.sweep, method, args.count, args.out, extra, args.seed)
 
 

@@ -32,11 +32,18 @@ def tiny_components(model: str = "tiny_t2i") -> dict:
     return config["model"]["init_args"]["components"]
 
 
+def tiny_backbones(model: str = "tiny_t2i") -> dict:
+    """The metric backbones the tiny configs declare: the embedded network (the tiny models draw 32x32 images)."""
+    config = yaml.safe_load((REPO / f"configs/model/{model}.yaml").read_text())
+    return config["model"]["init_args"]["backbones"]
+
+
 def tiny_module(cls=None, **kwargs):
     from lightning_ft.methods import DreamBooth
 
     cls = cls or DreamBooth
     kwargs.setdefault("sample_steps", 2)
+    kwargs.setdefault("backbones", tiny_backbones())
     return cls(components=tiny_components(), **kwargs)
 
 

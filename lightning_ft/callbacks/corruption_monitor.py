@@ -39,7 +39,7 @@ from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport, classify_stages
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import as_backbone, diversity, features, high_frequency_energy, memorisation, subject_fidelity
-from lightning_ft.metrics.backbones import model_folder, resolve_backbone
+from lightning_ft.metrics.backbones import model_backbones, resolve_backbone
 
 CSV_COLUMNS = (
     "step", "fidelity", "progress", "score", "memorisation", "diversity", "hf_energy", "class_prior", "ceiling",
@@ -64,8 +64,9 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         every_n_steps: evaluation period in optimizer steps (default 50; 0 = only at step 0 and at the end).
         steps: sampler steps (default None: the model's ``sample_steps``).
         guidance_scale: classifier-free guidance (default None: the model's).
-        backbone: the subject-identity backbone: ``auto`` (default: what the model's pretrained folder declares
-            for the ``identity`` role in ``lightning_ft.json``, else DINO ViT-S/16 as in the BNN paper), a name for
+        backbone: the subject-identity backbone: ``auto`` (default: what the model declares for the ``identity``
+            role, in its ``backbones`` argument or its folder's ``lightning_ft.json``, else DINO ViT-S/16 as in the
+            BNN paper), a name for
             ``make_backbone`` (``dino``, ``dinov2``, ``clip``, ``package.module:function``) or a module.
         backbone_path: folder or hub id of the backbone's weights (default None: the declared or paper default).
         instance_dir: folder of the instance images (default None: the datamodule's ``dataset.images``).
@@ -151,8 +152,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         self.instance_images = self._instance_images(trainer)
         self.conditions = self._conditions(trainer, pl_module)
         if isinstance(self.backbone_spec, str):
-            folder = model_folder(pl_module)
-            self.backbone = resolve_backbone("identity", self.backbone_spec, self.backbone_path, folder)
+            declared = model_backbones(pl_module)
+            self.backbone = resolve_backbone("identity", self.backbone_spec, self.backbone_path, declared)
         else:
             self.backbone = as_backbone(self.backbone_spec)
         self.backbone = self.backbone.to(pl_module.device)

@@ -25,6 +25,14 @@ class DiffusersExport(L.Callback):
             return Path(self.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The CLI refuses this before anything is written; a fit started from Python is stopped here.
+        if trainer.max_steps == 0:
+            raise ValueError(
+                "trainer.max_steps=0: fit would train nothing, and this callback would export the unchanged "
+                "pretrained model as the run's result"
+            )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
         path = self.resolve_dir(trainer)

@@ -22,7 +22,7 @@ import torch
 from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import FIDScorer
-from lightning_ft.metrics.backbones import backbone_spec, make_backbone, model_folder
+from lightning_ft.metrics.backbones import backbone_spec, make_backbone, model_backbones
 from lightning_ft.paths import cache_dir
 
 
@@ -38,9 +38,9 @@ class FIDMonitor(PeriodicEvaluation):
         at_start: evaluate before the first update too (default True: the pretrained model's score is the baseline).
         prompts, labels: conditions cycled over the samples (default: the datamodule's captions or labels, cycled).
         steps, guidance_scale: sampler settings (default: the model's).
-        backbone: ``auto`` (default: what the model's pretrained folder declares for the ``fid`` role in
-            ``lightning_ft.json``, else ``inception``), or a name for ``make_backbone`` (``inception``, ``clip``,
-            ``dinov2``, ``package.module:function``); ``backbone_path`` for its weights.
+        backbone: ``auto`` (default: what the model declares for the ``fid`` role, in its ``backbones`` argument
+            or its folder's ``lightning_ft.json``, else ``inception``), or a name for ``make_backbone``
+            (``inception``, ``clip``, ``dinov2``, ``package.module:function``); ``backbone_path`` for its weights.
         resolution: side the reference images are resized and centre-cropped to (default: the datamodule's).
         cache: keep reference features on disk (default True).
     """
@@ -98,7 +98,7 @@ class FIDMonitor(PeriodicEvaluation):
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        name, path = backbone_spec("fid", self.backbone_name, self.backbone_path, model_folder(pl_module))
+        name, path = backbone_spec("fid", self.backbone_name, self.backbone_path, model_backbones(pl_module))
         self.resolved_backbone = (name, path)
         self.scorer = FIDScorer(make_backbone(name, path))
         resolution = self.resolution or dict(getattr(trainer.datamodule, "hparams", {})).get("resolution")

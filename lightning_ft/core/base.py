@@ -31,9 +31,11 @@ from diffusers.optimization import get_scheduler as get_lr_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_ft.core import pipeline as pipe_utils
+from lightning_ft.core.checks import check_model_settings
 from lightning_ft.core.class_labels import resolve_null_class
 from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
+from lightning_ft.core.resume import check_checkpoint_fits, method_name
 from lightning_ft.core.rng import rng_states, set_rng_states
 from lightning_ft.core.sampling_export import SamplingExportMixin
 from lightning_ft.core.speed import apply_speed_options
@@ -78,6 +80,9 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         gradient_checkpointing: recompute the denoiser's (and a training text encoder's) block activations in the
             backward pass, trading time for memory (default False).
         compile: ``torch.compile`` the denoiser in place (default False; compiles on the first forward).
+        backbones: the metric backbones this model is scored with, by role (``identity``, ``fid``, ``prompt``,
+            ``condition``: ``{role: {"name": ..., "path": ...}}``, as in a folder's ``lightning_ft.json``; default
+            None: what the pretrained folder declares). The monitors' and ANL's ``auto`` read it; exports keep it.
     """
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
@@ -117,9 +122,12 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        backbones: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Before any component is loaded: a nonsense value fails in a second, naming its key.
+        check_model_settings(self.hparams)
         for folder, owner in METHOD_EXPORT_FOLDERS.items():
             if pretrained and (Path(pretrained) / folder).is_dir() and folder != self.export_folder:
                 raise ValueError(
@@ -443,15 +451,45 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise ValueError(f"nothing to train: model.trainable={h.trainable!r} left no parameter with requires_grad")
-        optimizer = torch.optim.AdamW(
-            groups, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay, eps=h.adam_eps
-        )
+        optimizer = torch.optim.AdamW(groups, **self._adamw_settings())
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         total = int(total) if total and total != float("inf") else 1
         schedule = get_lr_scheduler(
             h.lr_scheduler, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _adamw_settings(self) -> dict:
+        h = self.hparams
+        return {"lr": h.lr, "betas": tuple(h.betas), "weight_decay": h.weight_decay, "eps": h.adam_eps}
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume, put the config's optimizer settings back over the checkpoint's.
+
+        Lightning restores the optimizer's and the LR schedule's state, and with them the learning rate (the
+        schedule's ``base_lrs``) and the AdamW settings the checkpoint trained with; the command line must win. The
+        schedule's shape comes from this run already (its lambda is rebuilt from this run's ``max_steps``), so the
+        learning rate is the new base times the schedule's factor at the resumed step. Unchanged settings give back
+        exactly the restored values, which keeps an exact resume exact."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return
+        settings = self._adamw_settings()
+        optimizer = self.trainer.optimizers[0]
+        wanted = [g.get("lr", settings["lr"]) for g in self.param_groups() if g["params"]]
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in settings.items() if k != "lr"})
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            factors = getattr(schedule, "lr_lambdas", None)
+            if schedule.optimizer is not optimizer or len(wanted) != len(optimizer.param_groups) or factors is None:
+                continue
+            schedule.base_lrs = list(wanted)
+            for group, base, factor in zip(optimizer.param_groups, wanted, factors):
+                group["initial_lr"] = base
+                lr = base * factor(schedule.last_epoch)
+                if group["lr"] != lr:
+                    group["lr"] = lr
+            schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_fit_start(self) -> None:
         if self.hparams.ema_decay is not None and self.ema is None:
@@ -462,6 +500,9 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         self._ema_global_step = restored if restored is not None else self.trainer.global_step
 
     def on_train_start(self) -> None:
+        # After Lightning restored the optimizer and schedule (in fit, before this hook): the config's lr wins.
+        if getattr(self, "_resumed", False):
+            self._apply_optimizer_settings()
         # A checkpoint is written in on_train_batch_end before this module's own on_train_batch_end applies that
         # step's EMA update: a resumed run applies it now, so the EMA continues exactly as in an unbroken run.
         if self.ema is not None and self._ema_global_step < self.trainer.global_step:
@@ -504,6 +545,8 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lightning_ft"] = {
+            "method": method_name(type(self)),  # a resume into another method is refused (core/resume.py)
+            "max_steps": self.trainer.max_steps if self._trainer is not None else None,
             "model_identity": self.model_identity(),
             "trainable_keys": sorted(keep),
             "ema_step": self._ema_global_step,  # the last step whose EMA update is in checkpoint["ema"]
@@ -515,15 +558,13 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The CLI has checked this before anything was written; a run started from Python is checked here.
+        check_checkpoint_fits(self, checkpoint, "checkpoint")
+        self._resumed = True
         self._pending_rng_states = checkpoint.get("rng_states")
         self._restored_ema_step = checkpoint.get("lightning_ft", {}).get("ema_step")
-        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
-        if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {sorted(missing)[:3]}): "
-                "it was written by a different method or trainable set"
-            )
         if "ema" in checkpoint and self.hparams.ema_decay is not None:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
             self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.decay = self.hparams.ema_decay  # the state dict carries the old decay; the config wins
             self.ema.to(self.device)  # strategies that restore after on_fit_start (FSDP) need the move here

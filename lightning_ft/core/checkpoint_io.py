@@ -3,7 +3,8 @@
 Lightning's ``TorchCheckpointIO`` writes the final path directly, so a process killed during a save (SIGKILL, a
 preempted job) can leave a truncated ``last.ckpt`` that then fails to load, or loads wrong. This writes a sibling
 temporary file and renames it over the target (``os.replace``, atomic on POSIX and Windows for one file system).
-The CLI installs it by default (``trainer.plugins``).
+A save that fails (disk full) removes its temporary file and raises. The CLI installs it by default
+(``trainer.plugins``).
 """
 
 from __future__ import annotations
@@ -22,5 +23,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in target:  # remote file systems: their own semantics
             return super().save_checkpoint(checkpoint, path, storage_options)
         partial = Path(f"{target}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, target)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, target)
+        except BaseException:
+            # A failed write (disk full, an interrupt) leaves the previous checkpoint as it was, and no half file.
+            partial.unlink(missing_ok=True)
+            raise

@@ -134,6 +134,13 @@ def load_components(pretrained: str | None = None, components: dict | None = Non
                 continue
             key = "denoiser" if name in DENOISER_KEYS else name
             if key in COMPONENT_KEYS and key not in components:
+                local = Path(pretrained).expanduser()
+                if local.is_dir() and not (local / name).is_dir():
+                    # diffusers would say only "no file named config.json found in directory <folder>".
+                    raise FileNotFoundError(
+                        f"model.pretrained={pretrained!r}: its model_index.json lists the {key} {name!r} "
+                        f"({value[1]}), but the folder has no {name}/ subfolder"
+                    )
                 parts[key] = _load_pretrained_entry(value[1], pretrained, name)
     for key, spec in components.items():
         if spec is not None:

@@ -14,7 +14,7 @@ import torch
 
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.trainable import has_lora, lora_state_dict
-from lightning_ft.metrics.backbones import copy_declaration
+from lightning_ft.metrics.backbones import model_backbones, write_declaration
 
 
 class SamplingExportMixin:
@@ -134,8 +134,8 @@ class SamplingExportMixin:
                 self.noise_scheduler.save_pretrained(path / "scheduler")
             else:
                 pipe.save_pretrained(path)
-        # The metric backbones the pretrained folder declared belong to the fine-tuned model too.
-        copy_declaration(self.hparams.get("pretrained"), path)
+        # The metric backbones the model declares (its own argument, or its pretrained folder's) go with it.
+        write_declaration(model_backbones(self), path)
         return path
 
     def exportable_lora_state(self) -> dict[str, torch.Tensor]:

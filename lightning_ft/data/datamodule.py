@@ -6,11 +6,19 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
-from lightning_ft.data.folder import list_images, load_image, read_captions, read_labels, to_tensor
+from lightning_ft.data.folder import (
+    describe_folder,
+    list_images,
+    load_images,
+    read_captions,
+    read_labels,
+    to_tensor,
+)
 from lightning_ft.data.samplers import EpochSeededRandomSampler
 
 #: The model settings that shape generated class images (besides the model itself), part of their cache key.
@@ -61,6 +69,27 @@ class LimitedDataset(Dataset):
             )
             item["class_prompts"] = self.class_prompts[j]
         return item
+
+
+def check_data_settings(h) -> None:
+    """Reject ``LimitedDataModule`` settings that cannot mean anything, naming the key and the value."""
+    if h.instance_prompt is not None and not h.instance_prompt.strip():
+        raise ValueError(f"data.instance_prompt={h.instance_prompt!r} is empty: give the prompt, or omit it (captions)")
+    if h.class_prompt is not None and not h.class_prompt.strip():
+        raise ValueError(f"data.class_prompt={h.class_prompt!r} is empty: give the class prompt, or omit it")
+    if h.num_class_images < 0:
+        raise ValueError(f"data.num_class_images={h.num_class_images}: must be >= 0 (0 = no prior preservation)")
+    if h.num_class_images > 0 and not h.class_prompt:
+        raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
+    for key in ("resolution", "repeats", "batch_size"):
+        if h[key] <= 0:
+            raise ValueError(f"data.{key}={h[key]}: must be > 0")
+    if h.num_workers < 0:
+        raise ValueError(f"data.num_workers={h.num_workers}: must be >= 0")
+    if h.class_label is not None and h.class_label < 0:
+        raise ValueError(f"data.class_label={h.class_label}: must be >= 0")
+    if not h.predict_seeds:
+        raise ValueError("data.predict_seeds=[]: predict needs at least one seed")
 
 
 class LimitedDataModule(L.LightningDataModule):
@@ -116,13 +145,9 @@ class LimitedDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if num_class_images > 0 and not class_prompt:
-            raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
-        if resolution <= 0 or repeats <= 0 or batch_size <= 0:
-            raise ValueError(
-                f"data.resolution/repeats/batch_size must be positive, got {resolution}/{repeats}/{batch_size}"
-            )
+        check_data_settings(self.hparams)
         self.dataset: LimitedDataset | None = None
+        self._instances: tuple | None = None  # (files, prompts, images, labels) once read by check_inputs
 
     # ----------------------------------------------------------------------------------------- class images
     def _user_class_files(self) -> list[Path]:
@@ -164,16 +189,45 @@ class LimitedDataModule(L.LightningDataModule):
             )
 
     # ----------------------------------------------------------------------------------------------- setup
+    def check_inputs(self, module=None) -> None:
+        """Read the instance folder, its captions, labels and every image now, and check them against ``module`` (the
+        model, if known: its resolution and conditioning), failing with every bad file named at once. The CLI calls
+        this before anything is written; ``setup`` reuses what it read.
+
+        Args:
+            module: the model the data is for (default None: only the data is checked).
+        """
+        h = self.hparams
+        if self._instances is None:
+            files = list_images(h.instance_dir, "data.instance_dir")
+            prompts = read_captions(files, h.captions_file, h.instance_prompt, "data.instance_dir")
+            images = load_images(files, "data.instance_dir")
+            self._user_class_files()  # a class_dir typo fails here too
+            labels = [h.class_label] * len(files) if h.class_label is not None else None
+            if labels is None:
+                labels = read_labels(files, h.captions_file, "data.captions_file")
+            # Caption files in the folder are used, not skipped: the per-image .txt, or a captions file kept there.
+            captions = [Path(h.captions_file)] if h.captions_file else [f.with_suffix(".txt") for f in files]
+            captions = [c for c in captions if c.parent.resolve() == Path(h.instance_dir).resolve() and c.exists()]
+            if rank_zero_only.rank == 0:
+                line = describe_folder(h.instance_dir, files, captions, "data.instance_dir")
+                print(f"lightning-ft: {line}", flush=True)
+            self._instances = (files, prompts, images, labels)
+        if module is not None and hasattr(module, "check_resolution"):
+            module.check_resolution(h.resolution)
+        if self._instances[3] is None and getattr(module, "conditioning", None) == "class":
+            raise ValueError(
+                "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
+                "whose rows carry an integer 'label'"
+            )
+
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         h = self.hparams
-        files = list_images(h.instance_dir, "data.instance_dir")
-        prompts = read_captions(files, h.captions_file, h.instance_prompt, "data.instance_dir")
-        images = [load_image(f) for f in files]
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and hasattr(module, "check_resolution"):
-            module.check_resolution(h.resolution)
+        self.check_inputs(module)
+        files, prompts, images, labels = self._instances
         class_images, class_prompts = None, None
         if h.num_class_images > 0:
             folder = self._generated_class_folder()  # hashes the model's files: once per setup
@@ -181,16 +235,8 @@ class LimitedDataModule(L.LightningDataModule):
             class_files = self._user_class_files()
             if folder is not None:
                 class_files += list_images(folder, "data.class_images (generated cache)")
-            class_images = [load_image(f) for f in class_files]
+            class_images = load_images(class_files, "data.class_dir")
             class_prompts = [h.class_prompt] * len(class_images)
-        labels = [h.class_label] * len(images) if h.class_label is not None else None
-        if labels is None:
-            labels = read_labels(files, h.captions_file, "data.captions_file")
-        if labels is None and getattr(module, "conditioning", None) == "class":
-            raise ValueError(
-                "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
-                "whose rows carry an integer 'label'"
-            )
         self.dataset = LimitedDataset(
             images,
             prompts,

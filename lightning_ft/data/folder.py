@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Modes PIL converts to RGB without losing meaning; e.g. 32-bit integer or float images are rejected.
@@ -32,11 +32,42 @@ def list_images(folder: str | Path, key: str) -> list[Path]:
     return files
 
 
+def describe_folder(folder: str | Path, files: list[Path], captions: list[Path] = (), key: str = "") -> str:
+    """One line: how many images of ``folder`` are used, and what else it holds that is not (subfolders and
+    files that are neither images nor the ``captions`` sidecars), so nothing is skipped without a word."""
+    used = set(files) | set(captions)
+    others = sorted(p for p in Path(folder).expanduser().iterdir() if p not in used)
+    folders = [p.name + "/" for p in others if p.is_dir()]
+    rest = [p.name for p in others if not p.is_dir()]
+    line = f"{key}: using {len(files)} images" + (f" and {len(captions)} caption files" if captions else "")
+    line += f" from {str(folder)!r}"
+    skipped = [f"{len(group)} {what} ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})"
+               for group, what in ((folders, "subfolders"), (rest, "other files")) if group]  # fmt: skip
+    return line + ("; skipped " + " and ".join(skipped) if skipped else "; skipped nothing")
+
+
+def load_images(files: list[Path], key: str) -> list[Image.Image]:
+    """``load_image`` of every file; when several cannot be used, one error lists them all (not one per run)."""
+    images, errors = [], []
+    for file in files:
+        try:
+            images.append(load_image(file))
+        except ValueError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise ValueError(errors[0])
+    if errors:
+        raise ValueError(f"{key}: {len(errors)} of {len(files)} images cannot be used:\n  " + "\n  ".join(errors))
+    return images
+
+
 def load_image(file: Path) -> Image.Image:
-    """Open and fully decode an image as RGB; a truncated, unreadable or unconvertible file raises naming it."""
+    """Open and fully decode an image as RGB, turned upright as its EXIF orientation says (phone photos are stored
+    sideways with a rotation tag); a truncated, unreadable or unconvertible file raises naming it."""
     try:
-        with Image.open(file) as image:
-            image.load()  # decodes everything now, so a truncated file fails here and not mid-training
+        with Image.open(file) as opened:
+            opened.load()  # decodes everything now, so a truncated file fails here and not mid-training
+            image = ImageOps.exif_transpose(opened)
             if image.mode in SIXTEEN_BIT_MODES:
                 # 16-bit grayscale (scientific or medical PNGs): scale to 8 bits instead of clipping at 255.
                 array = np.asarray(image, dtype=np.float64)

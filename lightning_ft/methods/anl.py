@@ -23,10 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.base import DiffusionBase
+from lightning_ft.metrics.backbones import model_backbones
 from lightning_ft.nn.anl import (
     ANL_FOLDER,
     ANLModule,
@@ -84,9 +86,13 @@ class ConditionTuning(DiffusionBase):
     def configure_trainable(self) -> None:
         super().configure_trainable()
         h = self.hparams
-        self.condition_encoder = make_condition_encoder(
-            h.condition_encoder, h.condition_encoder_path, h.get("pretrained")
-        )
+        # Before the condition encoder is loaded (a download, or a hub error offline): a DiT fails on what matters.
+        if not any(isinstance(m, ResnetBlock2D) for m in self.denoiser.modules()):
+            raise ValueError(
+                "ANL: the denoiser has no diffusers ResnetBlock2D to insert modules after (a UNet is needed)"
+            )
+        declared = model_backbones(self)
+        self.condition_encoder = make_condition_encoder(h.condition_encoder, h.condition_encoder_path, declared)
         resolution = self.native_resolution()
         with torch.no_grad():
             probe = self.condition_encoder(torch.zeros(1, 3, resolution, resolution))

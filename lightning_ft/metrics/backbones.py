@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -285,47 +284,67 @@ def declared_backbones(folder: str | Path | None) -> dict[str, dict]:
     if not file.is_file():
         return {}
     try:
-        backbones = json.loads(file.read_text()).get("backbones", {})
+        content = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{file}: expected an object with a 'backbones' key, got {type(content).__name__}")
+    return check_declaration(content.get("backbones", {}), str(file))
+
+
+def check_declaration(backbones: dict, where: str) -> dict:
+    """``backbones`` ({role: {"name": ..., "path": ...}}) checked: known roles, each with a name; returned as is."""
+    if not isinstance(backbones, dict):
+        raise ValueError(f"{where}: backbones must be a mapping of role to {{name, path}}, got {backbones!r}")
     unknown = set(backbones) - set(ROLES)
     if unknown:
-        raise ValueError(f"{file}: unknown backbone roles {sorted(unknown)}; expected some of {ROLES}")
+        raise ValueError(f"{where}: unknown backbone roles {sorted(unknown)}; expected some of {ROLES}")
+    for role, entry in backbones.items():
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise ValueError(f"{where}: backbone role {role!r} needs a 'name', got {entry!r}")
     return backbones
 
 
-def copy_declaration(source: str | Path | None, destination: str | Path) -> None:
-    """Copy ``source``'s ``lightning_ft.json`` (if any) into ``destination``: an export is scored like its source."""
-    if source and (Path(source) / DECLARATION).is_file() and Path(source).resolve() != Path(destination).resolve():
-        shutil.copyfile(Path(source) / DECLARATION, Path(destination) / DECLARATION)
-
-
-def model_folder(pl_module) -> str | None:
-    """The pretrained folder (or hub id) a module was loaded from, if it says (``hparams.pretrained``)."""
+def model_backbones(pl_module) -> dict:
+    """The backbones a module declares, by role: its ``backbones`` argument when given (a model built from configs
+    can declare its own), else what its pretrained folder declares in ``lightning_ft.json``."""
     hparams = getattr(pl_module, "hparams", None) or {}
-    return hparams.get("pretrained") if hasattr(hparams, "get") else None
+    get = hparams.get if hasattr(hparams, "get") else lambda key: None
+    if get("backbones"):
+        return check_declaration(dict(get("backbones")), "model.backbones")
+    return declared_backbones(get("pretrained"))
 
 
-def backbone_spec(role: str, name: str = "auto", path: str | None = None, folder: str | None = None) -> tuple:
+def write_declaration(backbones: dict, destination: str | Path) -> None:
+    """Write ``lightning_ft.json`` declaring ``backbones`` into ``destination`` (nothing when empty): an export is
+    scored like the model it came from."""
+    if backbones:
+        text = json.dumps({"backbones": backbones}, indent=2) + "\n"
+        (Path(destination) / DECLARATION).write_text(text)
+
+
+def backbone_spec(role: str, name: str = "auto", path: str | None = None, declared: dict | None = None) -> tuple:
     """(name, path) of the backbone for ``role`` (``identity``: subject fidelity; ``fid``; ``prompt``: CLIP-T;
-    ``condition``: image conditions). ``name="auto"`` takes what the model folder declares and, when it declares
-    nothing, the role's paper default (``ROLE_DEFAULTS``); a given name is used as is. A model is never scored
-    with another model's backbone by accident: nothing falls back to the embedded network."""
+    ``condition``: image conditions). ``name="auto"`` takes what the model declares (``declared``, e.g.
+    ``model_backbones(module)`` or ``declared_backbones(folder)``) and, when it declares nothing for the role, the
+    role's paper default (``ROLE_DEFAULTS``); a given name is used as is. A model is never scored with another
+    model's backbone by accident: nothing falls back to the embedded network."""
     if role not in ROLES:
         raise ValueError(f"unknown backbone role {role!r}; expected one of {ROLES}")
     if name != "auto":
         return name, path
-    declared = declared_backbones(folder).get(role)
-    if declared:
-        return declared["name"], path or declared.get("path")
+    entry = (declared or {}).get(role)
+    if entry:
+        return entry["name"], path or entry.get("path")
     return ROLE_DEFAULTS[role], path
 
 
 def resolve_backbone(
-    role: str, name: str = "auto", path: str | None = None, folder: str | None = None, device="cpu"
+    role: str, name: str = "auto", path: str | None = None, declared: dict | None = None, device="cpu"
 ) -> FeatureExtractor:
-    """``make_backbone(*backbone_spec(...))``: the frozen backbone for ``role`` of the model in ``folder``."""
-    return make_backbone(*backbone_spec(role, name, path, folder), device=device)
+    """``make_backbone(*backbone_spec(...))``: the frozen backbone for ``role`` of a model that declares
+    ``declared``."""
+    return make_backbone(*backbone_spec(role, name, path, declared), device=device)
 
 
 def as_backbone(backbone: nn.Module | str) -> FeatureExtractor:

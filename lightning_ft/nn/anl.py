@@ -162,19 +162,19 @@ class CLIPVisionTokens(nn.Module):
         return self.model(pixel_values=self.preprocess((images + 1) / 2)).last_hidden_state
 
 
-def make_condition_encoder(name: str = "auto", path: str | None = None, folder: str | None = None) -> nn.Module:
+def make_condition_encoder(name: str = "auto", path: str | None = None, declared: dict | None = None) -> nn.Module:
     """ANL's frozen image-condition encoder, with a ``dim`` attribute (token width).
 
     Args:
-        name: ``auto`` (default: what the model folder declares for the ``condition`` role in ``lightning_ft.json``,
-            else ``clip``), ``clip`` (CLIP vision tokens, the paper's ViT-L/14 by default) or
-            ``package.module:function`` (a factory taking ``path``).
+        name: ``auto`` (default: what the model declares for the ``condition`` role, ``declared``, else
+            ``clip``), ``clip`` (CLIP vision tokens, the paper's ViT-L/14 by default) or ``package.module:function``
+            (a factory taking ``path``).
         path: the encoder's folder or hub id (default: the declared one, or CLIP ViT-L/14's hub id).
-        folder: the pretrained model folder whose declaration ``auto`` reads.
+        declared: the model's declared backbones by role (``lightning_ft.metrics.backbones.model_backbones``).
     """
     from lightning_ft.metrics.backbones import DEFAULT_CHECKPOINTS, backbone_spec, import_factory
 
-    name, path = backbone_spec("condition", name, path, folder)
+    name, path = backbone_spec("condition", name, path, declared)
     if name == "clip":
         encoder = CLIPVisionTokens(path or DEFAULT_CHECKPOINTS["clip"])
     elif ":" in name:

@@ -12,9 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_ft.cli import StepsProgressBar
 from lightning_ft.core import DiffusionBase
 from lightning_ft.embedded import asset_path
+from lightning_ft.methods import DreamBooth
 from lightning_ft.run import main
 
 TINY = str(REPO / "configs/model/tiny_t2i.yaml")
@@ -143,6 +146,8 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
     text = experiment.read_text()
     text = text.replace("vae: {pretrained: runs/pretrain_shapes_vae/export}", f"vae: {{pretrained: {VAE}}}")
     text = text.replace("pretrained: runs/pretrain_shapes/export", f"pretrained: {VAE.parent}")  # step 3 reads step 2
+    text = text.replace("pretrained: runs/pretrain_shapes_vae/export  #", f"pretrained: {VAE}  #")  # step 4 reads 1
+    text = text.replace("pretrained: runs/pretrain_shapes_continue/export", f"pretrained: {VAE.parent}")  # 5 reads 3
     config_file = _write(tmp_path / experiment.name, text)
     config = yaml.safe_load(text)
     overrides = ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
@@ -182,3 +187,109 @@ def test_memory_saving_fragment_switches_the_options_on(tmp_path, subject_dir):
     assert cli.model.denoiser.is_gradient_checkpointing and cli.model.latent_cache is not None
     plain = main(_tiny(tmp_path, subject_dir), run=False)
     assert not plain.model.denoiser.is_gradient_checkpointing and plain.model.latent_cache is None
+
+
+def _fit_args(tmp_path, subject_dir, root, *extra, experiment: str = "dreambooth.yaml") -> list[str]:
+    """A short fit that writes its logs (CSV) and a last.ckpt under ``root``."""
+    callbacks = "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"
+    return ["fit", *_tiny(tmp_path, subject_dir, experiment), "--model.sample_steps", "2", "--trainer.callbacks",
+            callbacks, "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+            "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+
+
+def _versions(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "lightning_logs").iterdir())
+
+
+def test_resume_keeps_the_command_line_and_logs_what_changed(tmp_path, subject_dir, capsys):
+    root = tmp_path / "runs"
+    main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "2"))
+    capsys.readouterr()
+    cli = main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "3", "--ckpt_path", "last",
+                         "--model.lr", "1e-3", "--model.sample_steps", "3"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"ckpt_path=last resumes {root / 'lightning_logs/version_0/checkpoints/last.ckpt'}" in out
+    for change in ("model.lr: 0.0001 -> 0.001", "model.sample_steps: 2 -> 3", "trainer.max_steps: 2 -> 3"):
+        assert change in out
+    assert cli.trainer.global_step == 3 and cli.model.hparams.lr == 1e-3
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 1e-3  # applied over the restored optimizer state
+    config = yaml.safe_load((root / "lightning_logs/version_1/config.yaml").read_text())
+    assert config["model"]["init_args"]["lr"] == 1e-3 and config["model"]["init_args"]["sample_steps"] == 3
+
+
+def test_resume_refuses_another_method_trainable_set_or_lora_rank(tmp_path, subject_dir):
+    root = tmp_path / "runs"
+    main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "1", experiment="dreambooth_lora.yaml"))
+    last = str(root / "lightning_logs/version_0/checkpoints/last.ckpt")
+    refused = [
+        (["--model.class_path", "lightning_ft.methods.BayesianFineTuning"], ("DreamBooth", "BayesianFineTuning")),
+        (["--model.trainable", "full"], ("model.trainable='lora'", "model.trainable='full'")),
+        (["--model.lora_rank", "8"], ("model.lora_rank: 4 in the checkpoint, 8 now",)),
+        (["--trainer.max_steps", "1"], ("trainer.max_steps=1", "at step 1")),
+    ]
+    for extra, named in refused:
+        args = _fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "3", "--ckpt_path", last, *extra,
+                         experiment="dreambooth_lora.yaml")  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            main(args)
+        assert all(text in str(error.value) for text in named), (extra, str(error.value))
+    assert _versions(root) == ["version_0"]  # refused before anything was written
+
+
+def test_bad_ckpt_paths_fail_before_anything_is_written(tmp_path, subject_dir):
+    root = tmp_path / "runs"
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for ckpt, error, text in (
+        ("last", FileNotFoundError, "no last.ckpt of an earlier run"),
+        (str(tmp_path / "missing.ckpt"), FileNotFoundError, "missing.ckpt' does not exist"),
+        (str(tmp_path / "notes.ckpt"), ValueError, "notes.ckpt' is not a Lightning checkpoint"),
+    ):
+        with pytest.raises(error, match=text):
+            main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "2", "--ckpt_path", ckpt))
+    with pytest.raises(ValueError, match="trainer.max_steps=0"):
+        main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "0"))
+    assert not root.exists()
+
+
+def test_a_run_that_fails_removes_what_it_wrote_and_keeps_earlier_runs(tmp_path, subject_dir, monkeypatch):
+    root = tmp_path / "runs"
+    main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "1"))
+    earlier = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    def fails(self, batch, batch_idx):
+        raise RuntimeError("boom at the first step")
+
+    monkeypatch.setattr(DreamBooth, "training_step", fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(_fit_args(tmp_path, subject_dir, root, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1"))
+    assert _versions(root) == ["version_0"]  # version_1 with its config.yaml, hparams.yaml, metrics.csv: gone
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == earlier
+
+
+def test_checkpoint_every_sets_the_model_checkpoint_not_the_last_callback(tmp_path, subject_dir):
+    cli = main([*_tiny(tmp_path, subject_dir), "--trainer.logger", "false", "--checkpoint_every", "7"], run=False)
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoint._every_n_train_steps == 7
+    with pytest.raises(ValueError, match="checkpoint_every=7: trainer.callbacks has no ModelCheckpoint"):
+        main([*_tiny(tmp_path, subject_dir), "--trainer.callbacks", "[]", "--checkpoint_every", "7"], run=False)
+
+
+def test_short_class_names_resolve_in_help(tmp_path):
+    for key, name, argument in (
+        ("model", "DreamBooth", "prior_loss_weight"),
+        ("data", "LimitedDataModule", "instance_dir"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "lightning_ft.run", "fit", f"--{key}.help", name],
+                                capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0 and argument in result.stdout, result.stderr[-500:]
+
+
+def test_progress_bar_shows_no_negative_epoch_total(tmp_path, subject_dir):
+    cli = main([*_tiny(tmp_path, subject_dir), "--trainer.logger", "false"], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepsProgressBar)
+    bar._trainer = cli.trainer
+    cli.trainer.fit_loop.max_epochs = -1  # what fit sets when max_steps bounds the run: Lightning shows "2/-2"
+    assert bar._get_train_description(2).strip() == "Epoch 2"
+    cli.trainer.fit_loop.max_epochs = 5
+    assert bar._get_train_description(2).strip() == "Epoch 2/4"

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, write_images
 
 from lightning_ft.run import main
-from lightning_ft.sweep import cli_args, expand, load_sweep, run_sweep
+from lightning_ft.sweep import cli_args, expand, load_sweep, parse_args, run_sweep
 
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
 COMMAND = "command:\n  - python\n  - -m\n  - lightning_ft.run\n  - fit\n  - ${args}\n"
@@ -94,11 +94,27 @@ def test_local_runner_runs_each_configuration_and_ranks_by_the_metric(tmp_path, 
         "parameters:\n  model.init_args.lr: {values: [0.001, 0.0001]}\n  trainer.max_steps: {value: 2}\n"
     )
     extra = [f"--data.instance_dir={data}", "--data.num_class_images=0", "--trainer.logger=false",
-             "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+             "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.max_steps=1"]  # fmt: skip
     torch.manual_seed(0)
     rows = run_sweep(sweep, "grid", out=tmp_path / "table", extra=extra)
     assert len(rows) == 2 and {r["model.init_args.lr"] for r in rows} == {0.001, 0.0001}
+    # The override after the swept keys wins, and the table reports it, not the sweep file's 2.
+    assert [r["trainer.max_steps"] for r in rows] == [1, 1]
     assert rows[0]["train/loss"] <= rows[1]["train/loss"]
     with open(tmp_path / "table.csv") as handle:
-        assert [float(r["train/loss"]) for r in csv.DictReader(handle)] == [r["train/loss"] for r in rows]
+        table = list(csv.DictReader(handle))
+    assert [float(r["train/loss"]) for r in table] == [r["train/loss"] for r in rows]
+    assert {r["trainer.max_steps"] for r in table} == {"1"}
     assert "best first" in Path(tmp_path / "table.md").read_text()
+
+
+def test_runner_options_after_the_file_and_training_overrides_after_the_double_dash():
+    args, extra = parse_args(["experiments/sweeps/dreambooth_bnn.yaml", "--method", "random", "--count", "2", "--",
+                              "--trainer.max_steps", "60"])  # fmt: skip
+    assert (args.sweep, args.method, args.count) == ("experiments/sweeps/dreambooth_bnn.yaml", "random", 2)
+    assert extra == ["--trainer.max_steps", "60"]
+    args, extra = parse_args(["--count", "3", "s.yaml"])
+    assert (args.sweep, args.count, extra) == ("s.yaml", 3, [])
+    with pytest.raises(SystemExit):  # a training override without `--` is the runner's error, not a silent pass
+        parse_args(["s.yaml", "--trainer.max_steps", "60"])

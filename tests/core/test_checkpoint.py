@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import lightning as L
+import pytest
 import torch
 from conftest import tiny_module
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_ft.core.checkpoint_io import AtomicCheckpointIO
 from lightning_ft.data import LimitedDataModule
+from lightning_ft.methods import BayesianFineTuning
 
 
 def _fit(module, data_dir, root, max_steps, ckpt_path=None, every=2):
@@ -48,6 +55,16 @@ class _CaptureOptimizerAtStart(L.Callback):
         self.step = trainer.global_step
 
 
+class _CaptureOptimizerAtFirstBatch(L.Callback):
+    """The optimizer as the first resumed step uses it (after every on_train_start, the module's included)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "lr"):
+            optimizer, schedule = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+            self.lr, self.betas = optimizer.param_groups[0]["lr"], tuple(optimizer.param_groups[0]["betas"])
+            self.base_lrs, self.exp_avg = list(schedule.base_lrs), dict(optimizer.state)
+
+
 def test_resume_continues_step_counter_and_optimizer_state(subject_dir, tmp_path):
     torch.manual_seed(0)
     first = tiny_module(lr=1e-3)
@@ -77,14 +94,49 @@ def test_resume_continues_step_counter_and_optimizer_state(subject_dir, tmp_path
 def test_loading_a_checkpoint_of_another_trainable_set_fails_clearly(subject_dir, tmp_path):
     torch.manual_seed(0)
     _fit(tiny_module(trainable="lora"), subject_dir, tmp_path, max_steps=1, every=1)
-    full = tiny_module(trainable="full")
-    trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
-    )
     data = LimitedDataModule(str(subject_dir), instance_prompt="a sks star", resolution=32, batch_size=2)
-    try:
-        trainer.fit(full, data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    except KeyError as error:
-        assert "lacks" in str(error) and "trainable" in str(error)
-    else:
-        raise AssertionError("resuming a LoRA checkpoint into a full fine-tune must fail")
+    for module, named in (
+        (tiny_module(trainable="full"), ("'lora'", "'full'")),
+        (tiny_module(trainable="lora", lora_rank=8), ("lora_rank: 4 in the checkpoint, 8 now", "another shape")),
+        (tiny_module(BayesianFineTuning, trainable="lora"), ("dreambooth.DreamBooth", "bnn.BayesianFineTuning")),
+    ):
+        trainer = L.Trainer(
+            max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
+        )
+        with pytest.raises(ValueError) as error:
+            trainer.fit(module, data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        for text in named:
+            assert text in str(error.value)
+        assert trainer.global_step == 0
+
+
+def test_resume_applies_the_new_learning_rate_over_the_restored_optimizer(subject_dir, tmp_path):
+    torch.manual_seed(0)
+    _fit(tiny_module(lr=1e-4, lr_scheduler="linear"), subject_dir, tmp_path / "a", max_steps=2)
+    capture = _CaptureOptimizerAtFirstBatch()
+    resumed = tiny_module(lr=1e-3, lr_scheduler="linear", betas=(0.8, 0.99))
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[capture], enable_progress_bar=False,
+                        enable_checkpointing=False)  # fmt: skip
+    data = LimitedDataModule(str(subject_dir), instance_prompt="a sks star", resolution=32, batch_size=2, repeats=4)
+    trainer.fit(resumed, data, ckpt_path=tmp_path / "a" / "ckpt" / "last.ckpt")
+    # Linear decay over this run's 4 steps, at the resumed step 2: half of the new base lr (the old run's 1e-4
+    # over 2 steps would give 0 here).
+    assert capture.lr == pytest.approx(1e-3 * 2 / 4) and capture.base_lrs == [1e-3]
+    assert capture.betas == (0.8, 0.99)
+    assert capture.exp_avg, "the optimizer state itself is still the checkpoint's"
+
+
+def test_failed_checkpoint_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, target)
+
+    def disk_full(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 2}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(target, weights_only=True) == {"step": 1}

@@ -70,7 +70,7 @@ def test_an_export_keeps_the_backbones_its_pretrained_folder_declares(tmp_path):
     import json
 
     from lightning_ft.core import DiffusionBase
-    from lightning_ft.metrics import backbone_spec
+    from lightning_ft.metrics import backbone_spec, declared_backbones
 
     torch.manual_seed(0)
     tiny_module().save_pretrained(tmp_path / "base")
@@ -79,7 +79,10 @@ def test_an_export_keeps_the_backbones_its_pretrained_folder_declares(tmp_path):
     module = DiffusionBase(pretrained=str(tmp_path / "base"), sample_steps=2)
     module.save_pretrained(tmp_path / "export")
     assert json.loads((tmp_path / "export" / "lightning_ft.json").read_text()) == declaration
-    assert backbone_spec("identity", folder=str(tmp_path / "export")) == ("dinov2", "/models/dinov2")
-    # A model built from configs declares nothing, and its export says nothing either.
-    tiny_module().save_pretrained(tmp_path / "plain")
+    exported = declared_backbones(tmp_path / "export")
+    assert backbone_spec("identity", declared=exported) == ("dinov2", "/models/dinov2")
+    # A model built from configs declares what its `backbones` argument says, or nothing.
+    tiny_module(backbones=None).save_pretrained(tmp_path / "plain")
     assert not (tmp_path / "plain" / "lightning_ft.json").exists()
+    tiny_module().save_pretrained(tmp_path / "tiny")
+    assert declared_backbones(tmp_path / "tiny")["identity"]["name"] == "lightning_ft.embedded.backbones:identity"

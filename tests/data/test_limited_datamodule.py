@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.data.class_images import generate_class_images
+from lightning_ft.data.folder import load_image
 
 
 def _setup(**kwargs):
@@ -223,3 +225,51 @@ def test_class_images_are_sampled_on_the_strategy_device(subject_dir, tmp_path):
     data = _with_fake_trainer(data, module, device="meta")
     data._sample_class_images(data._generated_class_folder())
     assert module.calls == 1 and module.device_at_generate == torch.device("meta")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 40 wide x 32 high, left column red, with EXIF orientation 6 ("rotate 90 degrees clockwise to view"),
+    # as a phone held upright writes it: upright, the image is 32 x 40 with the red column on top.
+    stored = np.zeros((32, 40, 3), np.uint8)
+    stored[:, 0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)  # PNG: no JPEG colour bleed at the edge
+    image = load_image(tmp_path / "phone.png")
+    assert image.size == (32, 40)
+    top, left = np.asarray(image)[0], np.asarray(image)[:, 0]
+    assert (top[:, 0] > 200).all() and (top[:, 1:] < 60).all()
+    assert (left[1:, 0] < 60).all()
+
+
+def test_every_unreadable_image_is_named_at_once_and_skipped_files_are_reported(tmp_path, capsys):
+    folder = write_images(tmp_path / "mixed", 3)
+    (folder / "broken_a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "broken_b.jpg").write_bytes(b"nothing")
+    (folder / "raw").mkdir()
+    (folder / "notes.md").write_text("shot on a phone")
+    with pytest.raises(ValueError) as error:
+        _setup(instance_dir=str(folder), instance_prompt="x")
+    message = str(error.value)
+    assert "data.instance_dir: 2 of 5 images cannot be used" in message
+    assert "broken_a.png" in message and "broken_b.jpg" in message
+    (folder / "broken_a.png").unlink()
+    (folder / "broken_b.jpg").unlink()
+    capsys.readouterr()
+    _setup(instance_dir=str(folder), instance_prompt="x")
+    line = capsys.readouterr().out
+    assert "using 3 images" in line and "raw/" in line and "notes.md" in line
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"instance_prompt": ""}, "data.instance_prompt='' is empty"),
+        ({"instance_prompt": "x", "num_class_images": -3}, "data.num_class_images=-3"),
+        ({"instance_prompt": "x", "batch_size": 0}, "data.batch_size=0"),
+        ({"instance_prompt": "x", "num_workers": -1}, "data.num_workers=-1"),
+    ],
+)
+def test_nonsense_settings_fail_at_construction_naming_key_and_value(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LimitedDataModule(str(tmp_path / "not-read-yet"), **kwargs)

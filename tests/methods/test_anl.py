@@ -83,9 +83,13 @@ def test_mask_rate_zero_is_unmasked_conditional_sampling(monkeypatch):
     assert torch.equal(masked_zero, unmasked) and not torch.allclose(half, unmasked)
 
 
-def test_larger_mask_rates_give_more_diverse_samples_of_one_condition_image():
+def test_partial_masking_gives_more_diverse_samples_of_one_condition_image():
+    """At mask rate 0 (and 1) every sample of one condition image gets the same condition; at 0.5 each seed masks
+    other tokens, so the conditions, and with them the samples, differ more (the masked-sampling mechanism; whether
+    a trained model's samples then gain diversity is the paper's claim, measured in benchmarks, not here)."""
+    torch.manual_seed(0)
     module = _module(guidance_scale=1.0)
-    _perturb(module, scale=0.5)
+    _perturb(module, scale=2.0)
     image = _images(1).expand(8, -1, -1, -1)
     seeds = list(range(8))
 
@@ -93,9 +97,8 @@ def test_larger_mask_rates_give_more_diverse_samples_of_one_condition_image():
         samples = module.generate(condition_images=image, seeds=seeds, mask_rate=rate).flatten(1)
         return torch.pdist(samples).mean().item()
 
-    rates = [0.0, 0.5, 1.0]
-    values = [diversity(r) for r in rates]
-    assert values[0] < values[1] < values[2], dict(zip(rates, values))
+    values = {rate: diversity(rate) for rate in (0.0, 0.5, 1.0)}
+    assert values[0.5] > values[0.0] and values[0.5] > values[1.0], values
 
 
 def test_export_reloads_with_its_modules_and_reference_conditions(tmp_path):
@@ -118,7 +121,8 @@ def test_bad_settings_fail_clearly():
         tiny_module(ConditionTuning, trainable="full")
     with pytest.raises(ValueError, match="model.mask_rate=2"):
         tiny_module(ConditionTuning, mask_rate=2)
-    with pytest.raises(ValueError, match="condition_encoder_path"):
+    # CLIP without a path is the paper's ViT-L/14 by hub id: offline, an error that names it.
+    with pytest.raises(OSError, match="openai/clip-vit-large-patch14"):
         tiny_module(ConditionTuning, condition_encoder="clip")
     assert all(isinstance(m, ANLModule) for m in [tiny_module(ConditionTuning).denoiser.mid_block.resnets[0].anl])
 

@@ -35,7 +35,8 @@ from lightning_ft.metrics.backbones import (  # noqa: E402
     DEFAULT_CHECKPOINTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    copy_declaration,
+    model_backbones,
+    write_declaration,
 )
 
 SIZE = 32  # the tiny models' image size; test images are 48x48, so every backbone resizes them
@@ -346,43 +347,54 @@ def test_declared_backbones(tmp_path):
 
 
 def test_backbone_spec(tmp_path):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    assert backbone_spec("identity", folder=bare) == ("dino", None)
-    assert backbone_spec("fid", folder=bare) == ("inception", None)
+    bare = declared_backbones(tmp_path / "bare")
+    assert backbone_spec("identity", declared=bare) == ("dino", None)
+    assert backbone_spec("fid", declared=bare) == ("inception", None)
     assert backbone_spec("prompt") == ("clip", None)
-    assert backbone_spec("identity", path="local/dino", folder=bare) == ("dino", "local/dino")
-    folder = declare(tmp_path / "model", {"identity": {"name": "pkg.mod:fn", "path": "weights"}})
-    assert backbone_spec("identity", folder=folder) == ("pkg.mod:fn", "weights")
-    assert backbone_spec("identity", path="other", folder=folder) == ("pkg.mod:fn", "other")
-    # A role the folder does not declare takes the paper default; a given name overrides the declaration.
-    assert backbone_spec("fid", folder=folder) == ("inception", None)
-    assert backbone_spec("identity", "dinov2", folder=folder) == ("dinov2", None)
-    assert backbone_spec("identity", "clip", "x", folder=folder) == ("clip", "x")
+    assert backbone_spec("identity", path="local/dino", declared=bare) == ("dino", "local/dino")
+    declared = declared_backbones(declare(tmp_path / "model", {"identity": {"name": "pkg.mod:fn", "path": "weights"}}))
+    assert backbone_spec("identity", declared=declared) == ("pkg.mod:fn", "weights")
+    assert backbone_spec("identity", path="other", declared=declared) == ("pkg.mod:fn", "other")
+    # A role the model does not declare takes the paper default; a given name overrides the declaration.
+    assert backbone_spec("fid", declared=declared) == ("inception", None)
+    assert backbone_spec("identity", "dinov2", declared=declared) == ("dinov2", None)
+    assert backbone_spec("identity", "clip", "x", declared=declared) == ("clip", "x")
     with pytest.raises(ValueError, match="unknown backbone role 'style'"):
-        backbone_spec("style", folder=folder)
+        backbone_spec("style", declared=declared)
 
 
 def test_resolve_backbone_builds_what_a_folder_declares(tmp_path, vit_folder):
     folder = declare(tmp_path / "model", {"identity": {"name": "dino", "path": str(vit_folder)}})
-    backbone = resolve_backbone("identity", folder=folder)
+    backbone = resolve_backbone("identity", declared=declared_backbones(folder))
     x = images(2, seed=7)
     assert backbone.name == "dino"
     torch.testing.assert_close(backbone.extract(x), make_backbone("dino", vit_folder).extract(x), atol=0, rtol=0)
 
 
-def test_copy_declaration(tmp_path):
-    source = declare(tmp_path / "source", {"fid": {"name": "pkg.mod:features"}})
+def test_a_model_declares_its_backbones_by_argument_or_by_its_folder(tmp_path):
+    """``model_backbones``: the module's own ``backbones`` argument wins over its pretrained folder's file; a
+    declaration without a name, or of an unknown role, is refused naming where it came from."""
+    from types import SimpleNamespace
+
+    folder = declare(tmp_path / "model", {"fid": {"name": "pkg.mod:features"}})
+    assert model_backbones(SimpleNamespace(hparams={"pretrained": str(folder)})) == {
+        "fid": {"name": "pkg.mod:features"}
+    }
+    own = {"identity": {"name": "dinov2", "path": "/models/dinov2"}}
+    assert model_backbones(SimpleNamespace(hparams={"pretrained": str(folder), "backbones": own})) == own
+    assert model_backbones(SimpleNamespace(hparams={"pretrained": "facebook/some-model"})) == {}
+    with pytest.raises(ValueError, match=r"model.backbones: backbone role 'identity' needs a 'name'"):
+        model_backbones(SimpleNamespace(hparams={"backbones": {"identity": {"path": "x"}}}))
+    with pytest.raises(ValueError, match=r"model.backbones: unknown backbone roles \['style'\]"):
+        model_backbones(SimpleNamespace(hparams={"backbones": {"style": {"name": "clip"}}}))
+
+
+def test_write_declaration(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
-    copy_declaration(source, export)
-    assert (export / DECLARATION).read_text() == (source / DECLARATION).read_text()
+    write_declaration({"fid": {"name": "pkg.mod:features"}}, export)
     assert declared_backbones(export) == {"fid": {"name": "pkg.mod:features"}}
-    copy_declaration(source, source)  # onto itself: nothing to do, no error
-    assert declared_backbones(source) == {"fid": {"name": "pkg.mod:features"}}
-    # Nothing to copy from a folder without a declaration, a hub id or nothing.
     other = tmp_path / "other"
     other.mkdir()
-    for empty in (tmp_path / "bare", "facebook/dino-vits16", None):
-        copy_declaration(empty, other)
+    write_declaration({}, other)  # nothing declared: nothing written
     assert not (other / DECLARATION).exists()
