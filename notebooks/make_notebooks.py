@@ -33,7 +33,7 @@ The README's main job from Python: BNN DreamBooth (`experiments/dreambooth_bnn.y
 (5 images of an orange star with blue stripes, bound to the token `sks`), with the corruption-stage monitor. Then we
 look at samples and at the monitor's curves. About 2 minutes on 2 CPU cores (seconds with `QUICK`)."""),
     new_code_cell(SETUP),
-    new_code_cell('''from lightning_ft.run import main
+    new_code_cell("""from lightning_ft.run import main
 
 steps = 10 if QUICK else 300
 root = "runs/notebook_quickstart"
@@ -43,10 +43,11 @@ cli = main([
     *(["--data.num_class_images=4", "--model.sample_steps=5"] if QUICK else []),
 ])
 log_dir = Path(cli.trainer.log_dir)
-print("logs in", log_dir)'''),
-    new_markdown_cell("Samples of the fine-tuned model (EMA / mean weights), on the training background and on new "
-                      "ones:"),
-    new_code_cell('''import matplotlib.pyplot as plt
+print("logs in", log_dir)"""),
+    new_markdown_cell(
+        "Samples of the fine-tuned model (EMA / mean weights), on the training background and on new ones:"
+    ),
+    new_code_cell("""import matplotlib.pyplot as plt
 
 from lightning_ft.embedded.targets import SUBJECT_EVAL_PROMPTS
 
@@ -58,12 +59,12 @@ for axis, image in zip(axes.flat, images):
     axis.set_axis_off()
 for row, prompt in zip(axes[:, 0], SUBJECT_EVAL_PROMPTS):
     row.set_title(prompt, fontsize=7, loc="left")
-plt.tight_layout()'''),
+plt.tight_layout()"""),
     new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject identity to the
 instance images, read against its two levels (the class prior: what the pretrained model drew for the class prompt;
 the ceiling: what a perfect copy scores through the autoencoder), the high-frequency corruption score,
 memorisation, and the stage verdict (see `lightning_ft/callbacks/stage_rules.py`)."""),
-    new_code_cell('''import csv
+    new_code_cell("""import csv
 
 with open(log_dir / "corruption_stage.csv") as handle:
     rows = list(csv.DictReader(handle))
@@ -77,12 +78,12 @@ for level, style in (("class_prior", ":"), ("ceiling", "--")):
     axes[0].axhline(float(rows[0][level]), color="gray", linestyle=style, label=level)
 axes[0].legend()
 print("verdict:", rows[-1]["stage"], "| progress from class prior to ceiling:", rows[-1]["progress"])
-assert len(rows) >= 2 and all(-1 <= float(r["fidelity"]) <= 1 for r in rows)'''),
+assert len(rows) >= 2 and all(-1 <= float(r["fidelity"]) <= 1 for r in rows)"""),
     new_markdown_cell("""The export is a plain diffusers folder: load it without lightning-ft."""),
-    new_code_cell('''from diffusers import DiffusionPipeline
+    new_code_cell("""from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained(log_dir / "export")
-print(type(pipe).__name__, sum(p.numel() for p in pipe.unet.parameters()), "UNet parameters (the base's count)")'''),
+print(type(pipe).__name__, sum(p.numel() for p in pipe.unet.parameters()), "UNet parameters (the base's count)")"""),
 ]
 
 NEW_METHOD = [
@@ -128,16 +129,16 @@ class CurriculumDreamBooth(DreamBooth):
         return loss, logs'''),
     new_markdown_cell("""Check the hook before training: at step 0 the draws lean to the noisy end, once the
 curriculum is over they are uniform (mean ~T/2)."""),
-    new_code_cell('''from lightning_ft.embedded import asset_path
+    new_code_cell("""from lightning_ft.embedded import asset_path
 
 module = CurriculumDreamBooth(pretrained=str(asset_path("shapes-t2i")), lr=2e-5, curriculum_steps=20, sample_steps=10)
 early = module.timesteps_with_power(4000, module.power_at(0)).float().mean().item()
 late = module.timesteps_with_power(4000, module.power_at(20)).float().mean().item()
 print(f"mean timestep at step 0: {early:.0f}, after the curriculum: {late:.0f}")
-assert early > 600 and 450 < late < 550'''),
+assert early > 600 and 450 < late < 550"""),
     new_markdown_cell("""Train it with a plain Lightning `Trainer` on the embedded subject (the CLI takes it just as
 well: `--model.class_path my_module.CurriculumDreamBooth`)."""),
-    new_code_cell('''import lightning as L
+    new_code_cell("""import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
@@ -149,10 +150,10 @@ data = LimitedDataModule(str(ensure_target("subject") / "train"), instance_promp
 trainer = L.Trainer(max_steps=6 if QUICK else 100, accelerator="cpu", logger=CSVLogger("runs/notebook_new_method"),
                     enable_checkpointing=False, log_every_n_steps=2, callbacks=[TQDMProgressBar()])
 trainer.fit(module, data)
-print("final loss", float(trainer.callback_metrics["train/loss"]))'''),
-    new_code_cell('''folder = module.save_pretrained("runs/notebook_new_method/export")
+print("final loss", float(trainer.callback_metrics["train/loss"]))"""),
+    new_code_cell("""folder = module.save_pretrained("runs/notebook_new_method/export")
 images = module.generate(prompts=[SUBJECT_PROMPT] * 4, seeds=[0, 1, 2, 3])
-print("exported to", folder, "; samples", tuple(images.shape))'''),
+print("exported to", folder, "; samples", tuple(images.shape))"""),
 ]
 
 COMPARE = [
@@ -162,7 +163,7 @@ Every run writes `metrics.csv` (CSV logger) and, with the monitors, `corruption_
 corruption-stage benchmark's runs when they exist (`python -m benchmarks.corruption_stage`) and otherwise makes two
 short runs (DreamBooth and BNN DreamBooth) to compare."""),
     new_code_cell(SETUP),
-    new_code_cell('''import csv
+    new_code_cell("""import csv
 
 from lightning_ft.run import main
 
@@ -184,8 +185,8 @@ if not runs or not all(runs.values()):
               f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
               "--data.num_class_images=4", "--model.sample_steps=5"])
     runs = runs_of(root)
-print({k: len(v) for k, v in runs.items()})'''),
-    new_code_cell('''import matplotlib.pyplot as plt
+print({k: len(v) for k, v in runs.items()})"""),
+    new_code_cell("""import matplotlib.pyplot as plt
 
 
 def read(path: Path) -> list[dict]:
@@ -207,13 +208,13 @@ for axis, title in zip(axes, ("training loss", "subject fidelity", "corruption s
     axis.set_title(title)
     axis.set_xlabel("step")
     axis.legend()
-plt.tight_layout()'''),
-    new_code_cell('''summary = []
+plt.tight_layout()"""),
+    new_code_cell("""summary = []
 for method, dirs in runs.items():
     finals = [float(read(run / "corruption_stage.csv")[-1]["fidelity"]) for run in dirs]
     summary.append((method, len(dirs), sum(finals) / len(finals)))
 for method, n, fidelity in summary:
-    print(f"{method:16s} runs={n}  mean final fidelity={fidelity:.3f}")'''),
+    print(f"{method:16s} runs={n}  mean final fidelity={fidelity:.3f}")"""),
 ]
 
 

@@ -83,7 +83,8 @@ def check_checkpoint_fits(module, checkpoint: dict, where: str = "ckpt_path") ->
             "method that wrote it (give that method's class_path, or start without --ckpt_path)"
         )
     differ = changed_settings(module, checkpoint)
-    if "trainable" in differ:
+    # A checkpoint that records no settings (written by hand, not by a Trainer) is judged by its weights alone.
+    if "trainable" in differ and "trainable" in checkpoint.get("hyper_parameters", {}):
         old, new = differ["trainable"]
         raise ValueError(
             f"{where} trains model.trainable={old!r}, but the config says model.trainable={new!r}: resume with "
