@@ -12,7 +12,9 @@ the cache's file system (one machine, or a shared cache folder on a cluster: set
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,9 +43,13 @@ def sample_into_folder(
         needed = strategy.broadcast(needed, src=0)
     if not needed:
         return folder
-    partial = folder.with_name(folder.name + ".partial")
+    # A partial folder of this job's own (its name chosen on rank 0 and shared): two jobs that need the same folder
+    # at the same moment (two runs of one model sharing a cache) each write their own and the first to finish wins.
+    name = f"{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}" if rank == 0 else None
+    if strategy is not None:
+        name = strategy.broadcast(name, src=0)
+    partial = folder.with_name(name)
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     if strategy is not None:
         strategy.barrier("sample_into_folder_start")
@@ -62,7 +68,12 @@ def sample_into_folder(
         strategy.barrier("sample_into_folder_written")
     if rank == 0:
         (partial / "meta.json").write_text(json.dumps({"count": len(seeds), **(meta or {})}))
-        partial.rename(folder)
+        try:
+            partial.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another job finished the same (deterministic) images first
     if strategy is not None:
         strategy.barrier("sample_into_folder_done")
     return folder

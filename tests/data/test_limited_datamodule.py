@@ -89,7 +89,24 @@ def test_class_images_are_generated_once_and_cached(subject_dir, tmp_path):
     generate_class_images(fake, "a star", 5, folder)
     generate_class_images(fake, "a star", 5, folder)
     assert fake.calls == 1 and len(list(folder.glob("*.png"))) == 5
-    assert not folder.with_name("k.partial").exists()
+    assert [p.name for p in folder.parent.iterdir()] == ["k"]  # no partial folder left
+
+
+def test_two_jobs_sampling_the_same_class_images_at_once_both_succeed(tmp_path):
+    """Two runs of one model sharing a cache: while this job samples, another finishes the same folder first. This
+    one keeps the other's (identical, seeded) images and leaves no partial folder, instead of failing."""
+    folder = tmp_path / "cache" / "k"
+
+    class OtherJobFinishesFirst(_CountingGenerator):
+        def generate(self, *args, **kwargs):
+            images = super().generate(*args, **kwargs)
+            if not folder.exists():
+                generate_class_images(_CountingGenerator(), "a star", 3, folder)  # the other job, start to end
+            return images
+
+    generate_class_images(OtherJobFinishesFirst(), "a star", 3, folder)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"class_{i:06d}.png" for i in range(3)]
+    assert [p.name for p in folder.parent.iterdir()] == ["k"]
 
 
 def test_datamodule_generates_missing_class_images_with_the_model(subject_dir, tmp_path):

@@ -51,8 +51,8 @@ def test_class_images_are_sampled_once_split_across_ranks_and_equal_to_one_proce
     assert (tmp_path / "one.pt.rank0").read_text() == "6"
     assert [(tmp_path / f"two.pt.rank{r}").read_text() for r in (0, 1)] == ["3", "3"]
     # ... into one complete folder, image for image the same as the single process's (one seed per image).
-    (one,) = [p for p in (tmp_path / "class_cache_1").iterdir() if not p.name.endswith(".partial")]
-    (two,) = [p for p in (tmp_path / "class_cache_2").iterdir() if not p.name.endswith(".partial")]
+    (one,) = [p for p in (tmp_path / "class_cache_1").iterdir() if ".partial" not in p.name]
+    (two,) = [p for p in (tmp_path / "class_cache_2").iterdir() if ".partial" not in p.name]
     names = sorted(p.name for p in one.glob("*.png"))
     assert len(names) == 6 and names == sorted(p.name for p in two.glob("*.png"))
     for name in names:
