@@ -35,6 +35,7 @@ from lightning_ft.core.checks import check_model_settings
 from lightning_ft.core.class_labels import resolve_null_class
 from lightning_ft.core.components import load_components
 from lightning_ft.core.encoding_cache import EncodingCache, tensor_key
+from lightning_ft.core.noise_process import check_ddpm_scheduler
 from lightning_ft.core.resume import check_checkpoint_fits, method_name
 from lightning_ft.core.rng import rng_states, set_rng_states
 from lightning_ft.core.sampling_export import SamplingExportMixin
@@ -140,7 +141,9 @@ class DiffusionBase(SamplingExportMixin, L.LightningModule):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         # Training always adds noise with a DDPM scheduler of the same config, as diffusers' training scripts do: a
-        # pipeline folder ships its *sampling* scheduler (PNDM, DDIM, ...), some of which lack get_velocity.
+        # pipeline folder ships its *sampling* scheduler (PNDM, DDIM, ...), some of which lack get_velocity. A
+        # flow-matching or unknown scheduler is refused first: from_config would accept it and train the wrong thing.
+        check_ddpm_scheduler(parts.scheduler, "model.pretrained" if pretrained else "model.components.scheduler")
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         if prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
