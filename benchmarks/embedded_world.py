@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from benchmarks import embedded_model
-from benchmarks.tables import write_csv
+from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.sample_grid import save_grid
 from lightning_ft.core import DiffusionBase
+from lightning_ft.data.folder import list_images, load_image
 from lightning_ft.embedded import asset_path, shapes, targets
 from lightning_ft.embedded.backbones import identity
 from lightning_ft.embedded.feature_net import default_feature_net
@@ -39,11 +40,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_folder(folder: Path, count: int | None = None) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(folder.glob("*.png"))[:count]
-    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    """The first ``count`` images of ``folder`` (the project's reader: sorted, RGB, EXIF-upright) in [0, 1]."""
+    files = list_images(folder, str(folder))[:count]
+    return torch.stack([torch.from_numpy(np.asarray(load_image(f))).permute(2, 0, 1) for f in files]).float() / 255
 
 
 def render(specs: list[shapes.ShapeSpec]) -> torch.Tensor:
@@ -102,16 +101,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "striped": predicted(heldout, "pattern", "striped"),
         }
     )
-    trip = pretrained.round_trip(heldout)
+    subject_trip = pretrained.round_trip(heldout)  # also the ceiling of part 3
     rows.append({"part": "autoencoder", "images": "round trip of held-out subject renders", "n": len(heldout),
-                 "psnr_db": psnr(trip, heldout), "shape_acc": predicted(trip, "shape", shape),
-                 "striped": predicted(trip, "pattern", "striped")})  # fmt: skip
-    trip = pretrained.round_trip(plain)
+                 "psnr_db": psnr(subject_trip, heldout), "shape_acc": predicted(subject_trip, "shape", shape),
+                 "striped": predicted(subject_trip, "pattern", "striped")})  # fmt: skip
+    plain_trip = pretrained.round_trip(plain)
     truth = torch.tensor([shapes.SHAPES.index(s.shape) for s in plain_specs])
     rows.append({"part": "autoencoder", "images": "round trip of plain source renders", "n": len(plain),
-                 "psnr_db": psnr(trip, plain), "shape_acc": float((net.predict(trip)["shape"] == truth).float().mean()),
-                 "striped": predicted(trip, "pattern", "striped")})  # fmt: skip
-    save_grid(torch.cat([heldout[:8], pretrained.round_trip(heldout[:8])]), f"{out}_round_trip.png", columns=8)
+                 "psnr_db": psnr(plain_trip, plain),
+                 "shape_acc": float((net.predict(plain_trip)["shape"] == truth).float().mean()),
+                 "striped": predicted(plain_trip, "pattern", "striped")})  # fmt: skip
+    save_grid(torch.cat([heldout[:8], subject_trip[:8]]), f"{out}_round_trip.png", columns=8)
 
     # 2. the pretrained model's prompt accuracy and FID
     if not args.skip_quality:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plain_class = render(plain_class_specs(args.count, 0))
     add_identity("held-out subject renders", heldout)
     add_identity(f"plain renders of its class ({meta['class_prompt']!r})", plain_class)
-    ceiling = add_identity("round trip of held-out subject renders (ceiling)", pretrained.round_trip(heldout))
+    ceiling = add_identity("round trip of held-out subject renders (ceiling)", subject_trip)
     prior_images = sample(pretrained, meta["class_prompt"])
     prior = add_identity("pretrained model, class prompt (class prior)", prior_images)
     rows[-1]["plain"] = predicted(prior_images, "pattern", "plain")
@@ -172,24 +172,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{len(instances)} instance images; progress = (identity - class prior) / (ceiling - class prior). Samples: "
         f"{args.steps} sampler steps, guidance {args.guidance}, seeds 0-{args.count - 1}.",
         "",
-        "| part | images | n | PSNR (dB) | shape | striped | colour | background | FID | identity | progress | plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(row: dict, key: str, fmt: str) -> str:
-        value = row.get(key)
-        if value is None:
-            return ""
-        return "n/a" if value != value else format(value, fmt)
+    def cell(row: dict, keys: tuple[str, ...], fmt: str) -> str:
+        value = next((row[k] for k in keys if row.get(k) is not None), None)
+        return "" if value is None else "n/a" if value != value else format(value, fmt)
 
-    for r in rows:
-        lines.append(
-            f"| {r['part']} | {r['images']} | {r['n']} | {cell(r, 'psnr_db', '.1f')} | "
-            f"{cell(r, 'shape_acc', '.1%') or cell(r, 'shape', '.1%')} | {cell(r, 'striped', '.1%')} | "
-            f"{cell(r, 'color', '.1%')} | {cell(r, 'background_acc', '.1%') or cell(r, 'background', '.1%')} | "
-            f"{cell(r, 'fid', '.2f')} | {cell(r, 'identity', '.3f')} | {cell(r, 'progress', '.2f')} | "
-            f"{cell(r, 'plain', '.1%')} |"
-        )
+    columns = {  # heading: (row keys, first one present, and its format)
+        "part": (("part",), ""), "images": (("images",), ""), "n": (("n",), ""), "PSNR (dB)": (("psnr_db",), ".1f"),
+        "shape": (("shape_acc", "shape"), ".1%"), "striped": (("striped",), ".1%"), "colour": (("color",), ".1%"),
+        "background": (("background_acc", "background"), ".1%"), "FID": (("fid",), ".2f"),
+        "identity": (("identity",), ".3f"), "progress": (("progress",), ".2f"), "plain": (("plain",), ".1%"),
+    }  # fmt: skip
+    table = [{name: cell(r, keys, fmt) for name, (keys, fmt) in columns.items()} for r in rows]
+    lines += markdown_table(table, list(columns))
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

@@ -220,15 +220,17 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         autoencoder round trips of the held-out or instance images), both scored like every history point."""
         ref, _ = self.reference(size)
         levels = {"class_prior": float("nan")}
+        # Perfect copies of the instance images: the memorisation ceiling, and the fidelity ceiling too unless
+        # held-out renders of the subject are given (a perfect generalisation rather than a perfect copy).
+        own = features(pl_module.round_trip(unit_pixels(self.instance_images, size)), self.backbone)
+        levels["ceiling_memorisation"] = memorisation(own, ref)
+        images = self.instance_images
         if self.heldout_dir:
-            files = list_images(self.heldout_dir, "CorruptionStageMonitor.heldout_dir")
-            images = [load_image(f) for f in files]
+            images = [load_image(f) for f in list_images(self.heldout_dir, "CorruptionStageMonitor.heldout_dir")]
+            copies = features(pl_module.round_trip(unit_pixels(images, size)), self.backbone)
         else:
-            images = self.instance_images
-        copies = features(pl_module.round_trip(unit_pixels(images, size)), self.backbone)
+            copies = own
         levels["ceiling"] = subject_fidelity(copies, ref)
-        own = pl_module.round_trip(unit_pixels(self.instance_images, size))
-        levels["ceiling_memorisation"] = memorisation(features(own, self.backbone), ref)
         class_prompt = self.class_prompt or dict(getattr(trainer.datamodule, "hparams", {})).get("class_prompt")
         if class_prompt and self.conditions[0] == "prompts":
             with torch.random.fork_rng(devices=[]):
