@@ -171,8 +171,28 @@ def _read_caption_table(path: Path, key: str) -> dict[str, str]:
 def to_tensor(
     image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator
 ) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip; CHW in [-1, 1]."""
+    """Resize the short side to ``resolution``, crop a square (centre or random), maybe flip; CHW in [-1, 1].
+    ``to_tensor_with_geometry`` does the same and also returns where the crop came from (for SDXL)."""
+    return to_tensor_with_geometry(image, resolution, center_crop, flip, rng)[0]
+
+
+def to_tensor_with_geometry(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``to_tensor``'s pixels (the same ones, from the same draws of ``rng``) and SDXL's micro-conditioning geometry:
+    ``original_size`` = ``[h, w]`` of ``image`` before any resize, and ``crop_top_left`` = ``[top, left]`` of the crop
+    in the resized image, both long tensors of shape (2,).
+
+    The convention is that of diffusers' ``train_text_to_image_sdxl.py`` and ``train_dreambooth_lora_sdxl.py``, which
+    flip the resized image and then crop it, so the offset is in the flipped image's coordinates. Here the crop is
+    drawn first and then flipped; a flipped crop at ``left`` is the crop of the flipped image at
+    ``resized width - resolution - left``, which is what is reported. (The older ``x1 = image.width - x1`` after the
+    crop, still in diffusers' LCM-distillation script, was removed from those two scripts as a bug in diffusers#6547.)
+    The offsets are those of the pixels returned: the centre crop is at ``(size - resolution) // 2`` (its mirror
+    image, rounded up, when flipped), which is diffusers' ``int(round((size - resolution) / 2.0))`` whenever
+    ``size - resolution`` is even; the short side is resized to ``resolution`` exactly, so its offset is always 0."""
     w, h = image.size
+    original_size = torch.tensor([h, w], dtype=torch.long)
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     if size != (w, h):
@@ -185,4 +205,6 @@ def to_tensor(
     array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1) / 127.5 - 1.0
+        left = w - resolution - left
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels, {"original_size": original_size, "crop_top_left": torch.tensor([top, left], dtype=torch.long)}
