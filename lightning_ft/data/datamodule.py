@@ -17,7 +17,7 @@ from lightning_ft.data.folder import (
     load_images,
     read_captions,
     read_labels,
-    to_tensor,
+    to_tensor_with_geometry,
 )
 from lightning_ft.data.samplers import EpochSeededRandomSampler
 
@@ -29,7 +29,14 @@ class LimitedDataset(Dataset):
     """Item ``i`` pairs instance image ``i mod N`` with class image ``i mod M`` (DreamBooth's pairing).
 
     Augmentation (random crop, flip) is drawn from a generator seeded by ``(seed, i)``: the same index always gives
-    the same tensor, so runs are reproducible whatever the worker count."""
+    the same tensor, so runs are reproducible whatever the worker count.
+
+    Items hold ``pixel_values`` (CHW in [-1, 1]), ``prompts``, ``class_labels`` (if labelled) and SDXL's
+    micro-conditioning: ``original_size`` (``[h, w]`` of the image as read, before resizing) and ``crop_top_left``
+    (``[top, left]`` of the crop in the resized image, diffusers' flip convention: see ``to_tensor_with_geometry``),
+    long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is ``[resolution] * 2``.
+    With class images, also ``class_pixel_values``, ``class_prompts``, ``class_original_size`` and
+    ``class_crop_top_left``."""
 
     def __init__(
         self,
@@ -56,18 +63,21 @@ class LimitedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, index))
         i = index % len(self.images)
-        item = {
-            "pixel_values": to_tensor(self.images[i], self.resolution, self.center_crop, self.random_flip, rng),
-            "prompts": self.prompts[i],
-        }
+        pixels, geometry = to_tensor_with_geometry(
+            self.images[i], self.resolution, self.center_crop, self.random_flip, rng
+        )
+        item = {"pixel_values": pixels, "prompts": self.prompts[i], **geometry}
         if self.labels is not None:
             item["class_labels"] = self.labels[i]
         if self.class_images:
             j = index % len(self.class_images)
-            item["class_pixel_values"] = to_tensor(
+            pixels, geometry = to_tensor_with_geometry(
                 self.class_images[j], self.resolution, self.center_crop, self.random_flip, rng
             )
+            item["class_pixel_values"] = pixels
             item["class_prompts"] = self.class_prompts[j]
+            item["class_original_size"] = geometry["original_size"]
+            item["class_crop_top_left"] = geometry["crop_top_left"]
         return item
 
 
