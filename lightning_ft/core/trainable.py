@@ -1,8 +1,17 @@
-"""Which parameters of the denoiser train: ``full``, ``attention``, ``lora`` (PEFT) or ``none``."""
+"""Which parameters of the denoiser train: ``full``, ``attention``, ``lora`` (PEFT) or ``none``.
+
+LoRA goes through diffusers' ``add_adapter`` when the denoiser has it (UNets, SD3, Flux) and through PEFT's
+``inject_adapter_in_model`` otherwise (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``), with the same
+``LoraConfig`` either way; the config is then kept in ``denoiser.peft_config["default"]`` as diffusers keeps it.
+``merged_copy`` gives the plain model of the base architecture, ``save_peft_lora`` / ``load_peft_lora`` write and read
+PEFT's own adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for either kind.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -47,7 +56,7 @@ def apply_trainable(
             target_modules=list(lora_target_modules),
         )
         try:
-            denoiser.add_adapter(config)
+            _add_lora(denoiser, config)
         except ValueError as error:
             raise ValueError(
                 f"model.lora_target_modules={list(lora_target_modules)} matched no layer: {error}"
@@ -73,4 +82,144 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def has_lora(denoiser: torch.nn.Module) -> bool:
-    return bool(getattr(denoiser, "_hf_peft_config_loaded", False))
+    """True when a PEFT adapter layer sits anywhere in ``denoiser`` (diffusers ``add_adapter`` or PEFT injection)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in denoiser.modules())
+
+
+def default_lora_targets(denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """The default ``lora_target_modules`` of ``denoiser``: ``DEFAULT_LORA_TARGETS``, the q/k/v/out projections of
+    every diffusers ``Attention``, for UNets and for DiT / PixArt transformers alike (their blocks use the same
+    ``Attention`` class, so the same names match; in PixArt that includes the text cross-attention ``attn2``, as in
+    a UNet). diffusers has no PixArt or DiT LoRA training example to follow; its DreamBooth-LoRA UNet recipe targets
+    exactly these four, so the feed-forward layers are not added. Raises ValueError, naming
+    ``model.lora_target_modules``, when some target names no linear inside an ``Attention``."""
+    found = set()
+    for module in denoiser.modules():
+        if isinstance(module, Attention):
+            for target in DEFAULT_LORA_TARGETS:
+                try:
+                    layer = module.get_submodule(target)
+                except AttributeError:
+                    continue
+                if isinstance(layer, torch.nn.Linear) or hasattr(layer, "base_layer"):
+                    found.add(target)
+    missing = [t for t in DEFAULT_LORA_TARGETS if t not in found]
+    if missing:
+        raise ValueError(
+            f"{type(denoiser).__name__} has no attention projection named {missing}: set model.lora_target_modules"
+        )
+    return DEFAULT_LORA_TARGETS
+
+
+def _add_lora(denoiser: torch.nn.Module, config) -> None:
+    """Insert the adapter ``default`` of ``config``: diffusers' ``add_adapter`` when the model has it (today's path,
+    unchanged), else PEFT's ``inject_adapter_in_model``. Either way the LoRA weights train, the config is readable as
+    ``denoiser.peft_config["default"]``, and a target list that matches nothing raises ValueError."""
+    if hasattr(denoiser, "add_adapter"):
+        denoiser.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, denoiser, adapter_name="default")
+    # PEFT also sets this attribute itself; set it here so the rest of the code (``lora_state_dict``, the exported
+    # adapter metadata) does not depend on that detail.
+    denoiser.peft_config = {"default": config}
+
+
+def _set_child(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def merged_copy(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``denoiser`` with its LoRA merged into the base weights and the LoRA layers removed: a plain
+    diffusers model of the original class and parameter names. ``denoiser`` is untouched (a plain copy when it has
+    no LoRA).
+
+    For models with diffusers' adapter API this is its ``fuse_lora()`` + ``unload_lora()``. For injected adapters
+    the merge is done here: PEFT's merge-and-unload (``LoraModel.merge_and_unload``) needs a ``PeftModel`` /
+    ``LoraModel`` wrapper, and its public functions for plain models (``peft.functional``) inject, set and delete
+    adapters but do not merge. So each adapter layer merges itself (``BaseTunerLayer.merge``, public) and is then
+    replaced by its base layer (``get_base_layer``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(denoiser)
+    if not has_lora(merged):
+        return merged
+    if hasattr(merged, "fuse_lora") and getattr(merged, "_hf_peft_config_loaded", False):
+        merged.fuse_lora()
+        merged.unload_lora()
+        return merged
+    names = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in names:
+        layer = merged.get_submodule(name)
+        layer.merge()
+        _set_child(merged, name, layer.get_base_layer())
+    if "peft_config" in vars(merged):
+        del merged.peft_config
+    return merged
+
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _single_adapter_config(denoiser: torch.nn.Module):
+    configs = getattr(denoiser, "peft_config", None)
+    if not has_lora(denoiser) or not configs:
+        raise ValueError("the denoiser has no LoRA adapter (model.trainable='lora')")
+    if len(configs) != 1:
+        raise ValueError(f"the denoiser has {len(configs)} adapters {sorted(configs)}; one is expected")
+    return next(iter(configs.items()))
+
+
+def save_peft_lora(denoiser: torch.nn.Module, folder: str | Path) -> Path:
+    """Write the LoRA of ``denoiser`` in PEFT's own format: ``adapter_config.json`` (its ``LoraConfig``) and
+    ``adapter_model.safetensors`` (``get_peft_model_state_dict``: keys without the adapter name). Works for
+    diffusers-adapter and injected models alike; ``load_peft_lora`` (or PEFT's ``PeftModel.from_pretrained``) reads
+    it back. A Bayesian up matrix must be made plain first (``lightning_ft.nn.bayesian.plain_copy``)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from lightning_ft.nn.bayesian import bayesian_layers
+
+    adapter, config = _single_adapter_config(denoiser)
+    if bayesian_layers(denoiser):
+        raise ValueError("save_peft_lora: the LoRA holds Bayesian layers; save a plain_copy of the denoiser instead")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter)
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(weights, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def load_peft_lora(denoiser: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    """Put the LoRA that ``save_peft_lora`` wrote into ``denoiser`` (a plain model of the same architecture), in
+    place: the config read back is inserted as adapter ``default`` (diffusers' ``add_adapter`` or PEFT injection, as
+    ``apply_trainable``), then its weights are loaded (``set_peft_model_state_dict``). The base stays frozen, the LoRA
+    weights train. Raises ValueError when the file's keys do not fit the inserted layers. Returns ``denoiser``."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"load_peft_lora: {folder / name} does not exist")
+    if has_lora(denoiser):
+        raise ValueError("load_peft_lora: the denoiser already has a LoRA adapter")
+    config = LoraConfig.from_pretrained(str(folder))
+    state = load_file(folder / PEFT_WEIGHTS_FILE)
+    denoiser.requires_grad_(False)
+    _add_lora(denoiser, config)
+    result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"load_peft_lora: {folder} does not fit the denoiser (unexpected {unexpected[:5]}, missing {missing[:5]})"
+        )
+    return denoiser
