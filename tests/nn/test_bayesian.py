@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 import pytest
 import torch
-from conftest import tiny_module
+from conftest import tiny_components, tiny_module
 from torch import nn
 
 from lightning_ft.nn.bayesian import (
@@ -17,6 +18,7 @@ from lightning_ft.nn.bayesian import (
     convert_lora_to_bayesian,
     convert_to_bayesian,
     convert_to_plain,
+    default_bayesian_selection,
     plain_copy,
 )
 
@@ -44,6 +46,12 @@ def test_eval_equals_the_pretrained_layer_and_training_samples_fresh_weights():
     # One weight sample per call shared by the batch: identical rows in, identical rows out.
     same = layer(x[:1].expand(3, 6))
     assert torch.equal(same[0], same[1]) and torch.equal(same[1], same[2])
+
+
+def test_conversion_keeps_the_train_or_eval_mode_of_the_layer():
+    linear = nn.Linear(6, 5)
+    assert BayesianLinear.from_linear(linear).training
+    assert not BayesianLinear.from_linear(linear.eval()).training
 
 
 def test_to_linear_holds_the_means():
@@ -166,3 +174,87 @@ def test_bayesian_lora_up_matrix_keeps_peft_forward_and_zero_prior():
     assert torch.equal(denoiser(x, t, encoder_hidden_states=cond).sample, reference)
     denoiser.train()  # sampled up matrices go through PEFT's forward
     assert not torch.allclose(denoiser(x, t, encoder_hidden_states=cond).sample, reference)
+
+
+# ------------------------------------------------------------------------------------------ default selection
+# The constants convert_to_bayesian used for every denoiser before the per-kind selection, spelled out here.
+OLD_INCLUDE = ("down_blocks.*", "mid_block.*", "up_blocks.*")
+OLD_EXCLUDE = ("*.attn2.*", "*.time_emb_proj")
+
+
+def _tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(**tiny_components("tiny_dit")["denoiser"]["config"]).eval()
+
+
+def test_default_selection_of_a_unet_is_unchanged():
+    denoiser = tiny_module().denoiser
+    assert default_bayesian_selection(denoiser) == (OLD_INCLUDE, OLD_EXCLUDE)
+    old = [
+        n
+        for n, m in denoiser.named_modules()
+        if isinstance(m, nn.Linear)
+        and any(fnmatch.fnmatchcase(n, p) for p in OLD_INCLUDE)
+        and not any(fnmatch.fnmatchcase(n, p) for p in OLD_EXCLUDE)
+    ]
+    assert len(old) == 24
+    assert convert_to_bayesian(denoiser) == old  # same names, same order
+
+
+def test_default_selection_of_a_dit_leaves_out_adaln_and_time():
+    denoiser = _tiny_dit()
+    linears = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear)]
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.tensor([3, 47])
+    with torch.no_grad():
+        before = denoiser(x, t, class_labels=y).sample
+    # The UNet rule matches nothing in a DiT: that is what the per-kind default is for.
+    with pytest.raises(ValueError, match="model.bayesian_include"):
+        convert_to_bayesian(denoiser, OLD_INCLUDE, OLD_EXCLUDE)
+    names = convert_to_bayesian(denoiser)
+    block = "transformer_blocks.0."
+    assert names == [block + n for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")] + [
+        block + n for n in ("ff.net.0.proj", "ff.net.2")
+    ]
+    assert not any(".norm" in n or "emb" in n or "time" in n for n in names)
+    # What stays deterministic: the adaLN modulation, the per-block timestep embedder and the output head.
+    assert set(linears) - set(names) == {
+        block + "norm1.linear",
+        block + "norm1.emb.timestep_embedder.linear_1",
+        block + "norm1.emb.timestep_embedder.linear_2",
+        "proj_out_1",
+        "proj_out_2",
+    }
+    with torch.no_grad():
+        assert torch.equal(denoiser(x, t, class_labels=y).sample, before)  # eval: the means, i.e. the model
+
+
+def test_default_selection_of_pixart_and_flux_leaves_out_the_text_paths():
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+    pixart = PixArtTransformer2DModel(
+        sample_size=16, patch_size=4, in_channels=4, out_channels=8, num_layers=1, num_attention_heads=2,
+        attention_head_dim=8, cross_attention_dim=16, caption_channels=16, norm_num_groups=4,
+    )  # fmt: skip
+    names = convert_to_bayesian(pixart)
+    assert sorted(names) == sorted(
+        f"transformer_blocks.0.{n}" for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                              "ff.net.0.proj", "ff.net.2")
+    )  # fmt: skip
+    flux = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[2, 2, 4],
+    )  # fmt: skip
+    names = set(convert_to_bayesian(flux))
+    assert names == {
+        *(f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")),
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff.net.2",
+        *(f"single_transformer_blocks.0.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")),
+    }
+
+
+def test_no_match_names_the_setting():
+    with pytest.raises(ValueError, match="model.bayesian_include"):
+        convert_to_bayesian(nn.Sequential(nn.Linear(3, 3)))
