@@ -26,7 +26,7 @@ from lightning.pytorch.cli import instantiate_class
 from omegaconf import OmegaConf
 
 from benchmarks.perf import now, peak_mb, reset_peak, rss_mb, run_worker, summary_ms
-from lightning_ft.core.base import METHOD_EXPORT_FOLDERS
+from lightning_ft.core.base import EXPORT_FOLDERS
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.run import register_resolvers
 
@@ -62,7 +62,7 @@ def loader_for(folder: Path):
     from lightning_ft import methods
     from lightning_ft.core.base import DiffusionBase
 
-    for sub, owner in METHOD_EXPORT_FOLDERS.items():
+    for sub, owner in EXPORT_FOLDERS.items():
         if (folder / sub).is_dir():
             return getattr(methods, owner)
     return DiffusionBase

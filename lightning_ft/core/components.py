@@ -1,4 +1,4 @@
-"""Load or build the parts of a diffusion model: denoiser, noise scheduler, VAE, text encoder, tokenizer.
+"""Load or build the parts of a diffusion model: denoiser, noise scheduler, VAE, text encoders and tokenizers.
 
 A model comes either from a diffusers folder or hub id (``pretrained``), read component by component from its
 ``model_index.json``, or from config dicts (tests, pretraining from scratch). Each entry of ``components`` is
@@ -11,7 +11,7 @@ A model comes either from a diffusers folder or hub id (``pretrained``), read co
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +21,34 @@ from lightning_ft.core.tokenizer import build_word_tokenizer
 
 # model_index.json names the denoiser "unet" (UNets) or "transformer" (DiT); both are the denoiser here.
 DENOISER_KEYS = ("unet", "transformer")
-COMPONENT_KEYS = ("denoiser", "scheduler", "vae", "text_encoder", "tokenizer")
+TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+COMPONENT_KEYS = ("denoiser", "scheduler", "vae", *TEXT_ENCODER_KEYS, *TOKENIZER_KEYS)
 
 
 @dataclass
 class Components:
-    """The loaded parts; ``vae``, ``text_encoder`` and ``tokenizer`` are ``None`` when the model has none."""
+    """The loaded parts; the optional ones are ``None`` when the model has none. ``pipeline_class`` and
+    ``pipeline_config`` are the folder's ``model_index.json`` class and settings (e.g. SDXL's
+    ``force_zeros_for_empty_prompt``); None and empty for a model built from configs."""
 
     denoiser: torch.nn.Module
     scheduler: Any
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     tokenizer: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: Any = None
+    pipeline_class: str | None = None
+    pipeline_config: dict = field(default_factory=dict)
+    #: What the folder's ``lightning_ft.json`` records (metric backbones, a DiT export's real class count).
+    declared: dict = field(default_factory=dict)
 
     @property
-    def conditioning(self) -> str:
-        """'text' (prompts), 'class' (integer labels) or 'none' (unconditional)."""
-        if self.text_encoder is not None:
-            return "text"
-        config = self.denoiser.config
-        if getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None):
-            return "class"
-        return "none"
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
 
 def _import_class(name: str):
@@ -77,7 +83,7 @@ def _load_pretrained_entry(cls_name: str, path: str, subfolder: str | None):
 def _build_entry(key: str, spec: dict):
     if not isinstance(spec, dict):
         raise TypeError(f"model.components.{key} must be a mapping, got {type(spec).__name__}: {spec!r}")
-    if key == "tokenizer" and "words" in spec:
+    if key in TOKENIZER_KEYS and "words" in spec:
         return build_word_tokenizer(spec["words"], spec.get("model_max_length", 16))
     if "pretrained" in spec:
         path = spec["pretrained"]
@@ -92,8 +98,9 @@ def _build_entry(key: str, spec: dict):
     cls = _import_class(spec["class"])
     if key == "scheduler":
         return cls.from_config(spec["config"])
-    config_cls = getattr(importlib.import_module("transformers"), spec["class"].replace("Model", "Config"), None)
-    if config_cls is not None and spec["class"].startswith(("CLIP", "T5", "Bert")):
+    # transformers models are built from their config class (CLIPTextModelWithProjection from a CLIPTextConfig).
+    config_cls = getattr(cls, "config_class", None)
+    if config_cls is not None and cls.__module__.startswith("transformers"):
         return cls(config_cls(**spec["config"]))
     return cls(**spec["config"])
 
@@ -129,6 +136,15 @@ def load_components(pretrained: str | None = None, components: dict | None = Non
         from diffusers import DiffusionPipeline
 
         index = DiffusionPipeline.load_config(pretrained)
+        parts["pipeline_class"] = index.get("_class_name")
+        parts["pipeline_config"] = {
+            k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
+        }
+        record = Path(pretrained).expanduser() / "lightning_ft.json"
+        if record.is_file():
+            import json
+
+            parts["declared"] = json.loads(record.read_text())
         for name, value in index.items():
             if name.startswith("_") or not isinstance(value, (list, tuple)) or value[1] is None:
                 continue
@@ -148,6 +164,9 @@ def load_components(pretrained: str | None = None, components: dict | None = Non
     for required in ("denoiser", "scheduler"):
         if required not in parts:
             raise ValueError(f"the model has no {required}: give model.pretrained or model.components.{required}")
-    if (parts.get("text_encoder") is None) != (parts.get("tokenizer") is None):
-        raise ValueError("model: a text encoder needs a tokenizer and vice versa (components.text_encoder/tokenizer)")
+    for encoder, tokenizer in zip(TEXT_ENCODER_KEYS, TOKENIZER_KEYS):
+        if (parts.get(encoder) is None) != (parts.get(tokenizer) is None):
+            raise ValueError(
+                f"model: a text encoder needs a tokenizer and vice versa (components.{encoder}/{tokenizer})"
+            )
     return Components(**parts)

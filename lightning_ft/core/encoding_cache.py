@@ -34,20 +34,29 @@ class EncodingCache:
     def __len__(self) -> int:
         return len(self.store)
 
-    def lookup(self, keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-        """Stack the values of ``keys``; ``compute(indices)`` returns the values of the missing ones, in order."""
+    def lookup(self, keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor | dict]):
+        """Stack the values of ``keys``; ``compute(indices)`` returns the values of the missing ones, in order: a
+        tensor (batch on dim 0), or a dict of such tensors (then a dict of stacked tensors is returned)."""
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         first_seen = {}
         for i in missing:
             first_seen.setdefault(keys[i], i)
         unique = list(first_seen.values())
         if unique:
-            for i, value in zip(unique, compute(unique)):
-                self.store[keys[i]] = value.detach()
+            computed = compute(unique)
+            if isinstance(computed, dict):
+                rows = [{name: value[j].detach() for name, value in computed.items()} for j in range(len(unique))]
+            else:
+                rows = [value.detach() for value in computed]
+            for i, value in zip(unique, rows):
+                self.store[keys[i]] = value
         self.hits += len(keys) - len(unique)
         self.misses += len(unique)
         for k in keys:
             self.store.move_to_end(k)
         while len(self.store) > self.max_items:
             self.store.popitem(last=False)
-        return torch.stack([self.store[k] for k in keys])
+        values = [self.store[k] for k in keys]
+        if isinstance(values[0], dict):
+            return {name: torch.stack([v[name] for v in values]) for name in values[0]}
+        return torch.stack(values)

@@ -6,20 +6,19 @@ Kept apart from the training logic of ``base.py``; both read the same components
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lightning_ft.core import pipeline as pipe_utils
-from lightning_ft.core.trainable import has_lora, lora_state_dict
+from lightning_ft.core.trainable import has_lora, lora_state_dict, merged_copy
 from lightning_ft.metrics.backbones import model_backbones, write_declaration
 
 
 class SamplingExportMixin:
-    """Sampling (``generate``) and export (``save_pretrained``) of a ``DiffusionBase``; needs ``parts``,
-    ``hparams``, ``conditioning``, ``predict``, ``noise_scheduler`` and ``sampling_weights()`` from it."""
+    """Sampling (``generate``) and export (``save_pretrained``) of a ``DiffusionBase``; needs ``parts``, ``family``,
+    ``hparams``, ``predict``, ``noise_scheduler`` and ``sampling_weights()`` from it."""
 
     def sampling_scheduler(self):
         h = self.hparams
@@ -44,8 +43,9 @@ class SamplingExportMixin:
         return pipe.scheduler if pipe is not None else self.sampling_scheduler()
 
     def build_pipeline(self):
-        """The diffusers pipeline of the current weights (shares the modules; nothing is copied)."""
-        return pipe_utils.build_pipeline(self.parts, self.sampling_scheduler())
+        """The diffusers pipeline of the current weights (shares the modules; nothing is copied), or None when no
+        pipeline fits the family."""
+        return self.family.build_pipeline(self.parts, self.sampling_scheduler())
 
     @torch.no_grad()
     def generate(
@@ -63,6 +63,9 @@ class SamplingExportMixin:
         ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
         n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
         steps, guidance, seeds = self.sampling_settings(n, seeds, steps, guidance_scale)
+        inputs = prompts if self.family.input_key == "prompts" else labels
+        if self.family.input_key is not None and inputs is None:
+            raise ValueError(f"generate: this {self.family.describe()} model needs {self.family.input_key}")
         chunks = []
         with self.sampling_weights():
             pipe = self.build_pipeline()
@@ -70,25 +73,8 @@ class SamplingExportMixin:
                 pipe.set_progress_bar_config(disable=True)
             for start in range(0, n, batch_size):
                 part = slice(start, start + batch_size)
-                if self.conditioning == "text":
-                    chunks.append(
-                        pipe_utils.sample_text(pipe, prompts[part], seeds[part], steps, guidance, negative_prompt)
-                    )
-                elif self.conditioning == "class":
-                    chunks.append(
-                        pipe_utils.sample_class_conditional(
-                            self.parts,
-                            self.sampling_scheduler(),
-                            labels[part],
-                            seeds[part],
-                            steps,
-                            guidance,
-                            self.null_class,
-                            self.predict,
-                        )
-                    )
-                else:
-                    chunks.append(pipe_utils.sample_unconditional(pipe, seeds[part], steps))
+                chunk = inputs[part] if inputs is not None else None
+                chunks.append(self.family.sample(self, pipe, chunk, seeds[part], steps, guidance, negative_prompt))
         return torch.cat(chunks).cpu()
 
     @torch.no_grad()
@@ -117,25 +103,15 @@ class SamplingExportMixin:
             if lora_only:
                 if not has_lora(self.denoiser):
                     raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
-                from diffusers import StableDiffusionPipeline
-
-                # The adapter config (rank, alpha, targets) goes with the weights: without it `load_lora_weights`
-                # assumes alpha = rank, and a model trained with another alpha would load at the wrong scale.
                 metadata = next(iter(self.denoiser.peft_config.values())).to_dict()
-                StableDiffusionPipeline.save_lora_weights(
-                    path, unet_lora_layers=self.exportable_lora_state(), unet_lora_adapter_metadata=metadata
-                )
+                self.family.save_lora(path, self.denoiser, self.exportable_lora_state(), metadata)
                 return path
             parts = self.parts
             parts.denoiser = self.exportable_denoiser()
-            pipe = pipe_utils.build_pipeline(parts, self.sampling_scheduler())
-            if pipe is None:
-                parts.denoiser.save_pretrained(path / "denoiser")
-                self.noise_scheduler.save_pretrained(path / "scheduler")
-            else:
-                pipe.save_pretrained(path)
-        # The metric backbones the model declares (its own argument, or its pretrained folder's) go with it.
-        write_declaration(model_backbones(self), path)
+            record = self.family.export(parts, self.sampling_scheduler(), path)
+        # The metric backbones the model declares (its own argument, or its pretrained folder's) go with it, and
+        # what the family records (a DiT export's real class count and null class).
+        write_declaration(model_backbones(self), path, record)
         return path
 
     def exportable_lora_state(self) -> dict[str, torch.Tensor]:
@@ -145,9 +121,4 @@ class SamplingExportMixin:
     def exportable_denoiser(self) -> torch.nn.Module:
         """The denoiser as plain diffusers weights (LoRA merged into a copy). Must not change ``self``: training
         and sampling go on after an export. Methods that insert or reparameterise layers override it."""
-        if not has_lora(self.denoiser):
-            return self.denoiser
-        merged = copy.deepcopy(self.denoiser)
-        merged.fuse_lora()
-        merged.unload_lora()
-        return merged
+        return merged_copy(self.denoiser) if has_lora(self.denoiser) else self.denoiser

@@ -26,8 +26,8 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.base import DiffusionBase
+from lightning_ft.core.families import denoise_loop
 from lightning_ft.metrics.backbones import model_backbones
 from lightning_ft.nn.anl import (
     ANL_FOLDER,
@@ -139,33 +139,33 @@ class ConditionTuning(DiffusionBase):
         return self.condition_encoder(images.to(self.device))
 
     def base_condition(self, n: int, prompts: Sequence[str] | None = None, labels=None, null: bool = False):
-        """The denoiser's own condition: the prompts (``use_prompts``) or the empty prompt; labels or the null class."""
-        if self.conditioning == "text":
-            use = self.hparams.use_prompts and prompts is not None and not null
-            return self.encode_prompts(list(prompts) if use else [""] * n)
-        if self.conditioning == "class":
-            if null or labels is None:
-                return torch.full((n,), self.null_class, device=self.device, dtype=torch.long)
-            return torch.as_tensor(list(labels), device=self.device)
-        return None
+        """The denoiser's own condition: the prompts (``use_prompts``) or the empty prompt; labels or the null class
+        (the family's null condition)."""
+        key = self.family.input_key
+        given = prompts if key == "prompts" and self.hparams.use_prompts else labels if key == "labels" else None
+        if null or given is None:
+            return self.null_condition(n)
+        return self.encode_inputs(list(given) if key == "prompts" else torch.as_tensor(list(given)))
 
     def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
-        """(denoiser condition, condition tokens of the batch's own images), with condition dropout in training."""
+        """The denoiser's condition plus the condition tokens of the batch's own images (field ``anl_tokens``),
+        with condition dropout in training."""
         n = len(batch["pixel_values"])
-        prompts = batch.get(prompts_key) if self.hparams.use_prompts else [""] * n
-        base = super().encode_conditions({prompts_key: prompts, labels_key: batch.get(labels_key)})
+        if not self.hparams.use_prompts and self.family.input_key == "prompts":
+            batch = {**batch, prompts_key: self.family.null_inputs(n)}
+        base = super().encode_conditions(batch, prompts_key, labels_key)
         tokens = self.condition_tokens(batch["pixel_values"])
         p = self.hparams.image_condition_dropout if self.training else 0.0
         if p > 0:
             drop = (torch.rand(n, device=tokens.device) < p)[:, None, None]
             tokens = torch.where(drop, self.null_tokens.to(tokens.dtype).expand_as(tokens), tokens)
-        return base, tokens
+        return base.replace(anl_tokens=tokens)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition, denoiser=None) -> torch.Tensor:
-        base, tokens = condition
-        self.condition_context.tokens = tokens
+        """The denoiser's prediction with the condition's ``anl_tokens`` handed to the ANL modules."""
+        self.condition_context.tokens = condition.get("anl_tokens")
         try:
-            return super().predict(noisy, timesteps, base, denoiser)
+            return super().predict(noisy, timesteps, condition.replace(anl_tokens=None), denoiser)
         finally:
             self.condition_context.tokens = None
 
@@ -221,8 +221,8 @@ class ConditionTuning(DiffusionBase):
                 k = len(seeds[part])
                 tokens = self.mask_tokens(self.condition_tokens(condition_images[part]), mask_rate, seeds[part])
                 base = self.base_condition(k, prompts[part] if prompts else None, labels[part] if labels else None)
-                cond = (base, tokens)
-                uncond = (self.base_condition(k, null=True), self.null_tokens.expand_as(tokens))
+                cond = base.replace(anl_tokens=tokens)
+                uncond = self.base_condition(k, null=True).replace(anl_tokens=self.null_tokens.expand_as(tokens))
 
                 def model_output(x, t, cond=cond, uncond=uncond):
                     out = self.predict(x, t, cond)
@@ -231,7 +231,7 @@ class ConditionTuning(DiffusionBase):
                     base = self.predict(x, t, uncond)
                     return base + guidance * (out - base)
 
-                chunks.append(pipe_utils.denoise_loop(self.parts, scheduler, seeds[part], steps, model_output))
+                chunks.append(denoise_loop(self.parts, scheduler, seeds[part], steps, model_output))
         return torch.cat(chunks).cpu()
 
     # --------------------------------------------------------------------------------------------------- export

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_ft.core.trainable import has_lora
+from lightning_ft.core.trainable import has_lora, merged_copy
 from lightning_ft.methods.dreambooth import DreamBooth
 from lightning_ft.nn.bayesian import (
     KL_FORMS,
@@ -115,10 +115,7 @@ class BayesianFineTuning(DreamBooth):
         turned into ``nn.Linear`` (and, for LoRA, the LoRA merged into the copy). The training module keeps its
         Bayesian layers, so training and sampling can go on after an export."""
         plain = plain_copy(self.denoiser)
-        if has_lora(plain):
-            plain.fuse_lora()
-            plain.unload_lora()
-        return plain
+        return merged_copy(plain) if has_lora(plain) else plain
 
     def exportable_lora_state(self) -> dict[str, torch.Tensor]:
         """Plain LoRA weights with up = mu: the Bayesian ``lora_B`` layers are swapped for plain ones meanwhile."""

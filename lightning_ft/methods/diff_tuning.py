@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_ft.core.base import DiffusionBase
+from lightning_ft.core.conditions import Condition
 from lightning_ft.data.memory_bank import generate_memory_bank, load_memory_bank, memory_bank_folder
 
 WEIGHTINGS = ("sampling", "loss_weight")
@@ -107,11 +108,11 @@ class DiffTuning(DiffusionBase):
             raise ValueError(f"model.retention_weight={retention_weight} must be >= 0")
         super().__init__(*args, **kwargs)
         h = self.hparams
-        if h.memory_ratio > 0 and self.conditioning == "class" and self.null_class is None:
+        if h.memory_ratio > 0 and self.family.input_key == "labels" and self.null_class is None:
             raise ValueError("Diff-Tuning trains memory images with the null class: set model.null_class")
-        if memory_prompts is not None and self.conditioning != "text":
-            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.conditioning!r} one")
-        T = self.noise_scheduler.config.num_train_timesteps
+        if memory_prompts is not None and self.family.input_key != "prompts":
+            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.family.describe()}")
+        T = self.noise_process.num_train_timesteps
         b = target_power if memory_power is None else memory_power
         # Plain attributes, not buffers: they are derived from hparams and must not enter checkpoints.
         self.target_pmf = power_law_pmf(T, target_power, decreasing=False)
@@ -150,15 +151,11 @@ class DiffTuning(DiffusionBase):
     def memory_conditions(self) -> tuple[list[str] | None, list[int] | None]:
         """(prompts, labels) the bank's images are sampled with, one per image (None for unconditional models)."""
         size = self.hparams.memory_size
-        if self.conditioning == "text":
-            prompts = self.hparams.memory_prompts or [""]
+        if self.family.input_key == "prompts":
+            prompts = self.hparams.memory_prompts or self.family.null_inputs(1)
             return [prompts[i % len(prompts)] for i in range(size)], None
-        if self.conditioning == "class":
-            config = self.denoiser.config
-            count = getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None)
-            if not count:
-                raise ValueError("Diff-Tuning: cannot tell how many classes this model has to sample the memory bank")
-            classes = [c for c in range(count) if c != self.null_class]
+        if self.family.input_key == "labels":
+            classes = self.family.classes()
             return None, [classes[i % len(classes)] for i in range(size)]
         return None, None
 
@@ -216,14 +213,6 @@ class DiffTuning(DiffusionBase):
             images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
         return images.to(self.device)
 
-    def null_condition(self, k: int):
-        """The condition of memory images: the empty prompt, the null class, or None (released)."""
-        if self.conditioning == "text":
-            return self.encode_prompts([""] * k)
-        if self.conditioning == "class":
-            return torch.full((k,), self.null_class, device=self.device, dtype=torch.long)
-        return None
-
     # ---------------------------------------------------------------------------------------------------- loss
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._batch_idx = batch_idx
@@ -246,8 +235,8 @@ class DiffTuning(DiffusionBase):
         t_memory = self.memory_timesteps(k)
         # One forward for both parts, as the released script does.
         x0 = self.encode_images(torch.cat([target["pixel_values"], memory]))
-        null = self.null_condition(k)
-        condition = torch.cat([condition, null]) if condition is not None else None
+        # Memory images are trained with the null condition (released), at this batch's image size.
+        condition = Condition.cat([condition, self.null_condition(k, tuple(pixels.shape[-2:]))])
         timesteps = torch.cat([t_target, t_memory])
         weights = torch.cat([self.importance_weights(t_target), self.importance_weights(t_memory, memory=True)])
         per_sample = self.diffusion_loss(x0, condition, timesteps) * weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lightning_ft.core.base import DiffusionBase
+from lightning_ft.core.conditions import Condition
 
 
 class DreamBooth(DiffusionBase):
@@ -29,13 +30,15 @@ class DreamBooth(DiffusionBase):
             return super().training_loss(batch)
         n = len(batch["pixel_values"])
         pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        joined = {
-            "pixel_values": pixels,
-            "prompts": list(batch["prompts"]) + list(batch["class_prompts"]),
-        }
-        if "class_labels" in batch:
-            joined["class_labels"] = torch.cat([batch["class_labels"], batch["class_labels"]])
-        per_sample = self.diffusion_loss(self.encode_images(pixels), self.encode_conditions(joined))
+        # The prior half's keys are the batch's "class_" keys without the prefix (class_pixel_values, class_prompts,
+        # class_original_size, class_crop_top_left, and class_class_labels: the labels of a class-conditional
+        # model's class images, else the instance labels).
+        instance = {k: v for k, v in batch.items() if not k.startswith("class_") or k == "class_labels"}
+        prior = {k[len("class_") :]: v for k, v in batch.items() if k.startswith("class_") and k != "class_labels"}
+        if "class_labels" not in prior and "class_labels" in batch:
+            prior["class_labels"] = batch["class_labels"]
+        conditions = Condition.cat([self.encode_conditions(instance), self.encode_conditions(prior)])
+        per_sample = self.diffusion_loss(self.encode_images(pixels), conditions)
         instance, prior = per_sample[:n].mean(), per_sample[n:].mean()
         loss = instance + self.hparams.prior_loss_weight * prior
         return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach()}

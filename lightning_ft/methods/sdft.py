@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from lightning_ft.core.base import DiffusionBase
 
@@ -66,28 +65,18 @@ class SelfDistillationFineTuning(DiffusionBase):
         super().__init__(*args, **kwargs)
 
     def predicted_x0(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The x0 a model output implies, for the scheduler's prediction type (epsilon / v_prediction / sample)."""
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "sample":
-            return prediction
-        abar = self.noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].float()
-        abar = abar.view(-1, *([1] * (noisy.ndim - 1)))
-        signal, sigma = abar.sqrt(), (1 - abar).sqrt()
-        if kind == "epsilon":
-            return (noisy - sigma * prediction) / signal
-        if kind == "v_prediction":
-            return signal * noisy - sigma * prediction
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+        """The x0 a model output implies (the noise process's rule for its prediction type)."""
+        return self.noise_process.predicted_x0(prediction, noisy, timesteps)
 
     def distill_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """w(t) of the distillation term: 1[t >= tau T] (prediction), or min(SNR, gamma) / 1 (lowpass_x0)."""
+        """w(t) of the distillation term: 1[t >= tau T] (prediction), or min(SNR, gamma) / 1 (lowpass_x0). "t >= tau
+        T" is read as the noise process's fraction of the way from data to noise (t / T for DDPM)."""
         h = self.hparams
         if h.distill_target == "prediction":
-            threshold = h.distill_from * self.noise_scheduler.config.num_train_timesteps
-            return (timesteps >= threshold).float()
+            return (self.noise_process.fraction(timesteps) >= h.distill_from).float()
         if h.lowpass_snr_gamma is None:
             return torch.ones(len(timesteps), device=timesteps.device)
-        return compute_snr(self.noise_scheduler, timesteps).clamp(max=h.lowpass_snr_gamma).float()
+        return self.noise_process.snr(timesteps).clamp(max=h.lowpass_snr_gamma).float()
 
     def distillation_loss(
         self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, condition
@@ -116,7 +105,7 @@ class SelfDistillationFineTuning(DiffusionBase):
         condition = self.encode_conditions(batch)
         timesteps = self.sample_timesteps(x0.shape[0])
         noise = self.make_noise(x0)
-        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        noisy = self.noise_process.add_noise(x0, noise, timesteps)
         prediction = self.predict(noisy, timesteps, condition)
         target = self.prediction_target(x0, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")

@@ -315,12 +315,14 @@ def model_backbones(pl_module) -> dict:
     return declared_backbones(get("pretrained"))
 
 
-def write_declaration(backbones: dict, destination: str | Path) -> None:
-    """Write ``lightning_ft.json`` declaring ``backbones`` into ``destination`` (nothing when empty): an export is
-    scored like the model it came from."""
-    if backbones:
-        text = json.dumps({"backbones": backbones}, indent=2) + "\n"
-        (Path(destination) / DECLARATION).write_text(text)
+def write_declaration(backbones: dict, destination: str | Path, extra: dict | None = None) -> None:
+    """Write ``lightning_ft.json`` declaring ``backbones`` (and what the model family records in ``extra``, e.g. a
+    DiT export's real class count) into ``destination``; nothing when both are empty. An export is scored like the
+    model it came from."""
+    content = {"backbones": backbones} if backbones else {}
+    content.update(extra or {})
+    if content:
+        (Path(destination) / DECLARATION).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def backbone_spec(role: str, name: str = "auto", path: str | None = None, declared: dict | None = None) -> tuple:

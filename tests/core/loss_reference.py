@@ -66,8 +66,9 @@ def _cases():
 
 def compute() -> dict[str, dict[str, float]]:
     """Every case's training loss and logged parts (and the evaluation loss), from fixed seeds."""
-    import lightning_ft.methods as methods
     from conftest import tiny_backbones, tiny_components
+
+    import lightning_ft.methods as methods
 
     results = {}
     for name, model, method, kwargs, keys in _cases():

@@ -43,19 +43,22 @@ def test_the_dits_own_label_dropout_is_off_so_training_forwards_are_deterministi
     _perturb(module)
     module.train()
     x, t, y = torch.randn(64, 4, 16, 16), torch.full((64,), 500), torch.arange(64) % 48
-    first, second = module.predict(x, t, y), module.predict(x, t, y)
+    c = module.encode_inputs(y)
+    first, second = module.predict(x, t, c), module.predict(x, t, c)
     # With diffusers' built-in 10% label dropout left on, some of 64 labels would differ between the two calls.
     assert torch.equal(first, second)
-    assert not torch.allclose(first, module.predict(x, t, torch.full_like(y, 48)))  # the null class is distinct
+    assert not torch.allclose(
+        first, module.predict(x, t, module.encode_inputs(torch.full_like(y, 48)))
+    )  # the null class is distinct
 
 
 def test_condition_dropout_replaces_labels_by_the_null_class_in_training_only():
     module = dit_module(condition_dropout=1.0)
     batch = {"class_labels": torch.tensor([1, 2, 3])}
     module.train()
-    assert module.encode_conditions(batch).tolist() == [48, 48, 48]
+    assert module.encode_conditions(batch).fields["class_labels"].tolist() == [48, 48, 48]
     module.eval()
-    assert module.encode_conditions(batch).tolist() == [1, 2, 3]
+    assert module.encode_conditions(batch).fields["class_labels"].tolist() == [1, 2, 3]
 
 
 def test_a_null_class_outside_the_embedding_table_is_rejected():
@@ -71,7 +74,7 @@ def test_learned_sigma_outputs_are_cut_to_the_mean_channels():
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([0, 1])
     raw = module.denoiser(x, t, class_labels=y).sample
     assert raw.shape[1] == 8
-    assert torch.equal(module.predict(x, t, y), raw[:, :4])
+    assert torch.equal(module.predict(x, t, module.encode_inputs(y)), raw[:, :4])
 
 
 def test_training_updates_the_transformer():
@@ -123,7 +126,7 @@ def test_diff_tuning_memory_samples_cover_the_classes_and_train_with_the_null_cl
     module = dit_module(DiffTuning, memory_size=96, memory_cache_dir=str(tmp_path))
     _, labels = module.memory_conditions()
     assert sorted(set(labels)) == list(range(48))  # every real class, never the null class
-    assert module.null_condition(3).tolist() == [48, 48, 48]
+    assert module.null_condition(3).fields["class_labels"].tolist() == [48, 48, 48]
 
 
 # ------------------------------------------------------------------------------------- per-image class labels

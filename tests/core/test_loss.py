@@ -42,10 +42,14 @@ def test_condition_dropout_uses_the_empty_prompt():
     module = tiny_module(condition_dropout=1.0)
     module.train()
     dropped = module.encode_conditions({"prompts": ["a red star", "a sks circle"]})
-    empty = module.encode_prompts(["", ""])
-    assert torch.allclose(dropped, empty)
+    empty = module.null_condition(2)
+    assert torch.allclose(dropped.fields["encoder_hidden_states"], empty.fields["encoder_hidden_states"])
+    assert torch.allclose(
+        empty.fields["encoder_hidden_states"], module.encode_prompts(["", ""]).fields["encoder_hidden_states"]
+    )
     module.eval()  # no dropout outside training
-    assert not torch.allclose(module.encode_conditions({"prompts": ["a red star", "a sks circle"]}), empty)
+    kept = module.encode_conditions({"prompts": ["a red star", "a sks circle"]})
+    assert not torch.allclose(kept.fields["encoder_hidden_states"], empty.fields["encoder_hidden_states"])
 
 
 def test_frozen_copy_is_made_once_only_when_asked_and_stays_frozen():
@@ -76,7 +80,10 @@ def test_encoding_caches_give_the_same_results_and_skip_recomputation():
     plain = tiny_module(cache_text_embeddings=False)
     plain.load_state_dict(cached.state_dict())
     prompts = ["a red star", "a sks circle", "a red star"]
-    assert torch.allclose(cached.encode_prompts(prompts), plain.encode_prompts(prompts))
+    assert torch.allclose(
+        cached.encode_prompts(prompts).fields["encoder_hidden_states"],
+        plain.encode_prompts(prompts).fields["encoder_hidden_states"],
+    )
     assert cached.text_cache.misses == 2 and len(cached.text_cache) == 2
     cached.encode_prompts(prompts)
     assert cached.text_cache.misses == 2 and cached.text_cache.hits == 4

@@ -44,9 +44,10 @@ def test_anl_modules_follow_every_resnet_and_are_the_identity_at_initialisation(
     base = module.encode_prompts(["", ""])
     tokens = module.condition_tokens(_images(2))
     assert tokens.shape[0] == 2 and tokens.shape[2] == module.null_tokens.shape[1]
-    assert torch.equal(module.predict(x, t, (base, tokens)), module.predict(x, t, (base, tokens), denoiser=plain))
+    cond = base.replace(anl_tokens=tokens)
+    assert torch.equal(module.predict(x, t, cond), module.predict(x, t, base, denoiser=plain))
     _perturb(module)
-    assert not torch.allclose(module.predict(x, t, (base, tokens)), module.predict(x, t, (base, tokens), plain))
+    assert not torch.allclose(module.predict(x, t, cond), module.predict(x, t, base, plain))
 
 
 def test_only_anl_modules_and_the_null_condition_train():
@@ -65,10 +66,10 @@ def test_condition_dropout_uses_the_null_tokens_in_training_only():
     module = _module(image_condition_dropout=1.0)
     _perturb(module)
     module.train()
-    _, tokens = module.encode_conditions(_batch(3))
+    tokens = module.encode_conditions(_batch(3)).fields["anl_tokens"]
     assert torch.equal(tokens, module.null_tokens.detach().expand(3, -1, -1))
     module.eval()
-    _, tokens = module.encode_conditions(_batch(3))
+    tokens = module.encode_conditions(_batch(3)).fields["anl_tokens"]
     assert torch.equal(tokens, module.condition_tokens(_batch(3)["pixel_values"]))
 
 

@@ -114,7 +114,7 @@ def test_each_step_holds_the_configured_split_and_memory_uses_the_empty_prompt(t
     losses, prompts, pixels = [], [], []
     original_loss, original_prompts, original_images = (
         module.diffusion_loss,
-        module.encode_prompts,
+        module.text_features,
         module.encode_images,
     )
 
@@ -122,7 +122,7 @@ def test_each_step_holds_the_configured_split_and_memory_uses_the_empty_prompt(t
         losses.append((len(x0), len(condition), timesteps.clone()))
         return original_loss(x0, condition, timesteps, noise, weighted)
 
-    def encode_prompts(batch_prompts):
+    def text_features(batch_prompts):
         prompts.append(list(batch_prompts))
         return original_prompts(batch_prompts)
 
@@ -131,7 +131,7 @@ def test_each_step_holds_the_configured_split_and_memory_uses_the_empty_prompt(t
         return original_images(images)
 
     monkeypatch.setattr(module, "diffusion_loss", diffusion_loss)
-    monkeypatch.setattr(module, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(module, "text_features", text_features)
     monkeypatch.setattr(module, "encode_images", encode_images)
     module.train()
     for size, target, memory in ((10, 8, 2), (16, 13, 3), (3, 2, 1), (1, 1, 1)):

@@ -163,7 +163,7 @@ def test_bayesian_lora_up_matrix_keeps_peft_forward_and_zero_prior():
     module = tiny_module(trainable="lora", lora_rank=2)
     denoiser = module.denoiser
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
-    cond = module.encode_prompts(["a sks star"])
+    cond = module.encode_prompts(["a sks star"]).fields["encoder_hidden_states"]
     reference = denoiser(x, t, encoder_hidden_states=cond).sample
     names = convert_lora_to_bayesian(denoiser, sigma_init=0.5, prior_sigma=0.01)
     assert names and all(n.endswith(".lora_B.default") for n in names)

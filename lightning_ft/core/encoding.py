@@ -1,0 +1,138 @@
+"""Encoding for ``DiffusionBase``: images to the denoiser's space, inputs to ``Condition``s, and the denoiser call.
+
+The family adapter (``self.family``) says what a condition is; this mixin adds what every family shares: the VAE
+posterior and its cache, the text-feature cache of frozen text encoders, condition dropout, and the null condition,
+which is built here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_ft.core.conditions import Condition
+from lightning_ft.core.encoding_cache import tensor_key
+
+
+def image_geometry(
+    n: int, size: tuple[int, int], original: torch.Tensor | None = None, crop: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``original_size``, ``crop_top_left`` and ``target_size`` (n, 2) of ``n`` images of ``size`` (h, w); missing
+    values default to the pipelines' own: original = target, crop (0, 0)."""
+    target = torch.tensor([list(size)] * n, dtype=torch.long)
+    original = target.clone() if original is None else torch.as_tensor(original).long().cpu().view(n, 2)
+    crop = torch.zeros(n, 2, dtype=torch.long) if crop is None else torch.as_tensor(crop).long().cpu().view(n, 2)
+    return {"original_size": original, "crop_top_left": crop, "target_size": target}
+
+
+class EncodingMixin:
+    """Needs ``family``, ``parts``, ``vae``, ``hparams``, ``latent_cache``, ``text_cache`` and ``device``."""
+
+    # ------------------------------------------------------------------------------------------------ images
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels.
+
+        With ``cache_latents`` the VAE posterior (mean, std) of each distinct image is computed once; a fresh
+        latent is still sampled from it every time, exactly as without the cache. A (CPU) ``generator`` draws
+        that latent instead of the global RNG."""
+        if self.vae is None:
+            return pixel_values
+
+        def posterior(indices: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                dist = self.vae.encode(pixel_values[indices].to(self.vae.dtype)).latent_dist
+            return torch.stack([dist.mean, dist.std], dim=1)
+
+        if self.latent_cache is not None:
+            keys = [tensor_key(image) for image in pixel_values]
+            params = self.latent_cache.lookup(keys, posterior)
+        else:
+            params = posterior(list(range(len(pixel_values))))
+        mean, std = params[:, 0], params[:, 1]
+        # randn(shape), not randn_like: the latter follows the (view's) strides, so the same seed would draw
+        # different latents with and without the cache.
+        if generator is None:
+            eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        else:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        latents = mean + std * eps
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        # Contiguous: some VAEs return channels-last latents, and diffusers' resnets then take other conv kernels in
+        # train and eval mode, so a student and its frozen teacher would differ by ~1e-6 with equal weights.
+        return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype).contiguous()
+
+    # -------------------------------------------------------------------------------------------------- text
+    def text_features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The family's per-sample text features of ``prompts`` (tokenised as its pipeline does). Frozen encoders'
+        features are cached per distinct token sequence (``cache_text_embeddings``); training ones carry a graph."""
+        parts = self.parts
+        ids = [t.to(self.device) for t in self.family.tokenize(parts, prompts)]
+        if self.hparams.train_text_encoder:
+            context = torch.enable_grad() if self.training else torch.no_grad()
+            with context:
+                return self.family.encode_ids(parts, ids)
+
+        def encode(indices: list[int]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return self.family.encode_ids(parts, [t[indices] for t in ids])
+
+        if self.text_cache is None:
+            return encode(list(range(len(prompts))))
+        keys = [tuple(tuple(t[i].tolist()) for t in ids) for i in range(len(prompts))]
+        return self.text_cache.lookup(keys, encode)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
+        """The condition of ``prompts`` for a text family, at the native resolution's geometry."""
+        return self.encode_inputs(list(prompts))
+
+    # ---------------------------------------------------------------------------------------------- conditions
+    def encode_inputs(self, inputs, n: int | None = None, geometry: dict | None = None) -> Condition:
+        """The ``Condition`` of raw inputs (prompts, labels, or None with ``n``); ``geometry`` defaults to images
+        of the native resolution (see ``image_geometry``)."""
+        n = len(inputs) if inputs is not None else n
+        if geometry is None:
+            side = self.native_resolution()
+            geometry = image_geometry(n, (side, side))
+        return self.family.encode(self, inputs, n, geometry)
+
+    def null_condition(self, n: int, size: tuple[int, int] | None = None) -> Condition:
+        """The unconditional condition of ``n`` samples (empty prompt, null class, nothing), for images of ``size``
+        (default native): the one place it is built."""
+        side = self.native_resolution()
+        geometry = image_geometry(n, size or (side, side))
+        return self.encode_inputs(self.family.null_inputs(n), n, geometry)
+
+    def batch_geometry(self, batch: dict, prefix: str = "", pixels_key: str = "pixel_values") -> dict:
+        """The geometry of a batch's images, from the ``original_size`` / ``crop_top_left`` the data module records
+        (with ``prefix``, e.g. ``class_``), else the defaults."""
+        pixels = batch[pixels_key]
+        return image_geometry(
+            len(pixels),
+            tuple(pixels.shape[-2:]),
+            batch.get(f"{prefix}original_size"),
+            batch.get(f"{prefix}crop_top_left"),
+        )
+
+    def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
+        """The condition of a batch, with condition dropout (``condition_dropout``) in training."""
+        inputs = self.family.batch_inputs(batch, prompts_key, labels_key)
+        n = len(batch["pixel_values"]) if inputs is None else len(inputs)
+        p = self.hparams.condition_dropout if self.training else 0.0
+        if p > 0 and inputs is not None:
+            if isinstance(inputs, list):
+                drop = torch.rand(n) < p
+            else:
+                inputs = inputs.to(self.device)
+                drop = torch.rand(n, device=self.device) < p
+            inputs = self.family.with_null(inputs, drop)
+        geometry = self.batch_geometry(batch) if "pixel_values" in batch else None
+        return self.encode_inputs(inputs, n, geometry)
+
+    # ------------------------------------------------------------------------------------------------ denoiser
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition, denoiser=None):
+        """Run a denoiser (default ``self.denoiser``) and return its prediction with the input's channel count."""
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        out = self.family.denoise(denoiser, noisy, self.noise_process.model_timesteps(timesteps), condition)
+        # Learned-variance models (DiT, IF) predict 2x channels; the mean part is the first half.
+        return out[:, : noisy.shape[1]] if out.shape[1] != noisy.shape[1] else out

@@ -1,0 +1,82 @@
+"""Model families: one small adapter per kind of pipeline, chosen from the folder's ``model_index.json``.
+
+| family              | pipelines                                   | condition                                  |
+|---------------------|---------------------------------------------|--------------------------------------------|
+| ``stable_diffusion``| StableDiffusionPipeline (SD1.x, SD2.x)      | CLIP last hidden state                     |
+| ``sdxl``            | StableDiffusionXLPipeline                   | 2 CLIP penultimate states, pooled, time ids|
+| ``class_conditional``| DiTPipeline, class-conditional UNets       | class labels (null class for guidance)     |
+| ``unconditional``   | DDIMPipeline, DDPMPipeline                  | none                                       |
+
+A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
+names one explicitly. Flow-matching families (SD3/3.5, Flux, Sana) and PixArt are refused, naming the pipeline.
+"""
+
+from __future__ import annotations
+
+from lightning_ft.core.components import Components
+from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
+from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
+from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL
+
+FAMILIES: dict[str, type[ModelFamily]] = {
+    cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, ClassConditional, Unconditional)
+}
+#: model_index.json ``_class_name`` -> family.
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "stable_diffusion",
+    "StableDiffusionXLPipeline": "sdxl",
+    "DiTPipeline": "class_conditional",
+    "DDIMPipeline": "unconditional",
+    "DDPMPipeline": "unconditional",
+}
+#: Pipelines users fine-tune that this version does not train yet, and why.
+NOT_YET = {
+    "StableDiffusion3Pipeline": "flow matching",
+    "FluxPipeline": "flow matching",
+    "SanaPipeline": "flow matching",
+    "PixArtSigmaPipeline": "a T5-conditioned transformer family not implemented yet",
+    "PixArtAlphaPipeline": "a T5-conditioned transformer family not implemented yet",
+}
+
+
+def detect_family(parts: Components) -> str:
+    """The family name of these components: from the pipeline class, else from the parts themselves."""
+    if parts.pipeline_class in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[parts.pipeline_class]
+    if parts.pipeline_class in NOT_YET:
+        raise NotImplementedError(
+            f"model.pretrained: {parts.pipeline_class} ({NOT_YET[parts.pipeline_class]}) is not supported by this "
+            f"version of lightning-ft; supported pipelines: {', '.join(sorted(PIPELINE_FAMILIES))}"
+        )
+    config = parts.denoiser.config
+    if parts.text_encoder_2 is not None and getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if parts.text_encoder is not None:
+        if type(parts.denoiser).__name__ != "UNet2DConditionModel":
+            raise NotImplementedError(
+                f"a text-conditioned {type(parts.denoiser).__name__} is not supported by this version of "
+                f"lightning-ft (supported text families: UNet2DConditionModel as SD1.x/2.x or SDXL)"
+            )
+        return "stable_diffusion"
+    if getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None):
+        return "class_conditional"
+    return "unconditional"
+
+
+def make_family(parts: Components, name: str | None = None, null_class: int | None = None) -> ModelFamily:
+    """The family adapter of ``parts`` (``name``: the ``model.family`` setting, None = detect)."""
+    name = name or detect_family(parts)
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
+    cls = FAMILIES[name]
+    if cls.kind == CLASS:
+        return cls(parts, null_class=null_class)
+    if null_class is not None:
+        raise ValueError(f"model.null_class={null_class} is only for class-conditional models, not {name}")
+    return cls(parts)
+
+
+__all__ = [
+    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "ModelFamily", "StableDiffusion", "StableDiffusionXL",
+    "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
+]  # fmt: skip

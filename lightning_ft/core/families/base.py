@@ -1,0 +1,129 @@
+"""``ModelFamily``: what differs between model families, behind one small interface.
+
+A family knows its components and how to turn a batch's inputs (prompts, class labels, image sizes) into a
+``Condition``, how to call its denoiser with one, which diffusers pipeline samples and exports it, and how its LoRA
+weights are saved. ``DiffusionBase`` and the methods speak only to this interface (and to the noise process), so a
+new family is one small subclass registered in ``lightning_ft.core.families``.
+
+Inputs are the raw, per-sample conditions a user writes: a list of prompts for text families, a tensor of class
+labels for class-conditional ones, ``None`` for unconditional models. ``null_inputs(n)`` are the inputs of the
+unconditional branch (the empty prompt, the null class); they are encoded like any others, so the null condition
+is built in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lightning_ft.core.components import Components
+from lightning_ft.core.conditions import Condition
+
+TEXT, CLASS, NONE = "text", "class", "none"
+
+
+def unit_images(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [-1, 1] to [0, 1] floats."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class ModelFamily:
+    """The interface of a model family (module docstring); subclasses set ``name`` and ``kind``.
+
+    Args:
+        parts: the model's components (read for settings only; modules are passed to each call).
+    """
+
+    name: str = ""
+    #: ``text`` (prompts), ``class`` (integer labels) or ``none`` (unconditional).
+    kind: str = NONE
+    #: The diffusers pipeline class that samples and exports this family (None: no pipeline fits).
+    pipeline_class: str | None = None
+
+    def __init__(self, parts: Components):
+        self.settings = dict(parts.pipeline_config)
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    @property
+    def input_key(self) -> str | None:
+        """The ``generate`` argument that carries this family's inputs: ``prompts``, ``labels`` or None."""
+        return {TEXT: "prompts", CLASS: "labels"}.get(self.kind)
+
+    def batch_inputs(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
+        """The raw inputs of a training batch (prompts, labels, or None)."""
+        if self.kind == TEXT:
+            return list(batch[prompts_key])
+        if self.kind == CLASS:
+            return torch.as_tensor(batch[labels_key])
+        return None
+
+    def null_inputs(self, n: int):
+        """Inputs of the unconditional branch (guidance, condition dropout, retention on unconditional samples)."""
+        return None
+
+    def with_null(self, inputs, drop: torch.Tensor):
+        """``inputs`` with the samples where ``drop`` is True replaced by the null input."""
+        return inputs
+
+    # --------------------------------------------------------------------------------------------- encoding
+    def encode(self, module, inputs, n: int, geometry: dict[str, torch.Tensor]) -> Condition:
+        """The condition of ``n`` samples. ``module`` is the ``DiffusionBase`` (its encoders and caches);
+        ``geometry`` holds ``original_size``, ``crop_top_left`` and ``target_size`` (n, 2) of the images."""
+        return Condition({}, n)
+
+    def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition):
+        """The denoiser's raw output (``.sample``) for ``noisy`` at model timesteps ``t`` under ``cond``."""
+        return denoiser(noisy, t).sample
+
+    # ---------------------------------------------------------------------------------------- sizes, classes
+    def latent_size(self, parts: Components) -> int:
+        """The denoiser's native input side (latent pixels)."""
+        size = parts.denoiser.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+    def vae_scale_factor(self, parts: Components) -> int:
+        return 2 ** (len(parts.vae.config.block_out_channels) - 1) if parts.vae is not None else 1
+
+    def native_resolution(self, parts: Components) -> int:
+        return self.latent_size(parts) * self.vae_scale_factor(parts)
+
+    def resolution_multiple(self, parts: Components) -> int | None:
+        """Image sides must be multiples of this; None: only the native resolution fits (fixed positional grid)."""
+        blocks = getattr(parts.denoiser.config, "block_out_channels", None)
+        return None if blocks is None else self.vae_scale_factor(parts) * 2 ** (len(blocks) - 1)
+
+    # ------------------------------------------------------------------------------------- sampling, export
+    def build_pipeline(self, parts: Components, scheduler):
+        """The diffusers pipeline of these components (shares the modules), or None when none fits."""
+        return None
+
+    def sample(self, module, pipe, inputs, seeds: Sequence[int], steps: int, guidance: float, negative_prompt=None):
+        """Images in [0, 1] (N, C, H, W) for one chunk of inputs; image i from a generator seeded by ``seeds[i]``."""
+        raise NotImplementedError
+
+    def export(self, parts: Components, scheduler, path: Path) -> dict:
+        """Write the export folder; return what ``lightning_ft.json`` must record besides the backbones."""
+        pipe = self.build_pipeline(parts, scheduler)
+        if pipe is None:
+            parts.denoiser.save_pretrained(path / "denoiser")
+            scheduler.save_pretrained(path / "scheduler")
+        else:
+            pipe.save_pretrained(path)
+        return {}
+
+    def save_lora(self, path: Path, denoiser: torch.nn.Module, state: dict, metadata: dict) -> None:
+        """Write LoRA weights in the layout this family's users load them with."""
+        from lightning_ft.core.trainable import save_peft_lora
+
+        save_peft_lora(denoiser, path)
+
+    # ------------------------------------------------------------------------------------------- defaults
+    def default_lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:
+        from lightning_ft.core.trainable import default_lora_targets
+
+        return default_lora_targets(denoiser)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind}-conditioned)"
