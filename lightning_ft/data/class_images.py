@@ -34,17 +34,19 @@ def class_cache_folder(
 
 
 def generate_class_images(
-    module, prompt: str, count: int, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None
+    module, prompt: str | int, count: int, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None
 ) -> Path:
-    """Sample ``count`` images of ``prompt`` with ``module.generate`` into ``folder`` (atomically; split across the
-    ranks of ``trainer`` when given, see ``sampled_folder``); return it."""
+    """Sample ``count`` images of ``prompt`` (a class prompt, or the integer class of a class-conditional model) with
+    ``module.generate`` into ``folder`` (atomically; split across the ranks of ``trainer`` when given, see
+    ``sampled_folder``); return it."""
+    key = "labels" if isinstance(prompt, int) else "prompts"
     return sample_into_folder(
         module,
         folder,
         seeds=[seed * 100_003 + i for i in range(count)],
-        conditions={"prompts": [prompt] * count},
+        conditions={key: [prompt] * count},
         prefix="class",
-        meta={"prompt": prompt, "seed": seed},
+        meta={"label" if key == "labels" else "prompt": prompt, "seed": seed},
         trainer=trainer,
         batch_size=batch_size,
     )

@@ -36,7 +36,7 @@ class LimitedDataset(Dataset):
     (``[top, left]`` of the crop in the resized image, diffusers' flip convention: see ``to_tensor_with_geometry``),
     long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is ``[resolution] * 2``.
     With class images, also ``class_pixel_values``, ``class_prompts``, ``class_original_size`` and
-    ``class_crop_top_left``."""
+    ``class_crop_top_left``, and ``class_class_labels`` (their class) for a class-conditional model."""
 
     def __init__(
         self,
@@ -50,8 +50,10 @@ class LimitedDataset(Dataset):
         repeats=1,
         seed=0,
         labels=None,
+        class_image_labels=None,
     ):
         self.images, self.prompts, self.labels = images, prompts, labels
+        self.class_image_labels = class_image_labels
         self.class_images, self.class_prompts = class_images or [], class_prompts or []
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.length = max(len(images) * repeats, len(self.class_images))
@@ -76,6 +78,8 @@ class LimitedDataset(Dataset):
             )
             item["class_pixel_values"] = pixels
             item["class_prompts"] = self.class_prompts[j]
+            if self.class_image_labels is not None:  # the prior half's labels (DreamBooth reads "class_" keys)
+                item["class_class_labels"] = self.class_image_labels[j]
             item["class_original_size"] = geometry["original_size"]
             item["class_crop_top_left"] = geometry["crop_top_left"]
         return item
@@ -89,8 +93,13 @@ def check_data_settings(h) -> None:
         raise ValueError(f"data.class_prompt={h.class_prompt!r} is empty: give the class prompt, or omit it")
     if h.num_class_images < 0:
         raise ValueError(f"data.num_class_images={h.num_class_images}: must be >= 0 (0 = no prior preservation)")
-    if h.num_class_images > 0 and not h.class_prompt:
-        raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
+    if h.num_class_images > 0 and not h.class_prompt and h.class_image_label is None:
+        raise ValueError(
+            "data.num_class_images > 0 needs data.class_prompt (the prompt of the class images) or, for a "
+            "class-conditional model, data.class_image_label (their class)"
+        )
+    if h.class_image_label is not None and h.class_image_label < 0:
+        raise ValueError(f"data.class_image_label={h.class_image_label}: must be >= 0")
     for key in ("resolution", "repeats", "batch_size"):
         if h[key] <= 0:
             raise ValueError(f"data.{key}={h[key]}: must be > 0")
@@ -119,6 +128,8 @@ class LimitedDataModule(L.LightningDataModule):
         class_cache_dir: where generated class images are cached (default: the project cache).
         class_label: integer label for class-conditional models, given to every instance image (default None: the
             labels of the captions file).
+        class_image_label: the class of the prior-preservation images of a class-conditional model, sampled from
+            the pretrained model with that label (its ``class_prompt``; default None).
         resolution: training resolution in pixels (default 512).
         center_crop: centre crop (default True) instead of a random crop.
         random_flip: horizontal flip with probability 0.5 (default False).
@@ -143,6 +154,7 @@ class LimitedDataModule(L.LightningDataModule):
         num_class_images: int = 0,
         class_cache_dir: str | None = None,
         class_label: int | None = None,
+        class_image_label: int | None = None,
         resolution: int = 512,
         center_crop: bool = True,
         random_flip: bool = False,
@@ -184,8 +196,29 @@ class LimitedDataModule(L.LightningDataModule):
         model_hparams = getattr(module, "hparams", {})
         sampler = {k: model_hparams.get(k) for k in SAMPLER_HPARAMS}
         return class_cache_folder(
-            h.class_prompt, module.model_identity(), shortfall, h.resolution, h.seed, root, sampler=sampler
+            self._class_condition(module),
+            module.model_identity(),
+            shortfall,
+            h.resolution,
+            h.seed,
+            root,
+            sampler=sampler,
         )
+
+    def _class_condition(self, module) -> str | int:
+        """What the class images are sampled with: the class prompt, or the class label of a class-conditional
+        model (each named when the model needs it and it is missing)."""
+        h = self.hparams
+        if getattr(module, "conditioning", None) == "class":
+            if h.class_image_label is None:
+                raise ValueError(
+                    "data.num_class_images > 0 with a class-conditional model needs data.class_image_label (the class "
+                    "the prior-preservation images are sampled with)"
+                )
+            return h.class_image_label
+        if not h.class_prompt:
+            raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
+        return h.class_prompt
 
     def _sample_class_images(self, folder: Path | None) -> None:
         # In setup, on every rank: the missing class images are sampled once, split across the ranks.
@@ -195,7 +228,7 @@ class LimitedDataModule(L.LightningDataModule):
             # setup runs before the strategy moves the model: sample on the accelerator, not on the CPU.
             module.to(self.trainer.strategy.root_device)
             generate_class_images(
-                module, self.hparams.class_prompt, shortfall, folder, seed=self.hparams.seed, trainer=self.trainer
+                module, self._class_condition(module), shortfall, folder, seed=self.hparams.seed, trainer=self.trainer
             )
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -238,7 +271,7 @@ class LimitedDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         self.check_inputs(module)
         files, prompts, images, labels = self._instances
-        class_images, class_prompts = None, None
+        class_images, class_prompts, class_image_labels = None, None, None
         if h.num_class_images > 0:
             folder = self._generated_class_folder()  # hashes the model's files: once per setup
             self._sample_class_images(folder)
@@ -246,7 +279,9 @@ class LimitedDataModule(L.LightningDataModule):
             if folder is not None:
                 class_files += list_images(folder, "data.class_images (generated cache)")
             class_images = load_images(class_files, "data.class_dir")
-            class_prompts = [h.class_prompt] * len(class_images)
+            class_prompts = [h.class_prompt or ""] * len(class_images)
+            if h.class_image_label is not None:
+                class_image_labels = [h.class_image_label] * len(class_images)
         self.dataset = LimitedDataset(
             images,
             prompts,
@@ -258,6 +293,7 @@ class LimitedDataModule(L.LightningDataModule):
             h.repeats,
             h.seed,
             labels,
+            class_image_labels,
         )
 
     def _instances_in_order(self) -> DataLoader:
