@@ -1,0 +1,125 @@
+"""Every model family x every method through the CLI: 2 steps of ``fit``, the export, a reload in plain diffusers (or
+in the method, for methods whose inserted modules are part of the model), and the same images as the module.
+
+The families are the tiny random models of ``configs/model/tiny_*.yaml`` (built from configs, as diffusers' own tests
+build theirs); the methods are the experiment files themselves, with a tiny subject folder and the export as the
+only callback. README, "Model families", reproduces this table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from diffusers import DiffusionPipeline
+
+from lightning_ft.callbacks import DiffusersExport
+from lightning_ft.run import main
+
+FAMILIES = {
+    "sd": ["--config", str(REPO / "configs/model/tiny_t2i.yaml")],
+    "sd2_v": ["--config", str(REPO / "configs/model/tiny_t2i.yaml"), "--model.prediction_type", "v_prediction"],
+    "sdxl": ["--config", str(REPO / "configs/model/tiny_sdxl.yaml")],
+    "dit": ["--config", str(REPO / "configs/model/tiny_dit.yaml")],
+}
+METHODS = {
+    "dreambooth": "dreambooth.yaml",
+    "lora": "dreambooth_lora.yaml",
+    "bnn": "dreambooth_bnn.yaml",
+    "lora_bnn": "dreambooth_lora_bnn.yaml",
+    "diff_tuning": "diff_tuning.yaml",
+    "sdft": "sdft.yaml",
+    "a3fta": "a3fta.yaml",
+    "anl": "anl.yaml",
+}
+#: (family, method) pairs that cannot apply, and the error that says why.
+NOT_APPLICABLE = {("dit", "anl"): "no diffusers ResnetBlock2D"}
+#: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
+WITH_MODULES = {"a3fta", "anl"}
+PROMPTS = ["a sks star on a gray background", "a red circle"]
+
+
+def _overrides(tmp_path, subject_dir, family: str, method: str) -> str:
+    experiment = yaml.safe_load((REPO / "experiments" / METHODS[method]).read_text())
+    data = {"instance_dir": str(subject_dir), "captions_file": None, "instance_prompt": PROMPTS[0],
+            "batch_size": 2, "repeats": 2}  # fmt: skip
+    if experiment["data"]["init_args"].get("num_class_images"):
+        data.update(num_class_images=2, class_prompt="a star on a gray background")
+    if family == "dit":
+        data.update(class_label=3)
+        if "num_class_images" in data:
+            data.update(class_image_label=5)
+    model = {"sample_steps": 2}
+    if "memory_size" in experiment["model"]["init_args"]:
+        model.update(memory_size=4, memory_sample_steps=2)
+    export = {
+        "class_path": "lightning_ft.callbacks.DiffusersExport",
+        "init_args": {"dirpath": str(tmp_path / "export")},
+    }
+    config = {
+        "trainer": {"max_steps": 2, "logger": False, "default_root_dir": str(tmp_path), "callbacks": [export],
+                    "enable_checkpointing": False},
+        "model": {"init_args": model},
+        "data": {"init_args": data},
+    }  # fmt: skip
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _reload(module, folder):
+    """The export as its users load it: plain diffusers (a pipeline), or the method class for inserted modules."""
+    if type(module).export_folder is not None:
+        return type(module)(pretrained=str(folder), sample_steps=2, guidance_scale=module.hparams.guidance_scale)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_method_fits_exports_and_reloads_to_the_same_images(family, method, tmp_path, subject_dir, monkeypatch):
+    args = ["fit", "--config", str(REPO / "experiments" / METHODS[method]), *FAMILIES[family],
+            "--config", _overrides(tmp_path, subject_dir, family, method)]  # fmt: skip
+    if (family, method) in NOT_APPLICABLE:
+        with pytest.raises(ValueError, match=NOT_APPLICABLE[family, method]):
+            main(args)
+        return
+    # The weights at the start of fit (after setup: class images and memory banks are sampled by then).
+    start = {}
+    fit_start = DiffusersExport.on_fit_start
+
+    def record_start(self, trainer, pl_module):
+        fit_start(self, trainer, pl_module)
+        start.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    monkeypatch.setattr(DiffusersExport, "on_fit_start", record_start)
+    torch.manual_seed(0)
+    cli = main(args)
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), start[n])}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable  # the method trained, and only what it trains
+    if family == "sd2_v":
+        assert module.noise_process.prediction_type == "v_prediction"
+    key = module.family.input_key
+    inputs = PROMPTS if key == "prompts" else [3, 7] if key == "labels" else None
+    seeds = [11, 12]
+    guidance = 2.0
+    expected = module.generate(**({key: inputs} if key else {}), seeds=seeds, guidance_scale=guidance)
+    reloaded = _reload(module, tmp_path / "export")
+    if hasattr(reloaded, "generate"):
+        got = reloaded.generate(**({key: inputs} if key else {}), seeds=seeds, guidance_scale=guidance)
+    elif key == "labels":
+        # Plain DiTPipeline, guidance included (its null class 1000 is the model's null row in the export).
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        out = reloaded(inputs, guidance_scale=guidance, num_inference_steps=2, generator=generators, output_type="np")
+        got = torch.from_numpy(out.images).permute(0, 3, 1, 2).float()
+        assert type(reloaded).__name__ == "DiTPipeline"
+    else:
+        got = module.family.sample(module, reloaded, inputs, seeds, 2, guidance)
+        assert type(reloaded).__name__ == module.family.pipeline_class
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
+    assert not torch.allclose(expected[0], expected[1])
