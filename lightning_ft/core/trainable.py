@@ -175,22 +175,24 @@ def _single_adapter_config(denoiser: torch.nn.Module):
     return next(iter(configs.items()))
 
 
-def save_peft_lora(denoiser: torch.nn.Module, folder: str | Path) -> Path:
+def save_peft_lora(denoiser: torch.nn.Module, folder: str | Path, state: dict | None = None) -> Path:
     """Write the LoRA of ``denoiser`` in PEFT's own format: ``adapter_config.json`` (its ``LoraConfig``) and
     ``adapter_model.safetensors`` (``get_peft_model_state_dict``: keys without the adapter name). Works for
     diffusers-adapter and injected models alike; ``load_peft_lora`` (or PEFT's ``PeftModel.from_pretrained``) reads
-    it back. A Bayesian up matrix must be made plain first (``lightning_ft.nn.bayesian.plain_copy``)."""
+    it back. ``state``: the weights to write instead of the denoiser's own (e.g. a Bayesian LoRA's means); without
+    it, a Bayesian up matrix must be made plain first (``lightning_ft.nn.bayesian.plain_copy``)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from lightning_ft.nn.bayesian import bayesian_layers
 
     adapter, config = _single_adapter_config(denoiser)
-    if bayesian_layers(denoiser):
+    if state is None and bayesian_layers(denoiser):
         raise ValueError("save_peft_lora: the LoRA holds Bayesian layers; save a plain_copy of the denoiser instead")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(denoiser, adapter_name=adapter)
+    if state is None:
+        state = get_peft_model_state_dict(denoiser, adapter_name=adapter)
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(weights, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     config.save_pretrained(str(folder))

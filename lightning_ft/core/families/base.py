@@ -114,10 +114,12 @@ class ModelFamily:
         return {}
 
     def save_lora(self, path: Path, denoiser: torch.nn.Module, state: dict, metadata: dict) -> None:
-        """Write LoRA weights in the layout this family's users load them with."""
+        """Write LoRA weights in the layout this family's users load them with (default: PEFT's adapter folder,
+        which ``lightning_ft.core.trainable.load_peft_lora`` or PEFT puts back on a plain denoiser: diffusers has no
+        LoRA loader for DiT-style pipelines)."""
         from lightning_ft.core.trainable import save_peft_lora
 
-        save_peft_lora(denoiser, path)
+        save_peft_lora(denoiser, path, state)
 
     # ------------------------------------------------------------------------------------------- defaults
     def default_lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:

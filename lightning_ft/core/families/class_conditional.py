@@ -125,7 +125,9 @@ class ClassConditional(ModelFamily):
 
         from lightning_ft.core.dit_export import dit_export_record, dit_pipeline_denoiser
 
-        padded = dit_pipeline_denoiser(parts.denoiser, null_class=self.null_class)
+        # A model loaded from such an export is padded already: row 1000 is its null row, as its own null class is.
+        already = self._table_classes(parts.denoiser) == 1000
+        padded = dit_pipeline_denoiser(parts.denoiser, null_class=None if already else self.null_class)
         DiTPipeline(transformer=padded, vae=parts.vae, scheduler=scheduler).save_pretrained(path)
         return {"class_labels": dit_export_record(self.num_classes, self.null_class)}
 
