@@ -108,3 +108,18 @@ def test_folders_of_families_not_supported_yet_are_refused_naming_the_pipeline(t
 def test_an_unknown_family_name_is_refused():
     with pytest.raises(ValueError, match="model.family='flux'"):
         sdxl(family="flux")
+
+
+def test_the_sdxl_config_fragment_builds_with_the_experiments(tmp_path, subject_dir):
+    """configs/model/stable_diffusion_xl.yaml merges with an experiment; the tiny SDXL stands in for the hub model."""
+    from conftest import REPO
+
+    from lightning_ft.run import main
+
+    data = tmp_path / "data.yaml"
+    data.write_text(f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 0\n")
+    cli = main(["--config", str(REPO / "experiments/dreambooth_lora.yaml"),
+                "--config", str(REPO / "configs/model/stable_diffusion_xl.yaml"),
+                "--config", str(REPO / "configs/model/tiny_sdxl.yaml"), "--config", str(data)], run=False)  # fmt: skip
+    assert cli.model.family.name == "sdxl" and cli.model.hparams.lr == 1e-4 and cli.model.hparams.lora_rank == 4
+    assert cli.model.hparams.trainable == "lora" and cli.model.hparams.guidance_scale == 5.0
