@@ -116,7 +116,7 @@ class CurriculumDreamBooth(DreamBooth):
         return (1.0 - progress) * self.hparams.start_power
 
     def timesteps_with_power(self, n: int, power: float) -> torch.Tensor:
-        T = self.noise_scheduler.config.num_train_timesteps
+        T = self.noise_process.num_train_timesteps
         weights = (torch.arange(T, dtype=torch.float64) + 1) ** power
         return torch.multinomial(weights / weights.sum(), n, replacement=True).to(self.device)
 

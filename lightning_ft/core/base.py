@@ -63,7 +63,7 @@ class DiffusionBase(
         lora_rank, lora_alpha, lora_target_modules, lora_dropout: PEFT LoRA settings for ``trainable='lora'``
             (defaults 4, None = rank, None = the family's default targets (the attention q/k/v/out projections of
             UNets and DiTs), 0.0).
-        train_text_encoder: also train the text encoder (default False).
+        train_text_encoder: also train the text encoders (every one: SDXL's two) (default False).
         lr, betas, weight_decay, adam_eps: AdamW settings (defaults 5e-6, (0.9, 0.999), 1e-2, 1e-8).
         lr_scheduler: diffusers schedule name, ``constant`` | ``constant_with_warmup`` | ``cosine`` | ``linear``
             (default ``constant``); ``warmup_steps`` (default 0).
@@ -173,7 +173,7 @@ class DiffusionBase(
         self.configure_trainable()
         apply_speed_options(
             self.denoiser,
-            self.text_encoder if train_text_encoder else None,
+            self.parts.text_encoders if train_text_encoder else None,
             attention=attention,
             channels_last=channels_last,
             gradient_checkpointing=gradient_checkpointing,
@@ -256,8 +256,9 @@ class DiffusionBase(
         h = self.hparams
         targets = h.lora_target_modules or self.family.default_lora_targets(self.denoiser)
         apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, targets, h.lora_dropout)
-        if self.text_encoder is not None and h.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
+        if h.train_text_encoder:
+            for encoder in self.parts.text_encoders:  # every one: SDXL trains both, as diffusers' SDXL scripts
+                encoder.requires_grad_(True)
 
     def train(self, mode: bool = True):
         super().train(mode)

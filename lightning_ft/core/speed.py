@@ -25,19 +25,21 @@ def set_attention(denoiser: torch.nn.Module, attention: str | None) -> None:
     denoiser.set_attn_processor(ATTENTION_PROCESSORS[attention]())
 
 
-def enable_gradient_checkpointing(denoiser: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+def enable_gradient_checkpointing(denoiser: torch.nn.Module, text_encoder) -> None:
     """Recompute block activations in the backward pass instead of storing them (memory for time). The text
-    encoder is included when it is given (i.e. when it trains)."""
+    encoder(s) (one module or a list) are included when given (i.e. when they train)."""
     if not getattr(denoiser, "_supports_gradient_checkpointing", False):
         raise ValueError(f"model.gradient_checkpointing: {type(denoiser).__name__} does not support it")
     denoiser.enable_gradient_checkpointing()
-    if text_encoder is not None and getattr(text_encoder, "supports_gradient_checkpointing", False):
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    for encoder in encoders:
+        if encoder is not None and getattr(encoder, "supports_gradient_checkpointing", False):
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_speed_options(
     denoiser: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder=None,
     *,
     attention: str | None = None,
     channels_last: bool = False,

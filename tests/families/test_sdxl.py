@@ -123,3 +123,11 @@ def test_the_sdxl_config_fragment_builds_with_the_experiments(tmp_path, subject_
                 "--config", str(REPO / "configs/model/tiny_sdxl.yaml"), "--config", str(data)], run=False)  # fmt: skip
     assert cli.model.family.name == "sdxl" and cli.model.hparams.lr == 1e-4 and cli.model.hparams.lora_rank == 4
     assert cli.model.hparams.trainable == "lora" and cli.model.hparams.guidance_scale == 5.0
+
+
+def test_train_text_encoder_trains_both_encoders():
+    torch.manual_seed(0)
+    module = sdxl(train_text_encoder=True)
+    assert all(p.requires_grad for p in module.text_encoder.parameters())
+    assert all(p.requires_grad for p in module.text_encoder_2.parameters())
+    assert not any(p.requires_grad for p in sdxl().text_encoder_2.parameters())

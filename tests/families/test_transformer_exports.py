@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_backbones, tiny_components
 from diffusers import DiffusionPipeline
@@ -86,8 +87,6 @@ def test_class_images_are_sampled_by_label_for_prior_preservation(tmp_path, subj
     assert item["class_labels"] == 3 and item["class_class_labels"] == 5
     missing = LimitedDataModule(str(subject_dir), instance_prompt="x", class_label=3, class_prompt="a star",
                                 num_class_images=2, resolution=32, class_cache_dir=str(tmp_path))  # fmt: skip
-    import pytest
-
     with pytest.raises(ValueError, match="data.class_image_label"):
         quiet_trainer(max_steps=1).fit(dit(), datamodule=missing)
 
@@ -100,3 +99,25 @@ def test_dit_defaults_pick_transformer_layers():
     bnn = dit(BayesianFineTuning)
     assert bnn.bayesian_names and not any("norm" in n for n in bnn.bayesian_names)
     assert DiffusionBase  # imported for the reader: the same defaults hold for any DiffusionBase subclass
+
+
+@pytest.mark.parametrize("model", ["tiny_t2i", "tiny_sdxl", "tiny_dit"])
+def test_the_family_puts_its_lora_only_export_back_on_a_plain_denoiser(model, tmp_path):
+    def build(**kwargs):
+        return DreamBooth(components=tiny_components(model), backbones=tiny_backbones(model), sample_steps=2, **kwargs)
+
+    torch.manual_seed(0)
+    module = build(trainable="lora", lora_rank=2, lora_alpha=3)
+    _perturb(module)
+    module.save_pretrained(tmp_path, lora_only=True)
+    torch.manual_seed(0)
+    plain = build()
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([20, 700])
+    key = module.family.input_key
+    cond = module.encode_inputs(["a red star", "a sks circle"] if key == "prompts" else torch.tensor([1, 2]))
+    before = plain.predict(x, t, cond)
+    plain.family.load_lora(plain.denoiser, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.predict(x, t, cond), module.predict(x, t, cond), atol=1e-5, rtol=0)
+    assert not torch.allclose(before, module.predict(x, t, cond), atol=1e-4)

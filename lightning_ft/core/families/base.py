@@ -121,6 +121,12 @@ class ModelFamily:
 
         save_peft_lora(denoiser, path, state)
 
+    def load_lora(self, denoiser: torch.nn.Module, path: Path) -> torch.nn.Module:
+        """Put the LoRA that ``save_lora`` wrote back on a plain denoiser (in place; returned)."""
+        from lightning_ft.core.trainable import load_peft_lora
+
+        return load_peft_lora(denoiser, path)
+
     # ------------------------------------------------------------------------------------------- defaults
     def default_lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:
         from lightning_ft.core.trainable import default_lora_targets

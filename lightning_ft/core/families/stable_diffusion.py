@@ -103,6 +103,13 @@ class StableDiffusion(ModelFamily):
             path, unet_lora_layers=state, unet_lora_adapter_metadata=metadata
         )
 
+    def load_lora(self, denoiser, path):
+        # diffusers' own loader of the files save_lora_weights writes (keys prefixed "unet.", adapter metadata).
+        denoiser.load_lora_adapter(
+            str(path), weight_name="pytorch_lora_weights.safetensors", prefix="unet", adapter_name="default"
+        )
+        return denoiser
+
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL: two CLIP encoders (penultimate states, pooled projection), size and crop conditioning."""
