@@ -38,13 +38,24 @@ def tiny_backbones(model: str = "tiny_t2i") -> dict:
     return config["model"]["init_args"]["backbones"]
 
 
-def tiny_module(cls=None, **kwargs):
+def tiny_module(cls=None, model: str = "tiny_t2i", **kwargs):
+    """A method (default DreamBooth) on the tiny random model of ``configs/model/<model>.yaml``."""
     from lightning_ft.methods import DreamBooth
 
     cls = cls or DreamBooth
     kwargs.setdefault("sample_steps", 2)
-    kwargs.setdefault("backbones", tiny_backbones())
-    return cls(components=tiny_components(), **kwargs)
+    kwargs.setdefault("backbones", tiny_backbones(model))
+    return cls(components=tiny_components(model), **kwargs)
+
+
+def perturb(module, scale: float = 0.05) -> None:
+    """Move every trainable weight by Gaussian noise: fresh tiny models output near-zero (and LoRA starts at zero),
+    so comparisons of two paths would otherwise be trivially equal."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.trainable_parameters():
+            p.add_(scale * torch.randn_like(p))
 
 
 def write_images(folder: Path, count: int, resolution: int = 32, seed: int = 0, captions: bool = False) -> Path:

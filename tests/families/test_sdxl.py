@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_backbones, tiny_components
+from conftest import perturb, tiny_components, tiny_module
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
 from lightning_ft.core import DiffusionBase
@@ -17,14 +17,7 @@ PROMPTS = ["a red star on a gray background", "a sks circle"]
 
 
 def sdxl(**kwargs):
-    kwargs.setdefault("sample_steps", 2)
-    return DreamBooth(components=tiny_components("tiny_sdxl"), backbones=tiny_backbones("tiny_sdxl"), **kwargs)
-
-
-def _perturb(module):
-    with torch.no_grad():
-        for p in module.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    return tiny_module(DreamBooth, "tiny_sdxl", **kwargs)
 
 
 def test_conditions_are_the_pipelines_prompt_embeddings_and_time_ids():
@@ -77,7 +70,7 @@ def test_the_empty_prompt_is_zeros_as_the_pipelines_unconditional_branch(tmp_pat
 def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = sdxl(trainable="lora", lora_rank=2, lora_alpha=4)
-    _perturb(module)
+    perturb(module)
     expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=1.5)
     module.save_pretrained(tmp_path / "lora", lora_only=True)
     torch.manual_seed(0)

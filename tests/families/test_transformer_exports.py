@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_backbones, tiny_components
+from conftest import perturb, tiny_module
 from diffusers import DiffusionPipeline
 
 from lightning_ft.core import DiffusionBase
@@ -16,20 +16,13 @@ from lightning_ft.methods import BayesianFineTuning, DiffTuning, DreamBooth
 
 
 def dit(cls=DreamBooth, **kwargs):
-    kwargs.setdefault("sample_steps", 2)
-    return cls(components=tiny_components("tiny_dit"), backbones=tiny_backbones("tiny_dit"), **kwargs)
-
-
-def _perturb(module):
-    with torch.no_grad():
-        for p in module.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    return tiny_module(cls, "tiny_dit", **kwargs)
 
 
 def test_lora_only_export_of_a_dit_goes_back_on_a_plain_dit(tmp_path):
     torch.manual_seed(0)
     module = dit(BayesianFineTuning, trainable="lora", lora_rank=2)  # a Bayesian LoRA exports its means
-    _perturb(module)
+    perturb(module)
     expected = module.generate(labels=[1, 2], seeds=[0, 1], guidance_scale=2.0)
     module.save_pretrained(tmp_path / "lora", lora_only=True)
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
@@ -44,7 +37,7 @@ def test_lora_only_export_of_a_dit_goes_back_on_a_plain_dit(tmp_path):
 def test_full_export_records_the_real_classes_and_reloads_with_them(tmp_path):
     torch.manual_seed(0)
     module = dit()
-    _perturb(module)
+    perturb(module)
     module.save_pretrained(tmp_path / "export")
     record = json.loads((tmp_path / "export" / "lightning_ft.json").read_text())["class_labels"]
     assert record["num_classes"] == 48 and record["null_class"] == 48
@@ -104,11 +97,11 @@ def test_dit_defaults_pick_transformer_layers():
 @pytest.mark.parametrize("model", ["tiny_t2i", "tiny_sdxl", "tiny_dit"])
 def test_the_family_puts_its_lora_only_export_back_on_a_plain_denoiser(model, tmp_path):
     def build(**kwargs):
-        return DreamBooth(components=tiny_components(model), backbones=tiny_backbones(model), sample_steps=2, **kwargs)
+        return tiny_module(DreamBooth, model, **kwargs)
 
     torch.manual_seed(0)
     module = build(trainable="lora", lora_rank=2, lora_alpha=3)
-    _perturb(module)
+    perturb(module)
     module.save_pretrained(tmp_path, lora_only=True)
     torch.manual_seed(0)
     plain = build()
