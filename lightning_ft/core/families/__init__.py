@@ -6,9 +6,11 @@
 | ``sdxl``            | StableDiffusionXLPipeline                   | 2 CLIP penultimate states, pooled, time ids|
 | ``class_conditional``| DiTPipeline, class-conditional UNets       | class labels (null class for guidance)     |
 | ``unconditional``   | DDIMPipeline, DDPMPipeline                  | none                                       |
+| ``pixart_sigma``    | PixArtSigmaPipeline                         | T5 last hidden state and its attention mask|
 
 A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
-names one explicitly. Flow-matching families (SD3/3.5, Flux, Sana) and PixArt are refused, naming the pipeline.
+names one explicitly. Flow-matching families (SD3/3.5, Flux, Sana) and PixArt-Alpha are refused, naming the
+pipeline.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
 from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
+from lightning_ft.core.families.pixart import PixArtSigma
 from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL
 
 FAMILIES: dict[str, type[ModelFamily]] = {
-    cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, ClassConditional, Unconditional)
+    cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, ClassConditional, Unconditional, PixArtSigma)
 }
 #: model_index.json ``_class_name`` -> family.
 PIPELINE_FAMILIES = {
@@ -28,14 +31,15 @@ PIPELINE_FAMILIES = {
     "DiTPipeline": "class_conditional",
     "DDIMPipeline": "unconditional",
     "DDPMPipeline": "unconditional",
+    "PixArtSigmaPipeline": "pixart_sigma",
 }
 #: Pipelines users fine-tune that this version does not train yet, and why.
 NOT_YET = {
     "StableDiffusion3Pipeline": "flow matching",
     "FluxPipeline": "flow matching",
     "SanaPipeline": "flow matching",
-    "PixArtSigmaPipeline": "a T5-conditioned transformer family not implemented yet",
-    "PixArtAlphaPipeline": "a T5-conditioned transformer family not implemented yet",
+    # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
+    "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
 }
 
 
@@ -49,6 +53,14 @@ def detect_family(parts: Components) -> str:
             f"version of lightning-ft; supported pipelines: {', '.join(sorted(PIPELINE_FAMILIES))}"
         )
     config = parts.denoiser.config
+    if type(parts.denoiser).__name__ == "PixArtTransformer2DModel":
+        # Its adaLN timestep table (num_embeds_ada_norm) must not pass it for a class-conditional model.
+        if type(parts.text_encoder).__name__ != "T5EncoderModel":
+            raise NotImplementedError(
+                "a PixArtTransformer2DModel is supported as PixArt-Sigma, with its T5EncoderModel text encoder and "
+                f"tokenizer (this model's text encoder: {type(parts.text_encoder).__name__})"
+            )
+        return "pixart_sigma"
     if parts.text_encoder_2 is not None and getattr(config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     if parts.text_encoder is not None:
@@ -77,6 +89,6 @@ def make_family(parts: Components, name: str | None = None, null_class: int | No
 
 
 __all__ = [
-    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "ModelFamily", "StableDiffusion", "StableDiffusionXL",
-    "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
+    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "ModelFamily", "PixArtSigma", "StableDiffusion",
+    "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
 ]  # fmt: skip
