@@ -22,6 +22,7 @@ FAMILIES = {
     "sd2_v": ["--config", str(REPO / "configs/model/tiny_t2i.yaml"), "--model.prediction_type", "v_prediction"],
     "sdxl": ["--config", str(REPO / "configs/model/tiny_sdxl.yaml")],
     "dit": ["--config", str(REPO / "configs/model/tiny_dit.yaml")],
+    "pixart": ["--config", str(REPO / "configs/model/tiny_pixart.yaml")],
 }
 METHODS = {
     "dreambooth": "dreambooth.yaml",
@@ -34,7 +35,11 @@ METHODS = {
     "anl": "anl.yaml",
 }
 #: (family, method) pairs that cannot apply, and the error that says why.
-NOT_APPLICABLE = {("dit", "anl"): "no diffusers ResnetBlock2D"}
+NOT_APPLICABLE = {
+    ("dit", "anl"): "no diffusers ResnetBlock2D",
+    # ANL inserts its modules after the UNet's resnets; PixArt's transformer blocks have none.
+    ("pixart", "anl"): "no diffusers ResnetBlock2D",
+}
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}
 PROMPTS = ["a sks star on a gray background", "a red circle"]
