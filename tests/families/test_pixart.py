@@ -185,3 +185,16 @@ def test_what_is_not_pixart_sigma_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(NotImplementedError, match="PixArtAlphaPipeline"):
         DiffusionBase(pretrained=str(tmp_path))
+
+
+def test_other_image_sizes_are_multiples_of_a_patch():
+    """PixArt's patch embedding recomputes its sin-cos grid for other sizes (Sigma trains multi-aspect)."""
+    torch.manual_seed(0)
+    module = pixart().eval()
+    assert module.family.resolution_multiple(module.parts) == 2 * 2  # VAE factor 2 x patch 2
+    module.check_resolution(48)
+    with pytest.raises(ValueError, match="data.resolution=34 is not a multiple of 4"):
+        module.check_resolution(34)
+    cond = module.encode_prompts(PROMPTS[:1])
+    with torch.no_grad():
+        assert module.predict(torch.randn(1, 4, 24, 20), torch.tensor([500]), cond).shape == (1, 4, 24, 20)
