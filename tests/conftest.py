@@ -45,6 +45,9 @@ def tiny_module(cls=None, model: str = "tiny_t2i", **kwargs):
     cls = cls or DreamBooth
     kwargs.setdefault("sample_steps", 2)
     kwargs.setdefault("backbones", tiny_backbones(model))
+    config = yaml.safe_load((REPO / f"configs/model/{model}.yaml").read_text())["model"]["init_args"]
+    if "sample_resolution" in config:  # e.g. Flux, whose config has no sample size
+        kwargs.setdefault("sample_resolution", config["sample_resolution"])
     return cls(components=tiny_components(model), **kwargs)
 
 

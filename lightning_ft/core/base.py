@@ -38,7 +38,7 @@ from lightning_ft.core.ema_resume import EMAResumeMixin
 from lightning_ft.core.encoding import EncodingMixin
 from lightning_ft.core.encoding_cache import EncodingCache
 from lightning_ft.core.families import make_family
-from lightning_ft.core.noise_process import noise_process_for
+from lightning_ft.core.noise_process import noise_process_for, process_kind
 from lightning_ft.core.objective import ObjectiveMixin
 from lightning_ft.core.optimization import OptimizationMixin
 from lightning_ft.core.sampling_export import SamplingExportMixin
@@ -67,14 +67,27 @@ class DiffusionBase(
         lr, betas, weight_decay, adam_eps: AdamW settings (defaults 5e-6, (0.9, 0.999), 1e-2, 1e-8).
         lr_scheduler: diffusers schedule name, ``constant`` | ``constant_with_warmup`` | ``cosine`` | ``linear``
             (default ``constant``); ``warmup_steps`` (default 0).
-        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction`` / ``sample`` (default: scheduler's).
+        prediction_type: override the scheduler's ``epsilon`` / ``v_prediction`` / ``sample`` (default: scheduler's;
+            DDPM models only: a flow-matching model predicts eps - x0).
+        timestep_density: how training timesteps are drawn: ``uniform`` | ``logit_normal`` | ``mode`` (the last two
+            for flow matching, SD3 paper; default None: the family's, diffusers' script default: ``logit_normal``
+            for SD3, ``uniform`` otherwise); ``logit_mean``, ``logit_std``, ``mode_scale`` (0.0, 1.0, 1.29).
+        loss_weighting: flow-matching loss weight ``none`` | ``sigma_sqrt`` | ``cosmap`` (default ``none``).
+        flow_shift: flow-matching sigma shift (default None: the scheduler's fixed ``shift``, or its
+            resolution-dependent shift with ``use_dynamic_shifting``, as its pipelines sample).
         snr_gamma: min-SNR-gamma loss weighting (default None = off; 5.0 is the paper's value).
         noise_offset: offset-noise strength (default 0.0).
         condition_dropout: probability of training a sample with the empty prompt / null class, which teaches the
             unconditional branch that classifier-free guidance needs (default 0.0).
-        ema_decay: keep an EMA of the trainable weights, used for sampling and export (default None = off).
+        ema_decay: keep an EMA of the trainable weights, used for sampling and export (default None = off);
+            ``ema_offload`` keeps it on the CPU between updates (default False), for models whose EMA copy does not
+            fit beside them on the accelerator.
+        frozen_dtype: ``bfloat16`` | ``float16``: hold the frozen parts (VAE, text encoders, a method's frozen
+            teacher) in that dtype, as diffusers' scripts hold them under ``--mixed_precision`` (default None: as
+            loaded). Their outputs are cast to the denoiser's dtype; exports write them in that dtype.
         sample_scheduler, sample_scheduler_kwargs: diffusers scheduler class used for sampling and written with the
-            export, built from the training scheduler's config (default ``DDIMScheduler``, no overrides).
+            export, built from the training scheduler's config (default None: ``DDIMScheduler`` for DDPM models,
+            the model's own scheduler for flow-matching models; no overrides).
         sample_steps, guidance_scale: defaults for ``generate`` (25, 3.0).
         null_class: class index used as the unconditional class of a class-conditional model, for condition dropout
             and guidance (default None: the model's own null class, i.e. index ``num_classes`` of a DiT; a UNet
@@ -90,6 +103,9 @@ class DiffusionBase(
         compile: ``torch.compile`` the denoiser in place (default False; compiles on the first forward).
         family: the model family (``stable_diffusion``, ``sdxl``, ``class_conditional``, ``unconditional``;
             default None: read from the folder's ``model_index.json``, or recognised from the components).
+        sample_resolution: side of the images the model generates and of its memory banks and class images
+            (default None: the model's native side; give it for a model whose config has no sample size, e.g.
+            Flux, whose pipeline default is 1024).
         backbones: the metric backbones this model is scored with, by role (``identity``, ``fid``, ``prompt``,
             ``condition``: ``{role: {"name": ..., "path": ...}}``, as in a folder's ``lightning_ft.json``; default
             None: what the pretrained folder declares). The monitors' and ANL's ``auto`` read it; exports keep it.
@@ -124,11 +140,19 @@ class DiffusionBase(
         lr_scheduler: str = "constant",
         warmup_steps: int = 0,
         prediction_type: str | None = None,
+        timestep_density: str | None = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        loss_weighting: str = "none",
+        flow_shift: float | None = None,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         condition_dropout: float = 0.0,
         ema_decay: float | None = None,
-        sample_scheduler: str = "DDIMScheduler",
+        ema_offload: bool = False,
+        frozen_dtype: str | None = None,
+        sample_scheduler: str | None = None,
         sample_scheduler_kwargs: dict | None = None,
         sample_steps: int = 25,
         guidance_scale: float = 3.0,
@@ -140,6 +164,7 @@ class DiffusionBase(
         gradient_checkpointing: bool = False,
         compile: bool = False,
         family: str | None = None,
+        sample_resolution: int | None = None,
         backbones: dict | None = None,
     ):
         super().__init__()
@@ -159,17 +184,37 @@ class DiffusionBase(
         self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
         self._pipeline_info = (parts.pipeline_class, parts.pipeline_config, parts.declared)
-        # A flow-matching or unknown scheduler is refused here, naming it: see lightning_ft.core.noise_process.
-        where = "model.pretrained" if pretrained else "model.components.scheduler"
-        self.noise_process = noise_process_for(parts.scheduler, where, prediction_type)
-        self.noise_scheduler = self.noise_process.scheduler
         self.family = make_family(parts, family, null_class)
+        # The process is read from the scheduler; an unknown one is refused here, naming it (core/noise_process.py).
+        where = "model.pretrained" if pretrained else "model.components.scheduler"
+        flow = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale,
+                "loss_weighting": loss_weighting, "shift": flow_shift,
+                "tokens_per_latent": self.family.tokens_per_latent}  # fmt: skip
+        try:
+            kind = process_kind(parts.scheduler)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if kind not in self.family.processes:
+            raise ValueError(
+                f"{where}: the scheduler {type(parts.scheduler).__name__} describes {kind}, but the "
+                f"{self.family.name} family's pipelines sample {' or '.join(self.family.processes)}"
+            )
+        density = timestep_density or self.family.default_timestep_density
+        self.noise_process = noise_process_for(parts.scheduler, where, prediction_type, density, flow)
+        if self.noise_process.kind != "flow_matching" and (loss_weighting != "none" or flow_shift is not None):
+            raise ValueError("model.loss_weighting / model.flow_shift are settings of flow-matching models")
+        self.noise_scheduler = self.noise_process.scheduler
         for frozen in (self.vae, *parts.text_encoders):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
         self.frozen_denoiser = None
         if self.requires_frozen_denoiser:
             self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        if frozen_dtype is not None:
+            dtype = getattr(torch, frozen_dtype)
+            for frozen in (self.vae, self.frozen_denoiser, *([] if train_text_encoder else parts.text_encoders)):
+                if frozen is not None:
+                    frozen.to(dtype)
         self.configure_trainable()
         apply_speed_options(
             self.denoiser,
@@ -229,8 +274,9 @@ class DiffusionBase(
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def native_resolution(self) -> int:
-        """Image side the denoiser was built for: its sample size times the VAE's downsampling factor."""
-        return self.family.native_resolution(self.parts)
+        """Image side the model samples at: ``sample_resolution`` if set, else the side the denoiser was built for
+        (its sample size times the VAE's downsampling factor; Flux: its pipeline's default)."""
+        return self.hparams.sample_resolution or self.family.native_resolution(self.parts)
 
     def vae_scale_factor(self) -> int:
         return self.family.vae_scale_factor(self.parts)

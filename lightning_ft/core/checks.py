@@ -46,6 +46,8 @@ def check_model_settings(h) -> None:
         _fail("prediction_type", h.prediction_type, f"must be one of {PREDICTION_TYPES} (or null: the scheduler's)")
     if not 0 <= h.condition_dropout <= 1:
         _fail("condition_dropout", h.condition_dropout, "a probability must be in [0, 1]")
+    if h.frozen_dtype not in (None, "bfloat16", "float16"):
+        _fail("frozen_dtype", h.frozen_dtype, "must be bfloat16, float16 or null (as loaded)")
     if h.ema_decay is not None and not 0 <= h.ema_decay < 1:
         _fail("ema_decay", h.ema_decay, "an EMA decay must be in [0, 1) (or null: no EMA)")
     if not h.warmup_steps >= 0:

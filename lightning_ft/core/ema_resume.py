@@ -18,7 +18,7 @@ class EMAResumeMixin:
         if self.hparams.ema_decay is not None and self.ema is None:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
         if self.ema is not None:
-            self.ema.to(self.device)
+            self.ema.to(self.ema_home())
         restored = getattr(self, "_restored_ema_step", None)
         self._ema_global_step = restored if restored is not None else self.trainer.global_step
 
@@ -29,7 +29,7 @@ class EMAResumeMixin:
         # A checkpoint is written in on_train_batch_end before this module's own on_train_batch_end applies that
         # step's EMA update: a resumed run applies it now, so the EMA continues exactly as in an unbroken run.
         if self.ema is not None and self._ema_global_step < self.trainer.global_step:
-            self.ema.step(self.trainable_parameters())
+            self.ema_step()
             self._ema_global_step = self.trainer.global_step
         # Module hooks run after the callbacks' on_train_start (which may sample): the restored stream starts here.
         if getattr(self, "_pending_rng_states", None) is not None:
@@ -41,7 +41,20 @@ class EMAResumeMixin:
         # `accumulate_grad_batches` batches (diffusers steps its EMA under `accelerator.sync_gradients`).
         if self.ema is not None and self.trainer.global_step > self._ema_global_step:
             self._ema_global_step = self.trainer.global_step
-            self.ema.step(self.trainable_parameters())
+            self.ema_step()
+
+    def ema_home(self):
+        """Where the EMA weights live between steps: the CPU with ``ema_offload`` (a copy of every trainable weight
+        held off the accelerator, as diffusers' ``--offload_ema``), else the module's device."""
+        return "cpu" if self.hparams.ema_offload else self.device
+
+    def ema_step(self) -> None:
+        """One EMA update; an offloaded EMA visits the accelerator for it and goes back."""
+        if self.hparams.ema_offload:
+            self.ema.to(self.device, non_blocking=True)
+        self.ema.step(self.trainable_parameters())
+        if self.hparams.ema_offload:
+            self.ema.to("cpu", non_blocking=True)
 
     @contextlib.contextmanager
     def sampling_weights(self):
@@ -90,4 +103,4 @@ class EMAResumeMixin:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay)
             self.ema.load_state_dict(checkpoint["ema"])
             self.ema.decay = self.hparams.ema_decay  # the state dict carries the old decay; the config wins
-            self.ema.to(self.device)  # strategies that restore after on_fit_start (FSDP) need the move here
+            self.ema.to(self.ema_home())  # strategies that restore after on_fit_start (FSDP) need the move here

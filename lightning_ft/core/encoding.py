@@ -94,7 +94,11 @@ class EncodingMixin:
         if geometry is None:
             side = self.native_resolution()
             geometry = image_geometry(n, (side, side))
-        return self.family.encode(self, inputs, n, geometry)
+        condition = self.family.encode(self, inputs, n, geometry)
+        dtype = self.denoiser.dtype
+        if any(v.is_floating_point() and v.dtype != dtype for v in condition.fields.values()):
+            condition = condition.to(dtype=dtype)  # frozen encoders held in another dtype (frozen_dtype)
+        return condition
 
     def null_condition(self, n: int, size: tuple[int, int] | None = None) -> Condition:
         """The unconditional condition of ``n`` samples (empty prompt, null class, nothing), for images of ``size``
@@ -133,6 +137,12 @@ class EncodingMixin:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition, denoiser=None):
         """Run a denoiser (default ``self.denoiser``) and return its prediction with the input's channel count."""
         denoiser = denoiser if denoiser is not None else self.denoiser
-        out = self.family.denoise(denoiser, noisy, self.noise_process.model_timesteps(timesteps), condition)
+        model_t = self.noise_process.model_timesteps(timesteps, noisy)
+        dtype = next(denoiser.parameters()).dtype
+        if dtype != noisy.dtype and not torch.is_autocast_enabled(noisy.device.type):
+            # A frozen teacher held in another dtype (frozen_dtype): its output comes back in the input's dtype.
+            out = self.family.denoise(denoiser, noisy.to(dtype), model_t, condition.to(dtype=dtype)).to(noisy.dtype)
+        else:
+            out = self.family.denoise(denoiser, noisy, model_t, condition)
         # Learned-variance models (DiT, IF) predict 2x channels; the mean part is the first half.
         return out[:, : noisy.shape[1]] if out.shape[1] != noisy.shape[1] else out

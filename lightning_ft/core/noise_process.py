@@ -10,17 +10,29 @@ never to the scheduler.
   noise is added by a ``DDPMScheduler`` built from the model's scheduler config (a pipeline folder ships its
   *sampling* scheduler, PNDM, DDIM, Euler..., some of which lack ``add_noise``'s siblings such as
   ``get_velocity``).
-- Flow matching (SD3/3.5, Flux, Sana: x_t = (1 - sigma) x0 + sigma eps, target eps - x0) is the slot
-  ``FLOW_MATCHING``: recognised, and refused until it is implemented, because ``DDPMScheduler.from_config`` would
-  accept a flow scheduler's config without complaint and silently train a DDPM epsilon objective with default
-  betas. A scheduler this project does not know is refused too, naming its class.
+- ``FlowMatchingProcess``: rectified flow (SD3/3.5, Flux, Sana), as diffusers' SD3 and Flux training scripts define
+  it: x_t = (1 - sigma) x0 + sigma eps, target eps - x0, sigma drawn uniform, logit-normal or "mode" and shifted as
+  the family's scheduler shifts it (fixed ``shift``, or resolution-dependent for ``use_dynamic_shifting``), loss
+  weighting none, sigma_sqrt or cosmap, and the denoiser given 1000 sigma. ``DDPMScheduler.from_config`` would
+  accept a flow scheduler's config without complaint and silently train a DDPM epsilon objective with default betas:
+  the kind of process is read from the scheduler first. A scheduler this project does not know is refused, naming
+  its class.
+
+Timesteps are integers t in [0, T) for both, increasing with the noise: a method's rule written in t (Diff-Tuning's
+p(t) ~ (t + 1)^a, SDFT's t >= 0.5 T) carries over to flow matching through ``fraction(t)`` = (t + 1) / T, the
+position along the *unshifted* schedule u, whose shifted sigma is the noise level (the mapping is documented in
+docs/methods.md). diffusers' tables run the other way (index 0 = sigma 1); ``FlowMatchingProcess`` maps its densities
+exactly onto theirs.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 # diffusers schedulers over the DDPM forward process (a beta schedule): their configs build the training scheduler.
 DDPM_SCHEDULERS = frozenset(
@@ -34,6 +46,11 @@ DDPM_SCHEDULERS = frozenset(
 )  # fmt: skip
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DDPM, FLOW_MATCHING = "ddpm", "flow_matching"
+#: How training timesteps are drawn: ``uniform`` (both processes), ``logit_normal`` and ``mode`` (flow matching, the
+#: SD3 paper's densities as diffusers' ``compute_density_for_timestep_sampling`` draws them).
+TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
+#: Flow-matching loss weightings (diffusers' ``compute_loss_weighting_for_sd3``).
+FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 def process_kind(scheduler) -> str:
@@ -55,17 +72,16 @@ def process_kind(scheduler) -> str:
 
 
 def check_ddpm_scheduler(scheduler, key: str = "model.pretrained") -> None:
-    """Raise ``NotImplementedError`` for a flow-matching scheduler (a ``FlowMatch*`` scheduler, or a DPM-Solver with
-    flow sigmas or flow prediction, as Sana ships) and ``ValueError`` for an unknown one, naming ``key``."""
+    """Raise ``ValueError`` naming ``key`` for a scheduler of no known process, and ``NotImplementedError`` for a
+    flow-matching one where only the DDPM process can be used (e.g. by code written for DDPM models)."""
     try:
         kind = process_kind(scheduler)
     except ValueError as error:
         raise ValueError(f"{key}: {error}") from None
     if kind == FLOW_MATCHING:
         raise NotImplementedError(
-            f"{key}: the scheduler {type(scheduler).__name__} describes flow matching (SD3/3.5, Flux, Sana), whose "
-            "objective (x_t = (1 - sigma) x0 + sigma eps, target eps - x0) lightning-ft does not train yet; training "
-            "it with the DDPM objective would silently learn the wrong thing, so it is refused"
+            f"{key}: the scheduler {type(scheduler).__name__} describes flow matching (x_t = (1 - sigma) x0 + sigma "
+            "eps, target eps - x0), not the DDPM process"
         )
 
 
@@ -105,7 +121,13 @@ class NoiseProcess:
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The process's own per-sample loss weights (1 for DDPM; the flow weighting scheme)."""
+        return torch.ones(len(t), device=t.device)
+
+    def model_timesteps(self, t: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """The timestep value the denoiser is given for ``t`` (``sample``: the noisy input, for resolution-dependent
+        schedules)."""
         return t
 
     def fraction(self, t: torch.Tensor) -> torch.Tensor:
@@ -191,8 +213,165 @@ class DDPMProcess(NoiseProcess):
         return t.float() / self.num_train_timesteps
 
 
-def noise_process_for(scheduler, key: str = "model.pretrained", prediction_type: str | None = None) -> NoiseProcess:
-    """The noise process a model's scheduler describes; flow matching and unknown schedulers are refused, naming
-    ``key`` and the scheduler's class (see the module docstring)."""
-    check_ddpm_scheduler(scheduler, key)
+class FlowMatchingProcess(NoiseProcess):
+    """Rectified flow as diffusers' SD3 / Flux training scripts define it (module docstring).
+
+    Args:
+        scheduler: the model's flow scheduler (``FlowMatchEulerDiscreteScheduler`` config: ``num_train_timesteps``,
+            ``shift``, ``use_dynamic_shifting`` with ``base_shift``/``max_shift``/``base_image_seq_len``/
+            ``max_image_seq_len``); kept, as the family's own scheduler, for sampling and export.
+        density: ``uniform`` | ``logit_normal`` | ``mode`` (default ``uniform``).
+        logit_mean, logit_std, mode_scale: the densities' settings (defaults 0.0, 1.0, 1.29: diffusers' defaults).
+        loss_weighting: ``none`` | ``sigma_sqrt`` | ``cosmap`` (default ``none``).
+        shift: the sigma shift; None (default) = the scheduler's: its fixed ``shift``, or with
+            ``use_dynamic_shifting`` the resolution-dependent shift its pipelines sample with (exp(mu), mu linear in
+            the number of image tokens). diffusers' Flux training script trains such models unshifted; give
+            ``shift=1.0`` for that.
+        tokens_per_latent: how many latent pixels make one image token of the transformer (4 for 2x2 patches), for
+            the resolution-dependent shift (default 4).
+        model_scheduler: the scheduler the model ships for sampling when it is not ``scheduler`` itself (Sana's
+            DPM-Solver over flow sigmas); sampling and export use it (default None: ``scheduler``).
+    """
+
+    kind = FLOW_MATCHING
+
+    def __init__(
+        self,
+        scheduler,
+        density: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        loss_weighting: str = "none",
+        shift: float | None = None,
+        tokens_per_latent: int = 4,
+        model_scheduler=None,
+    ):
+        if density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"model.timestep_density={density!r} is not one of {TIMESTEP_DENSITIES}")
+        if loss_weighting not in FLOW_LOSS_WEIGHTINGS:
+            raise ValueError(f"model.loss_weighting={loss_weighting!r} is not one of {FLOW_LOSS_WEIGHTINGS}")
+        if shift is not None and not shift > 0:
+            raise ValueError(f"model.flow_shift={shift}: must be > 0 (or null: the scheduler's)")
+        self.scheduler = copy.deepcopy(scheduler)
+        self.model_scheduler = copy.deepcopy(model_scheduler) if model_scheduler is not None else self.scheduler
+        self.density, self.loss_weighting = density, loss_weighting
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.shift, self.tokens_per_latent = shift, tokens_per_latent
+        self.image_shape: tuple[int, ...] | None = None  # the latent shape last noised (resolution-dependent shift)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def dynamic(self) -> bool:
+        return self.shift is None and bool(self.scheduler.config.get("use_dynamic_shifting", False))
+
+    def mu(self, shape) -> float:
+        """The resolution-dependent shift exponent of the family's pipelines (diffusers' ``calculate_shift``)."""
+        c = self.scheduler.config
+        tokens = shape[-2] * shape[-1] / self.tokens_per_latent
+        base, top = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        slope = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (top - base)
+        return tokens * slope + c.get("base_shift", 0.5) - slope * base
+
+    def sigmas(self, t: torch.Tensor, shape=None) -> torch.Tensor:
+        """sigma of timesteps ``t``: the unshifted u = (t + 1) / T, shifted (float32, as diffusers' tables)."""
+        u = (t.to(torch.float32) + 1) / self.num_train_timesteps
+        if self.dynamic:
+            shape = shape or self.image_shape
+            if shape is None:
+                raise ValueError("a resolution-dependent flow shift needs the latent size of the images")
+            return math.exp(self.mu(shape)) / (math.exp(self.mu(shape)) + (1 / u - 1))
+        shift = self.shift if self.shift is not None else self.scheduler.config.get("shift", 1.0)
+        return shift * u / (1 + (shift - 1) * u)
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.sigmas(t.to(like.device), like.shape).to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        # diffusers draws u and indexes its descending sigma table with floor(u T): index i is t = T - 1 - i here.
+        u = compute_density_for_timestep_sampling(
+            self.density if self.density != "uniform" else "none", n, self.logit_mean, self.logit_std,
+            self.mode_scale, generator=generator,
+        )  # fmt: skip
+        index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        return (self.num_train_timesteps - 1 - index).to(device)
+
+    def stratified_timesteps(self, n: int, offset: float, device=None) -> torch.Tensor:
+        total = self.num_train_timesteps
+        return ((torch.arange(n) + offset) * total / n).long().clamp(max=total - 1).to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.image_shape = tuple(x0.shape)
+        sigma = self._sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def predicted_x0(self, prediction: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noisy - self._sigma(t, noisy) * prediction
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas(t).clamp(1e-6, 1 - 1e-6)
+        return ((1 - sigma) / sigma) ** 2
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        raise ValueError(
+            "model.snr_gamma: min-SNR weighting is defined for DDPM targets; a flow-matching model weights its loss "
+            "with model.loss_weighting (none | sigma_sqrt | cosmap)"
+        )
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        return compute_loss_weighting_for_sd3(self.loss_weighting, self.sigmas(t)).to(t.device).float()
+
+    def model_timesteps(self, t: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """1000 sigma (``num_train_timesteps`` x sigma), as the SD3 / Flux pipelines give their transformers."""
+        shape = tuple(sample.shape) if sample is not None else None
+        return self.sigmas(t, shape).to(t.device) * self.num_train_timesteps
+
+    def fraction(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.float() + 1) / self.num_train_timesteps
+
+
+def noise_process_for(
+    scheduler,
+    key: str = "model.pretrained",
+    prediction_type: str | None = None,
+    density: str | None = None,
+    flow: dict | None = None,
+) -> NoiseProcess:
+    """The noise process a model's scheduler describes, refusing an unknown scheduler (naming ``key`` and its
+    class). ``density``: the ``model.timestep_density`` setting (DDPM takes only ``uniform``); ``flow``: the
+    ``FlowMatchingProcess`` settings (``loss_weighting``, ``shift``, ``logit_mean``, ``logit_std``, ``mode_scale``,
+    ``tokens_per_latent``)."""
+    try:
+        kind = process_kind(scheduler)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
+    if kind == FLOW_MATCHING:
+        if prediction_type is not None:
+            raise ValueError(
+                f"model.prediction_type={prediction_type!r}: a flow-matching model predicts eps - x0, nothing else"
+            )
+        settings = dict(flow or {})
+        if not type(scheduler).__name__.startswith("FlowMatch"):
+            # Sana ships a DPM-Solver over flow sigmas: train with the Euler flow scheduler of the same shift (as
+            # diffusers' Sana training script), sample and export with the model's own.
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            shift = scheduler.config.get("flow_shift", 1.0)
+            settings["model_scheduler"] = scheduler
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=scheduler.config.num_train_timesteps, shift=shift
+            )
+        return FlowMatchingProcess(scheduler, density or "uniform", **settings)
+    if density not in (None, "uniform"):
+        raise ValueError(f"model.timestep_density={density!r}: a DDPM model draws its timesteps uniformly")
     return DDPMProcess(scheduler, prediction_type)

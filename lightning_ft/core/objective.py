@@ -18,11 +18,13 @@ class ObjectiveMixin:
         return self.noise_process.sample_timesteps(n, device=self.device)
 
     def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss weights (default: min-SNR-gamma when ``snr_gamma`` is set, else 1)."""
+        """Per-sample loss weights: the noise process's own (1 for DDPM; ``loss_weighting`` for flow matching), times
+        min-SNR-gamma when ``snr_gamma`` is set (DDPM)."""
+        weights = self.noise_process.loss_weights(timesteps)
         gamma = self.hparams.snr_gamma
         if gamma is None:
-            return torch.ones(len(timesteps), device=timesteps.device)
-        return self.noise_process.min_snr_weights(timesteps, gamma)
+            return weights
+        return weights * self.noise_process.min_snr_weights(timesteps, gamma)
 
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.noise_process.target(x0, noise, timesteps)

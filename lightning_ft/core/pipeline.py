@@ -12,10 +12,16 @@ from lightning_ft.core.families.class_conditional import denoise_loop
 __all__ = ["denoise_loop", "sampling_scheduler"]
 
 
-def sampling_scheduler(train_scheduler, name: str = "DDIMScheduler", overrides: dict | None = None):
-    """A sampling scheduler made from the training scheduler's config (same betas and prediction type)."""
+def sampling_scheduler(train_scheduler, name: str | None = None, overrides: dict | None = None):
+    """A sampling scheduler made from ``train_scheduler``'s config (same betas or sigmas and prediction type).
+    ``name`` None: ``DDIMScheduler`` for a DDPM training scheduler, else the scheduler's own class (a flow model
+    samples with the scheduler it ships, e.g. SD3's and Flux's ``FlowMatchEulerDiscreteScheduler``)."""
     import diffusers
 
+    if name is None:
+        name = (
+            "DDIMScheduler" if isinstance(train_scheduler, diffusers.DDPMScheduler) else type(train_scheduler).__name__
+        )
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise ValueError(f"model.sample_scheduler={name!r} is not a diffusers scheduler")

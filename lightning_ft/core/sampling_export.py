@@ -22,7 +22,8 @@ class SamplingExportMixin:
 
     def sampling_scheduler(self):
         h = self.hparams
-        return pipe_utils.sampling_scheduler(self.noise_scheduler, h.sample_scheduler, h.sample_scheduler_kwargs)
+        source = getattr(self.noise_process, "model_scheduler", self.noise_scheduler)
+        return pipe_utils.sampling_scheduler(source, h.sample_scheduler, h.sample_scheduler_kwargs)
 
     def sampling_settings(
         self, n: int, seeds: Sequence[int] | None, steps: int | None, guidance_scale: float | None

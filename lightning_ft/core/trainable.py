@@ -14,17 +14,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
 TRAINABLE_MODES = ("full", "attention", "lora", "none")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def is_attention(module: torch.nn.Module) -> bool:
+    """A diffusers attention module: ``Attention`` (UNets, DiT, PixArt, SD3's joint attention) or one of the newer
+    per-model classes built on ``AttentionModuleMixin`` (``FluxAttention``, ...)."""
+    return isinstance(module, (Attention, AttentionModuleMixin))
+
+
 def attention_parameter_names(denoiser: torch.nn.Module) -> set[str]:
-    """Names of every parameter inside a diffusers ``Attention`` module (q/k/v/out projections and their norms)."""
+    """Names of every parameter inside a diffusers attention module (q/k/v/out projections, the joint attention's
+    text-stream projections, and their norms)."""
     names = set()
     for module_name, module in denoiser.named_modules():
-        if isinstance(module, Attention):
+        if is_attention(module):
             prefix = f"{module_name}." if module_name else ""
             names.update(prefix + n for n, _ in module.named_parameters())
     return names
@@ -97,7 +105,7 @@ def default_lora_targets(denoiser: torch.nn.Module) -> tuple[str, ...]:
     ``model.lora_target_modules``, when some target names no linear inside an ``Attention``."""
     found = set()
     for module in denoiser.modules():
-        if isinstance(module, Attention):
+        if is_attention(module):
             for target in DEFAULT_LORA_TARGETS:
                 try:
                     layer = module.get_submodule(target)

@@ -40,8 +40,9 @@ class AdapterAttentionFineTuning(DreamBooth):
             ``none`` trains the adapters alone).
         lr: learning rate of the pretrained attention weights (default 2e-5, inferred).
         adapter_lr: learning rate of the adapters (default 1e-4, inferred).
-        adapter_targets: attention modules that get an adapter, by the last part of their name (default
-            ``["attn1", "attn2"]``: self- and cross-attention of UNet and DiT blocks).
+        adapter_targets: attention modules that get an adapter, by the last part of their name (default None: the
+            family's, ``["attn1", "attn2"]`` (self- and cross-attention of UNet, DiT and PixArt blocks) or
+            ``["attn", "attn2"]`` (the joint attention of SD3 / Flux: its image stream)).
         adapter_reduction: the adapter's width is ``channels / adapter_reduction`` (default 8, inferred).
         adapter_heads: heads of the adapter's cross-attention (default 4, inferred).
         **kwargs: see ``DreamBooth`` (prior preservation when class images are configured) and ``DiffusionBase``.
@@ -55,7 +56,7 @@ class AdapterAttentionFineTuning(DreamBooth):
         trainable: str = "attention",
         lr: float = 2e-5,
         adapter_lr: float = 1e-4,
-        adapter_targets: list[str] = ["attn1", "attn2"],
+        adapter_targets: list[str] | None = None,
         adapter_reduction: int = 8,
         adapter_heads: int = 4,
         **kwargs,
@@ -72,7 +73,8 @@ class AdapterAttentionFineTuning(DreamBooth):
 
     def adapter_config(self) -> dict:
         h = self.hparams
-        return {"targets": list(h.adapter_targets), "reduction": h.adapter_reduction, "heads": h.adapter_heads}
+        targets = h.adapter_targets or self.family.attention_names
+        return {"targets": list(targets), "reduction": h.adapter_reduction, "heads": h.adapter_heads}
 
     def configure_trainable(self) -> None:
         super().configure_trainable()

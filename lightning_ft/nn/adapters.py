@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
+
+from lightning_ft.core.trainable import is_attention
 
 ADAPTER_FOLDER = "a3fta_adapters"
 
@@ -95,13 +96,15 @@ class AdaptedProjection(nn.Module):
 def insert_adapters(
     denoiser: nn.Module, targets: tuple[str, ...] = ("attn1", "attn2"), reduction: int = 8, heads: int = 4
 ) -> dict[str, TimeAwareAdapter]:
-    """Put a zero-initialised adapter before the output projection of every ``Attention`` whose name ends with one
-    of ``targets`` (``attn1`` self-, ``attn2`` cross-attention of UNet/DiT blocks; ``attention`` for the
+    """Put a zero-initialised adapter before the output projection of every attention module whose name ends with
+    one of ``targets`` (``attn1`` self-, ``attn2`` cross-attention of UNet/DiT/PixArt blocks; ``attn`` the joint
+    attention of SD3 and Flux, whose image stream gets the adapter (its ``to_out``; the text stream's ``to_add_out``
+    and Flux's single blocks, which have no output projection of their own, get none); ``attention`` for the
     mid-block attention of unconditional UNets). Returns the adapters by attention name."""
     tap = TimeEmbeddingTap(denoiser)
     adapters = {}
     for name, module in list(denoiser.named_modules()):
-        if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in targets:
+        if is_attention(module) and name.rsplit(".", 1)[-1] in targets and getattr(module, "to_out", None):
             projection = module.to_out[0]
             if isinstance(projection, AdaptedProjection):
                 raise ValueError(f"attention {name!r} already has an adapter")
@@ -120,7 +123,7 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.detach().clone()
         for name, module in denoiser.named_modules()
-        if isinstance(module, Attention) and isinstance(module.to_out[0], AdaptedProjection)
+        if is_attention(module) and getattr(module, "to_out", None) and isinstance(module.to_out[0], AdaptedProjection)
         for key, value in module.to_out[0].adapter.state_dict().items()
     }
 
@@ -128,7 +131,7 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 def without_adapters(denoiser: nn.Module) -> nn.Module:
     """Unwrap every adapted projection in place (the plain diffusers module); returns ``denoiser``."""
     for module in denoiser.modules():
-        if isinstance(module, Attention) and isinstance(module.to_out[0], AdaptedProjection):
+        if is_attention(module) and getattr(module, "to_out", None) and isinstance(module.to_out[0], AdaptedProjection):
             module.to_out[0] = module.to_out[0].linear
     return denoiser
 

@@ -22,6 +22,8 @@ FAMILIES = {
     "sd2_v": ["--config", str(REPO / "configs/model/tiny_t2i.yaml"), "--model.prediction_type", "v_prediction"],
     "sdxl": ["--config", str(REPO / "configs/model/tiny_sdxl.yaml")],
     "dit": ["--config", str(REPO / "configs/model/tiny_dit.yaml")],
+    "sd3": ["--config", str(REPO / "configs/model/tiny_sd3.yaml")],
+    "flux": ["--config", str(REPO / "configs/model/tiny_flux.yaml")],
     "pixart": ["--config", str(REPO / "configs/model/tiny_pixart.yaml")],
 }
 METHODS = {
@@ -39,6 +41,8 @@ NOT_APPLICABLE = {
     ("dit", "anl"): "no diffusers ResnetBlock2D",
     # ANL inserts its modules after the UNet's resnets; PixArt's transformer blocks have none.
     ("pixart", "anl"): "no diffusers ResnetBlock2D",
+    ("sd3", "anl"): "no diffusers ResnetBlock2D",
+    ("flux", "anl"): "no diffusers ResnetBlock2D",
 }
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}
@@ -76,7 +80,9 @@ def _overrides(tmp_path, subject_dir, family: str, method: str) -> str:
 def _reload(module, folder):
     """The export as its users load it: plain diffusers (a pipeline), or the method class for inserted modules."""
     if type(module).export_folder is not None:
-        return type(module)(pretrained=str(folder), sample_steps=2, guidance_scale=module.hparams.guidance_scale)
+        h = module.hparams
+        return type(module)(pretrained=str(folder), sample_steps=2, guidance_scale=h.guidance_scale,
+                            sample_resolution=h.sample_resolution)  # fmt: skip
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,10 +7,11 @@
 | ``class_conditional``| DiTPipeline, class-conditional UNets       | class labels (null class for guidance)     |
 | ``unconditional``   | DDIMPipeline, DDPMPipeline                  | none                                       |
 | ``pixart_sigma``    | PixArtSigmaPipeline                         | T5 last hidden state and its attention mask|
+| ``sd3``             | StableDiffusion3Pipeline (SD3, SD3.5)       | 2 CLIP penultimate + T5, pooled (flow)     |
+| ``flux``            | FluxPipeline (Flux.1 dev, schnell)          | T5 context, CLIP pooled, ids, guidance (flow)|
 
 A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
-names one explicitly. Flow-matching families (SD3/3.5, Flux, Sana) and PixArt-Alpha are refused, naming the
-pipeline.
+names one explicitly. Sana and PixArt-Alpha are refused, naming the pipeline.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from __future__ import annotations
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
 from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
+from lightning_ft.core.families.flow import Flux, StableDiffusion3
 from lightning_ft.core.families.pixart import PixArtSigma
 from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL
 
 FAMILIES: dict[str, type[ModelFamily]] = {
-    cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, ClassConditional, Unconditional, PixArtSigma)
+    cls.name: cls
+    for cls in (
+        StableDiffusion,
+        StableDiffusionXL,
+        StableDiffusion3,
+        Flux,
+        ClassConditional,
+        Unconditional,
+        PixArtSigma,
+    )
 }
 #: model_index.json ``_class_name`` -> family.
 PIPELINE_FAMILIES = {
@@ -32,12 +43,12 @@ PIPELINE_FAMILIES = {
     "DDIMPipeline": "unconditional",
     "DDPMPipeline": "unconditional",
     "PixArtSigmaPipeline": "pixart_sigma",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 #: Pipelines users fine-tune that this version does not train yet, and why.
 NOT_YET = {
-    "StableDiffusion3Pipeline": "flow matching",
-    "FluxPipeline": "flow matching",
-    "SanaPipeline": "flow matching",
+    "SanaPipeline": "a Gemma-conditioned DC-AE family, not implemented yet",
     # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
     "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
 }
@@ -53,6 +64,10 @@ def detect_family(parts: Components) -> str:
             f"version of lightning-ft; supported pipelines: {', '.join(sorted(PIPELINE_FAMILIES))}"
         )
     config = parts.denoiser.config
+    if type(parts.denoiser).__name__ == "SD3Transformer2DModel":
+        return "sd3"
+    if type(parts.denoiser).__name__ == "FluxTransformer2DModel":
+        return "flux"
     if type(parts.denoiser).__name__ == "PixArtTransformer2DModel":
         # Its adaLN timestep table (num_embeds_ada_norm) must not pass it for a class-conditional model.
         if type(parts.text_encoder).__name__ != "T5EncoderModel":
@@ -81,14 +96,18 @@ def make_family(parts: Components, name: str | None = None, null_class: int | No
     if name not in FAMILIES:
         raise ValueError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
     cls = FAMILIES[name]
-    if cls.kind == CLASS:
-        return cls(parts, null_class=null_class)
-    if null_class is not None:
+    if cls.kind != CLASS and null_class is not None:
         raise ValueError(f"model.null_class={null_class} is only for class-conditional models, not {name}")
-    return cls(parts)
+    try:
+        return cls(parts, null_class=null_class) if cls.kind == CLASS else cls(parts)
+    except (AttributeError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"model.family={name!r} does not fit this model (denoiser {type(parts.denoiser).__name__}: {error}); "
+            f"leave it unset to detect the family ({detect_family(parts)!r} here)"
+        ) from None
 
 
 __all__ = [
-    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "ModelFamily", "PixArtSigma", "StableDiffusion",
-    "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
+    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "Flux", "ModelFamily", "PixArtSigma", "StableDiffusion",
+    "StableDiffusion3", "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
 ]  # fmt: skip

@@ -41,6 +41,14 @@ class ModelFamily:
     kind: str = NONE
     #: The diffusers pipeline class that samples and exports this family (None: no pipeline fits).
     pipeline_class: str | None = None
+    #: The noise processes this family's pipelines sample (``ddpm``, ``flow_matching``).
+    processes: tuple[str, ...] = ("ddpm",)
+    #: Training timestep density when ``model.timestep_density`` is not set (diffusers' script default).
+    default_timestep_density: str = "uniform"
+    #: The attention modules A3FTA adapts by default, by the last part of their name (self- and cross-attention).
+    attention_names: tuple[str, ...] = ("attn1", "attn2")
+    #: Latent pixels per image token of the denoiser (2x2 patches: 4), for a resolution-dependent flow shift.
+    tokens_per_latent: int = 4
 
     def __init__(self, parts: Components):
         self.settings = dict(parts.pipeline_config)

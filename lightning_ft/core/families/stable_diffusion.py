@@ -91,8 +91,13 @@ class StableDiffusion(ModelFamily):
             negative_prompt=[negative_prompt] * len(inputs) if negative_prompt else None,
             generator=generators,
             output_type="latent" if pixel_space else "pt",
+            **self.pipeline_call_kwargs(module),
         ).images
         return unit_images(out) if pixel_space else out.float().clamp(0, 1)
+
+    def pipeline_call_kwargs(self, module) -> dict:
+        """Extra arguments of the pipeline's ``__call__`` (sizes, sequence lengths) that sampling must match."""
+        return {}
 
     def save_lora(self, path, denoiser, state, metadata) -> None:
         import diffusers

@@ -1,0 +1,113 @@
+"""SD3 and Flux: conditions equal their pipelines' ``encode_prompt``, Flux's packing and ids are the pipeline's, the
+distilled guidance value, the LoRA-only exports load with the pipelines' ``load_lora_weights``, and Diff-Tuning's
+and SDFT's timestep rules read sigma through the documented mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb, tiny_module
+from diffusers import DiffusionPipeline, FluxPipeline
+
+from lightning_ft.methods import DiffTuning, DreamBooth, SelfDistillationFineTuning
+
+PROMPTS = ["a red star on a gray background", "a sks circle"]
+
+
+def test_sd3_conditions_are_the_pipelines_prompt_embeddings():
+    torch.manual_seed(0)
+    module = tiny_module(DreamBooth, "tiny_sd3").eval()
+    pipe = module.build_pipeline()
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False)
+    cond = module.encode_prompts(PROMPTS)
+    assert module.family.name == "sd3" and module.noise_process.density == "logit_normal"
+    torch.testing.assert_close(cond.fields["encoder_hidden_states"], embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.fields["text_embeds"], pooled, rtol=0, atol=1e-6)
+    assert embeds.shape[1] == 12 + 256  # CLIP tokens, then T5's max_sequence_length
+
+
+def test_sd3_without_t5_gets_the_pipelines_zeros():
+    from conftest import tiny_components
+
+    components = tiny_components("tiny_sd3")
+    components["text_encoder_3"] = components["tokenizer_3"] = None
+    torch.manual_seed(0)
+    module = DreamBooth(components=components, sample_steps=2).eval()
+    pipe = module.build_pipeline()
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False)
+    cond = module.encode_prompts(PROMPTS)
+    torch.testing.assert_close(cond.fields["encoder_hidden_states"], embeds, rtol=0, atol=1e-6)
+    assert not cond.fields["encoder_hidden_states"][:, 12:].any()
+
+
+def test_flux_conditions_packing_and_ids_are_the_pipelines():
+    torch.manual_seed(0)
+    module = tiny_module(DreamBooth, "tiny_flux").eval()
+    pipe = module.build_pipeline()
+    embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=512)
+    cond = module.encode_prompts(PROMPTS)
+    torch.testing.assert_close(cond.fields["encoder_hidden_states"], embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.fields["text_embeds"], pooled, rtol=0, atol=1e-6)
+    latents = torch.randn(2, 4, 16, 16)
+    family = module.family
+    torch.testing.assert_close(family.pack(latents), FluxPipeline._pack_latents(latents, 2, 4, 16, 16))
+    torch.testing.assert_close(family.unpack(family.pack(latents), 16, 16), latents)
+    torch.testing.assert_close(
+        family.image_ids(16, 16, "cpu", torch.float32),
+        FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32),
+    )
+    assert not text_ids.any()
+
+
+def test_flux_trains_with_the_distilled_guidance_value_and_sigma_timesteps(monkeypatch):
+    torch.manual_seed(0)
+    module = tiny_module(DreamBooth, "tiny_flux")
+    seen = {}
+    forward = module.denoiser.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module.denoiser, "forward", spy)
+    t = torch.tensor([100, 900])
+    x = torch.randn(2, 4, 16, 16)
+    module.predict(x, t, module.encode_prompts(PROMPTS))
+    assert seen["guidance"].tolist() == [3.5, 3.5]
+    # The transformer gets sigma (FluxPipeline divides its 1000-sigma timesteps by 1000), resolution-shifted.
+    torch.testing.assert_close(seen["timestep"], module.noise_process.sigmas(t, x.shape))
+    assert module.noise_process.dynamic
+
+
+@pytest.mark.parametrize("model", ["tiny_sd3", "tiny_flux"])
+def test_lora_only_export_loads_with_load_lora_weights(model, tmp_path):
+    torch.manual_seed(0)
+    module = tiny_module(DreamBooth, model, trainable="lora", lora_rank=2, lora_alpha=4)
+    perturb(module)
+    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
+    module.save_pretrained(tmp_path / "lora", lora_only=True)
+    torch.manual_seed(0)
+    tiny_module(DreamBooth, model).save_pretrained(tmp_path / "base")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.set_progress_bar_config(disable=True)
+    got = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 2.0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
+    assert {"add_q_proj", "to_add_out"} <= targets  # the joint attention's text stream too
+    if model == "tiny_flux":
+        assert any("single_transformer_blocks" in n and "lora" in n for n, _ in module.denoiser.named_parameters())
+
+
+def test_timestep_rules_read_sigma_through_the_schedule_position():
+    torch.manual_seed(0)
+    sdft = tiny_module(SelfDistillationFineTuning, "tiny_sd3", distill_from=0.5)
+    t = torch.tensor([0, 498, 499, 999])
+    # tau = 0.5 of the schedule: u = (t + 1) / T >= 0.5, i.e. sigma >= shift(0.5) = 0.75 for shift 3.
+    assert sdft.distill_weights(t).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert sdft.noise_process.sigmas(torch.tensor([499])).item() == pytest.approx(0.75, abs=1e-6)
+    diff = tiny_module(DiffTuning, "tiny_sd3", memory_size=2)
+    target = diff.sample_timesteps(4000).float()
+    memory = diff.memory_timesteps(4000).float()
+    # Target images lean to the noisy end, memory images to the clean end, as on a DDPM model.
+    assert target.mean() > 600 and memory.mean() < 400
