@@ -106,6 +106,9 @@ class DiffusionBase(
         sample_resolution: side of the images the model generates and of its memory banks and class images
             (default None: the model's native side; give it for a model whose config has no sample size, e.g.
             Flux, whose pipeline default is 1024).
+        max_sequence_length: T5 tokens of the context of SD3, Flux and PixArt (default None: the pipeline's
+            default, 256 / 512 / 300). Another length is recorded in the export's ``lightning_ft.json``
+            (``pipeline_call``), since the pipeline must be called with it to sample the model as it was trained.
         backbones: the metric backbones this model is scored with, by role (``identity``, ``fid``, ``prompt``,
             ``condition``: ``{role: {"name": ..., "path": ...}}``, as in a folder's ``lightning_ft.json``; default
             None: what the pretrained folder declares). The monitors' and ANL's ``auto`` read it; exports keep it.
@@ -165,6 +168,7 @@ class DiffusionBase(
         compile: bool = False,
         family: str | None = None,
         sample_resolution: int | None = None,
+        max_sequence_length: int | None = None,
         backbones: dict | None = None,
     ):
         super().__init__()
@@ -185,6 +189,10 @@ class DiffusionBase(
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
         self._pipeline_info = (parts.pipeline_class, parts.pipeline_config, parts.declared)
         self.family = make_family(parts, family, null_class)
+        if max_sequence_length is not None:
+            if not hasattr(self.family, "max_sequence_length"):
+                raise ValueError(f"model.max_sequence_length: the {self.family.name} family has no T5 context")
+            self.family.max_sequence_length = max_sequence_length
         # The process is read from the scheduler; an unknown one is refused here, naming it (core/noise_process.py).
         where = "model.pretrained" if pretrained else "model.components.scheduler"
         flow = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale,

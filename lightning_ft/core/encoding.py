@@ -41,7 +41,10 @@ class EncodingMixin:
 
         def posterior(indices: list[int]) -> torch.Tensor:
             with torch.no_grad():
-                dist = self.vae.encode(pixel_values[indices].to(self.vae.dtype)).latent_dist
+                encoded = self.vae.encode(pixel_values[indices].to(self.vae.dtype))
+            dist = getattr(encoded, "latent_dist", None)
+            if dist is None:  # a deterministic autoencoder (Sana's AutoencoderDC): its latent, with zero spread
+                return torch.stack([encoded.latent, torch.zeros_like(encoded.latent)], dim=1)
             return torch.stack([dist.mean, dist.std], dim=1)
 
         if self.latent_cache is not None:
