@@ -9,9 +9,10 @@
 | ``pixart_sigma``    | PixArtSigmaPipeline                         | T5 last hidden state and its attention mask|
 | ``sd3``             | StableDiffusion3Pipeline (SD3, SD3.5)       | 2 CLIP penultimate + T5, pooled (flow)     |
 | ``flux``            | FluxPipeline (Flux.1 dev, schnell)          | T5 context, CLIP pooled, ids, guidance (flow)|
+| ``sana``            | SanaPipeline                                | Gemma2 states (+ instruction) and mask (flow)|
 
 A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
-names one explicitly. Sana and PixArt-Alpha are refused, naming the pipeline.
+names one explicitly. PixArt-Alpha is refused, naming the pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
 from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
 from lightning_ft.core.families.flow import Flux, StableDiffusion3
 from lightning_ft.core.families.pixart import PixArtSigma
+from lightning_ft.core.families.sana import Sana
 from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL
 
 FAMILIES: dict[str, type[ModelFamily]] = {
@@ -33,6 +35,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
         ClassConditional,
         Unconditional,
         PixArtSigma,
+        Sana,
     )
 }
 #: model_index.json ``_class_name`` -> family.
@@ -45,10 +48,10 @@ PIPELINE_FAMILIES = {
     "PixArtSigmaPipeline": "pixart_sigma",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
 }
 #: Pipelines users fine-tune that this version does not train yet, and why.
 NOT_YET = {
-    "SanaPipeline": "a Gemma-conditioned DC-AE family, not implemented yet",
     # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
     "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
 }
@@ -68,6 +71,8 @@ def detect_family(parts: Components) -> str:
         return "sd3"
     if type(parts.denoiser).__name__ == "FluxTransformer2DModel":
         return "flux"
+    if type(parts.denoiser).__name__ == "SanaTransformer2DModel":
+        return "sana"
     if type(parts.denoiser).__name__ == "PixArtTransformer2DModel":
         # Its adaLN timestep table (num_embeds_ada_norm) must not pass it for a class-conditional model.
         if type(parts.text_encoder).__name__ != "T5EncoderModel":
@@ -108,6 +113,7 @@ def make_family(parts: Components, name: str | None = None, null_class: int | No
 
 
 __all__ = [
-    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "Flux", "ModelFamily", "PixArtSigma", "StableDiffusion",
-    "StableDiffusion3", "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family", "guided", "make_family",
+    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "Flux", "ModelFamily", "PixArtSigma", "Sana",
+    "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family",
+    "guided", "make_family",
 ]  # fmt: skip
