@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,24 @@ class DiffusersExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
         path = self.resolve_dir(trainer)
-        if trainer.is_global_zero:
-            self.exported_to = pl_module.save_pretrained(path, lora_only=self.lora_only)
-            print(f"lightning-ft: exported diffusers model to {self.exported_to}")
+        with full_weights(trainer):
+            if trainer.is_global_zero:
+                self.exported_to = pl_module.save_pretrained(path, lora_only=self.lora_only)
+                print(f"lightning-ft: exported diffusers model to {self.exported_to}")
+
+
+@contextlib.contextmanager
+def full_weights(trainer: L.Trainer):
+    """Within this block rank 0's module holds its full (gathered) weights under FSDP, a collective every rank
+    enters; nothing to do under other strategies."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(
+        trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+    ):
+        yield

@@ -111,3 +111,22 @@ def test_timestep_rules_read_sigma_through_the_schedule_position():
     memory = diff.memory_timesteps(4000).float()
     # Target images lean to the noisy end, memory images to the clean end, as on a DDPM model.
     assert target.mean() > 600 and memory.mean() < 400
+
+
+@pytest.mark.parametrize(
+    "fragment,tiny,family",
+    [("stable_diffusion_3.yaml", "tiny_sd3.yaml", "sd3"), ("flux.yaml", "tiny_flux.yaml", "flux")],
+)
+def test_the_config_fragments_build_with_the_experiments(fragment, tiny, family, tmp_path, subject_dir):
+    """configs/model/{stable_diffusion_3,flux}.yaml merge with an experiment; a tiny model stands in for the hub's."""
+    from conftest import REPO
+
+    from lightning_ft.run import main
+
+    data = tmp_path / "data.yaml"
+    data.write_text(f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 0\n")
+    configs = ["experiments/dreambooth_lora.yaml", f"configs/model/{fragment}", f"configs/model/{tiny}"]
+    args = [a for c in configs for a in ("--config", str(REPO / c))] + ["--config", str(data)]
+    cli = main(args, run=False)
+    assert cli.model.family.name == family and cli.model.hparams.lr == 1e-4 and cli.model.hparams.trainable == "lora"
+    assert cli.model.noise_process.kind == "flow_matching"
