@@ -101,8 +101,9 @@ class DiffusionBase(
         gradient_checkpointing: recompute the denoiser's (and a training text encoder's) block activations in the
             backward pass, trading time for memory (default False).
         compile: ``torch.compile`` the denoiser in place (default False; compiles on the first forward).
-        family: the model family (``stable_diffusion``, ``sdxl``, ``class_conditional``, ``unconditional``;
-            default None: read from the folder's ``model_index.json``, or recognised from the components).
+        family: the model family (``stable_diffusion``, ``sdxl``, ``sd3``, ``flux``, ``pixart_sigma``,
+            ``class_conditional``, ``unconditional``; default None: read from the folder's ``model_index.json``, or
+            recognised from the components).
         sample_resolution: side of the images the model generates and of its memory banks and class images
             (default None: the model's native side; give it for a model whose config has no sample size, e.g.
             Flux, whose pipeline default is 1024).
