@@ -25,6 +25,7 @@ FAMILIES = {
     "sd3": ["--config", str(REPO / "configs/model/tiny_sd3.yaml")],
     "flux": ["--config", str(REPO / "configs/model/tiny_flux.yaml")],
     "pixart": ["--config", str(REPO / "configs/model/tiny_pixart.yaml")],
+    "sana": ["--config", str(REPO / "configs/model/tiny_sana.yaml")],
 }
 METHODS = {
     "dreambooth": "dreambooth.yaml",
@@ -43,6 +44,8 @@ NOT_APPLICABLE = {
     ("pixart", "anl"): "no diffusers ResnetBlock2D",
     ("sd3", "anl"): "no diffusers ResnetBlock2D",
     ("flux", "anl"): "no diffusers ResnetBlock2D",
+    # Sana's blocks: linear attention, cross-attention and GLUMBConv feed-forwards, no resnets.
+    ("sana", "anl"): "no diffusers ResnetBlock2D",
 }
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}
