@@ -362,8 +362,10 @@ def noise_process_for(
             )
         settings = dict(flow or {})
         if not type(scheduler).__name__.startswith("FlowMatch"):
-            # Sana ships a DPM-Solver over flow sigmas: train with the Euler flow scheduler of the same shift (as
-            # diffusers' Sana training script), sample and export with the model's own.
+            # Sana ships a DPM-Solver over flow sigmas: train with the Euler flow scheduler of its flow_shift (the
+            # shift it samples with; diffusers' Sana script builds its Euler scheduler from this config, which
+            # drops flow_shift, and so trains unshifted: model.flow_shift=1.0 reproduces that), sample and export
+            # with the model's own.
             from diffusers import FlowMatchEulerDiscreteScheduler
 
             shift = scheduler.config.get("flow_shift", 1.0)

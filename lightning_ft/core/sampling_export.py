@@ -112,7 +112,7 @@ class SamplingExportMixin:
             record = self.family.export(parts, self.sampling_scheduler(), path)
             length = self.hparams.get("max_sequence_length")
             if length is not None:  # the pipeline must be called with it (its default is another)
-                record = {**record, "pipeline_call": {"max_sequence_length": length}}
+                record = {**record, "pipeline_call": {**record.get("pipeline_call", {}), "max_sequence_length": length}}
         # The metric backbones the model declares (its own argument, or its pretrained folder's) go with it, and
         # what the family records (a DiT export's real class count and null class).
         write_declaration(model_backbones(self), path, record)

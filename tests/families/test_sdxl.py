@@ -85,7 +85,7 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     assert not torch.allclose(base, expected, atol=1e-3)  # the LoRA is what makes the difference
 
 
-@pytest.mark.parametrize("pipeline", ["PixArtAlphaPipeline", "SanaPipeline"])
+@pytest.mark.parametrize("pipeline", ["PixArtAlphaPipeline", "SanaSprintPipeline"])
 def test_folders_of_families_not_supported_yet_are_refused_naming_the_pipeline(tmp_path, pipeline):
     torch.manual_seed(0)
     DiffusionBase(components=tiny_components(), sample_steps=2).save_pretrained(tmp_path)

@@ -17,6 +17,8 @@ names one explicitly. PixArt-Alpha is refused, naming the pipeline.
 
 from __future__ import annotations
 
+import warnings
+
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
 from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
@@ -54,6 +56,7 @@ PIPELINE_FAMILIES = {
 NOT_YET = {
     # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
     "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
+    "SanaSprintPipeline": "the guidance-distilled Sana-Sprint is not implemented yet (SanaPipeline is)",
 }
 
 
@@ -66,6 +69,17 @@ def detect_family(parts: Components) -> str:
             f"model.pretrained: {parts.pipeline_class} ({NOT_YET[parts.pipeline_class]}) is not supported by this "
             f"version of lightning-ft; supported pipelines: {', '.join(sorted(PIPELINE_FAMILIES))}"
         )
+    family = _family_from_parts(parts)
+    if parts.pipeline_class is not None:
+        warnings.warn(
+            f"model.pretrained: pipeline {parts.pipeline_class} is not one lightning-ft knows; it is trained as the "
+            f"{family!r} family, recognised from its components (set model.family to choose)",
+            stacklevel=2,
+        )
+    return family
+
+
+def _family_from_parts(parts: Components) -> str:
     config = parts.denoiser.config
     if type(parts.denoiser).__name__ == "SD3Transformer2DModel":
         return "sd3"
