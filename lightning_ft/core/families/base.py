@@ -24,6 +24,12 @@ from lightning_ft.core.conditions import Condition
 TEXT, CLASS, NONE = "text", "class", "none"
 
 
+def batch_timesteps(t, noisy: torch.Tensor) -> torch.Tensor:
+    """Timesteps as one value per sample of ``noisy`` (a scalar is expanded), as the pipelines pass them."""
+    t = torch.as_tensor(t, device=noisy.device)
+    return (t[None] if t.ndim == 0 else t).expand(noisy.shape[0])
+
+
 def unit_images(images: torch.Tensor) -> torch.Tensor:
     """Decoded images in [-1, 1] to [0, 1] floats."""
     return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -78,7 +84,10 @@ class ModelFamily:
     # --------------------------------------------------------------------------------------------- encoding
     def encode(self, module, inputs, n: int, geometry: dict[str, torch.Tensor]) -> Condition:
         """The condition of ``n`` samples. ``module`` is the ``DiffusionBase`` (its encoders and caches);
-        ``geometry`` holds ``original_size``, ``crop_top_left`` and ``target_size`` (n, 2) of the images."""
+        ``geometry`` holds ``original_size``, ``crop_top_left`` and ``target_size`` (n, 2) of the images. Text
+        families: the per-sample features of ``tokenize`` / ``encode_ids``, through the module's text cache."""
+        if self.kind == TEXT:
+            return Condition(module.text_features(inputs), n)
         return Condition({}, n)
 
     def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from lightning_ft.core.components import Components
-from lightning_ft.core.conditions import Condition
 from lightning_ft.core.families.stable_diffusion import StableDiffusion
 
 FLOW = ("flow_matching",)
@@ -78,9 +77,6 @@ class StableDiffusion3(StableDiffusion):
             "encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
             "text_embeds": torch.cat(pooled, -1),
         }
-
-    def encode(self, module, inputs, n, geometry):
-        return Condition(module.text_features(inputs), n)
 
     def denoise(self, denoiser, noisy, t, cond):
         return denoiser(

@@ -34,7 +34,7 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily
+from lightning_ft.core.families.base import TEXT, ModelFamily, batch_timesteps
 
 #: PixArt's micro-conditions, none for Sigma (``added_cond_kwargs`` of PixArtSigmaPipeline.__call__).
 NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
@@ -93,18 +93,13 @@ class PixArtSigma(ModelFamily):
         states = parts.text_encoder(input_ids, attention_mask=mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
-    def encode(self, module, inputs: list[str], n: int, geometry: dict[str, torch.Tensor]) -> Condition:
-        return Condition(module.text_features(inputs), n)
-
     def denoise(self, denoiser, noisy, t, cond: Condition):
-        t = torch.as_tensor(t, device=noisy.device)
-        if t.ndim == 0:
-            t = t[None]
+        t = batch_timesteps(t, noisy)
         return denoiser(
             noisy,
             encoder_hidden_states=cond.fields["encoder_hidden_states"],
             encoder_attention_mask=cond.fields["encoder_attention_mask"],
-            timestep=t.expand(noisy.shape[0]),
+            timestep=t,
             added_cond_kwargs=dict(NO_MICRO_CONDITIONS),
         ).sample
 

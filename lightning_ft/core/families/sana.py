@@ -56,7 +56,7 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily
+from lightning_ft.core.families.base import TEXT, ModelFamily, batch_timesteps
 from lightning_ft.core.families.flow import FLOW
 from lightning_ft.core.families.pixart import pipeline_max_sequence_length
 
@@ -170,18 +170,13 @@ class Sana(ModelFamily):
                 states[i], masks[i] = state, m
         return {"encoder_hidden_states": torch.stack(states), "encoder_attention_mask": torch.stack(masks)}
 
-    def encode(self, module, inputs: list[str], n: int, geometry: dict[str, torch.Tensor]) -> Condition:
-        return Condition(module.text_features(inputs), n)
-
     def denoise(self, denoiser, noisy, t, cond: Condition):
-        t = torch.as_tensor(t, device=noisy.device)
-        if t.ndim == 0:
-            t = t[None]
+        t = batch_timesteps(t, noisy)
         return denoiser(
             noisy,
             encoder_hidden_states=cond.fields["encoder_hidden_states"],
             encoder_attention_mask=cond.fields["encoder_attention_mask"],
-            timestep=t.expand(noisy.shape[0]) * denoiser.config.timestep_scale,
+            timestep=t * denoiser.config.timestep_scale,
         ).sample
 
     # ---------------------------------------------------------------------------------------- sizes

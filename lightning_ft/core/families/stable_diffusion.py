@@ -58,9 +58,6 @@ class StableDiffusion(ModelFamily):
         """Per-sample text features from token ids (one tensor per tokenizer, on the encoders' device)."""
         return {"encoder_hidden_states": parts.text_encoder(ids[0])[0]}
 
-    def encode(self, module, inputs: list[str], n: int, geometry: dict[str, torch.Tensor]) -> Condition:
-        return Condition(module.text_features(inputs), n)
-
     def denoise(self, denoiser, noisy, t, cond: Condition):
         return denoiser(noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"]).sample
 
