@@ -12,7 +12,8 @@
 | ``sana``            | SanaPipeline                                | Gemma2 states (+ instruction) and mask (flow)|
 
 A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
-names one explicitly. PixArt-Alpha is refused, naming the pipeline.
+names one explicitly. PixArt-Alpha and Sana-Sprint are refused, naming the pipeline; an unknown pipeline is recognised
+from its parts with a warning.
 """
 
 from __future__ import annotations
