@@ -19,9 +19,12 @@ scored in another fresh process with the embedded feature network (torchmetrics 
   from condition images).
 
 Sample i of every model uses seed i and the same caption, so rows differ by model only. ANL is fitted once per seed and
-scored once per ``--mask-rates`` value (conditioned on the training images, cycled). The pretrained model is scored the
-same way ("no fine-tuning"). Means carry 95% t-intervals over seeds (Student t, n - 1 degrees of freedom); the
-differences to the baseline row are paired by seed (same data order, same sampling seeds) with their own t-interval.
+scored at its default mask rate, then once per ``--mask-rates`` value at ``--mask-samples`` samples (conditioned on the
+training images, cycled). The pretrained model is scored the same way ("no fine-tuning"); two rows score renders
+instead of samples, with the same counts: "renders (floor)", what a perfect model would get, and "autoencoder round
+trip of renders", the best the latent space allows. Means carry 95% t-intervals over seeds (Student t, n - 1 degrees
+of freedom); the differences to the baseline row are paired by seed (same data order, same sampling seeds) with their
+own t-interval.
 
 Writes ``<out>.md``, ``<out>.csv`` (one row per run and score), ``<out>_summary.csv`` (means and intervals) and
 ``<out>.png`` (a grid: real images, then the pretrained model and every method's seed-0 samples for the same
@@ -80,7 +83,7 @@ METHODS = {
     "anl": Method("ANL", "anl.yaml", "lightning_ft.methods.ConditionTuning", source=False),
 }
 MODELS = {"dit": ("experiments/dit", "shapes-dit"), "t2i": ("experiments", "shapes-t2i")}
-SOURCE_SEED, REFERENCE_SEED = 777, 4242
+SOURCE_SEED, REFERENCE_SEED, RENDER_SEED = 777, 4242, 99
 # Every benchmark fit: the export only (no sampling monitors, no checkpoints, no validation), so that the fit time is
 # the method's own.
 FIT_OVERRIDES = (
@@ -92,6 +95,9 @@ TABLES = {
     "forgetting": (["plain", "diff_tuning", "sdft"], True, [0.0, 0.5, 0.75], "plain fine-tune"),
     "peft": (["plain", "lora", "a3fta", "anl"], False, [0.0, 0.5, 0.75], "full fine-tune"),
 }
+#: rows of renders instead of samples (``evaluate(renders=...)``): the FID a perfect model would get at the same
+#: sample count, and the autoencoder's ceiling (every latent model's samples go through its decoder)
+RENDER_ROWS = {"renders": "renders (floor)", "round_trip": "autoencoder round trip of renders"}
 #: ANL's mask rate in the main table (the experiment file's); the other rates go to the mask-rate table
 ANL_MASK_RATE = 0.5
 # Expected cost on one uncontended core (a 2-core Xeon, OMP_NUM_THREADS=1), calibrated from the runs of this
@@ -189,10 +195,14 @@ def reference_features(name: str, count: int, root: Path, images):
 
 
 def evaluate(model: str, loader: str, samples: int, reference: int, steps: int, guidance: float,
-             mask_rate: float | None, source: bool, root: Path) -> tuple[dict, dict]:  # fmt: skip
+             mask_rate: float | None, source: bool, root: Path,
+             renders: str | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Scores of ``model``'s samples on the target (and, with ``source``, the source) set, and a preview (the
     first 16 samples of each set, uint8). ``mask_rate`` is set for ANL, which samples from its reference condition
-    images (the training images, cycled) instead of captions or labels."""
+    images (the training images, cycled) instead of captions or labels. ``renders`` replaces the samples by renders
+    (``"renders"``: what a perfect model would score at this sample count; ``"round_trip"``: the same renders
+    through ``model``'s autoencoder, the best its latents allow): fresh outlined shapes of the domain's distribution
+    (not the held-out images, which are the reference) and the source specs the models are prompted with."""
     import importlib
 
     import numpy as np
@@ -201,7 +211,7 @@ def evaluate(model: str, loader: str, samples: int, reference: int, steps: int, 
     from lightning_ft.data.folder import list_images, load_image
     from lightning_ft.embedded import shapes
     from lightning_ft.embedded.feature_net import default_feature_net
-    from lightning_ft.embedded.targets import ensure_target
+    from lightning_ft.embedded.targets import domain_spec, ensure_target
     from lightning_ft.metrics import FIDScorer, diversity
 
     torch.manual_seed(0)
@@ -213,7 +223,10 @@ def evaluate(model: str, loader: str, samples: int, reference: int, steps: int, 
     def to_unit(images) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255
 
-    def draw(prompts: list[str], labels: list[int]) -> torch.Tensor:
+    def draw(prompts: list[str], labels: list[int], specs=None) -> torch.Tensor:
+        if renders is not None:
+            images = torch.from_numpy(np.stack([shapes.render(spec) for spec in specs])).permute(0, 3, 1, 2) / 255
+            return module.round_trip(images) if renders == "round_trip" else images
         kwargs = {"labels": labels} if module.conditioning == "class" else {"prompts": prompts}
         if mask_rate is not None:
             kwargs = {"mask_rate": mask_rate}  # conditioned on the reference images, cycled over the seeds
@@ -224,13 +237,15 @@ def evaluate(model: str, loader: str, samples: int, reference: int, steps: int, 
     rows = [json.loads(line) for line in (heldout / "captions.jsonl").read_text().splitlines() if line.strip()]
     files = list_images(heldout, "heldout")
     target_reference = reference_features("target", len(files), root, lambda: to_unit(load_image(f) for f in files))
-    target = draw([r["caption"] for r in rows[:samples]], [r["label"] for r in rows[:samples]])
+    rng = np.random.default_rng((RENDER_SEED, 2))
+    target_specs = [domain_spec(rng)[0] for _ in range(samples)] if renders else None
+    target = draw([r["caption"] for r in rows[:samples]], [r["label"] for r in rows[:samples]], target_specs)
     sets = [("target", target, target_reference)]
     to_uint8 = lambda x: (x[:16].clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
     preview = {"target": to_uint8(target)}
     if source:
         specs = [shapes.spec_for_index(SOURCE_SEED, i) for i in range(samples)]
-        drawn = draw([s.caption for s in specs], [shapes.class_label(s) for s in specs])
+        drawn = draw([s.caption for s in specs], [shapes.class_label(s) for s in specs], specs)
 
         def renders() -> torch.Tensor:
             images = np.stack([shapes.render(shapes.spec_for_index(REFERENCE_SEED, i)) for i in range(reference)])
@@ -278,7 +293,7 @@ def scores_path(run_root: Path, args, mask_rate: float | None, samples: int | No
 
 
 def score(run_root: Path, model: Path, loader: str, args, source: bool, mask_rate: float | None = None,
-          samples: int | None = None) -> dict:  # fmt: skip
+          samples: int | None = None, renders: str | None = None) -> dict:  # fmt: skip
     """The scores of one model (reused from ``run_root`` when already there with the sets asked for)."""
     samples = samples or args.samples
     out = scores_path(run_root, args, mask_rate, samples)
@@ -292,6 +307,7 @@ def score(run_root: Path, model: Path, loader: str, args, source: bool, mask_rat
                str(args.guidance), "--root", str(args.root)]  # fmt: skip
     command += ["--mask-rate", str(mask_rate)] if mask_rate is not None else []
     command += [] if source else ["--no-source"]
+    command += ["--renders", renders] if renders else []
     return worker(command)
 
 
@@ -308,7 +324,7 @@ def run_settings(method: str, args) -> dict:
 
 
 def run_root(method: str, seed: int | None, args) -> Path:
-    return Path(args.root) / ("pretrained" if method == "pretrained" else f"{method}/seed{seed}")
+    return Path(args.root) / (method if seed is None else f"{method}/seed{seed}")
 
 
 def finished_export(root: Path) -> Path | None:
@@ -349,6 +365,13 @@ def trainable(method: str, args) -> int:
 def one_job(method: str, seed: int | None, args) -> list[dict]:
     """Fit (unless finished) and score one method and seed; ANL gives one row per mask rate."""
     label = {"plain": args.plain_name}
+    if method in RENDER_ROWS:  # the floor and the autoencoder's ceiling: renders, no sampling
+        from lightning_ft.embedded import asset_path
+
+        model, loader = asset_path(MODELS[args.model][1]), METHODS["plain"].loader
+        scores = score(run_root(method, None, args), model, loader, args, args.source, renders=method)
+        return [{"method": RENDER_ROWS[method], "key": method, "mask_rate": None, "seed": None, **scores,
+                 "trainable_params": 0}]  # fmt: skip
     if method == "pretrained":
         from lightning_ft.embedded import asset_path
 
@@ -389,7 +412,8 @@ def one_job(method: str, seed: int | None, args) -> list[dict]:
 
 
 def jobs_of(args) -> list[tuple[str, int | None]]:
-    return [("pretrained", None)] + [(method, seed) for method in args.methods for seed in args.seeds]
+    models = [(method, seed) for method in args.methods for seed in args.seeds]
+    return [(name, None) for name in RENDER_ROWS] + [("pretrained", None)] + models
 
 
 def expected_seconds(args) -> tuple[float, int, int]:
@@ -398,14 +422,14 @@ def expected_seconds(args) -> tuple[float, int, int]:
     bank_needed = "diff_tuning" in args.methods
     for method, seed in jobs_of(args):
         root = run_root(method, seed, args)
-        if method != "pretrained" and finished_export(root) is None:
+        if method in METHODS and finished_export(root) is None:
             fits += 1
             seconds += FIT_OVERHEAD_SECONDS + STEP_SECONDS.get(method, 0.3) * args.steps
             if method == "diff_tuning" and bank_needed:
                 seconds, bank_needed = seconds + MEMORY_BANK_SECONDS, False
-        source = args.source and (method == "pretrained" or METHODS[method].source)
+        source = args.source and (method not in METHODS or METHODS[method].source)
         scorings_of_job = [(None, args.samples)]
-        if method != "pretrained" and not METHODS[method].source:  # ANL
+        if method in METHODS and not METHODS[method].source:  # ANL
             scorings_of_job = [(ANL_MASK_RATE, args.samples)] + [(m, args.mask_samples) for m in args.mask_rates]
         for m, samples in scorings_of_job:
             path = scores_path(root, args, m, samples)
@@ -413,6 +437,7 @@ def expected_seconds(args) -> tuple[float, int, int]:
                 continue
             scorings += 1
             per_sample = SAMPLE_STEP_SECONDS.get(method, SAMPLE_STEP_SECONDS_DEFAULT) * args.sample_steps
+            per_sample = 0.002 if method in RENDER_ROWS else per_sample
             seconds += SCORE_OVERHEAD_SECONDS + per_sample * samples * (2 if source else 1)
     return seconds, fits, scorings
 
@@ -493,7 +518,7 @@ def write_outputs(rows: list[dict], out: Path, args) -> list[dict]:
     write_csv(rows, f"{out}.csv")
     summary = summarise([r for r in rows if not r.get("mask_table")], args.plain_name)
     write_csv(summary, f"{out}_summary.csv")
-    pretrained = next((r for r in rows if r["seed"] is None), {})
+    pretrained = next((r for r in rows if r["key"] == "pretrained"), {})
     source = "" if not args.source else (
         f" and {args.samples} for the captions of random source specs, against "
         f"{pretrained.get('source_reference', args.reference)} source renders (source)")  # fmt: skip
@@ -558,7 +583,7 @@ def write_grid(rows: list[dict], out: Path, args) -> None:
     for row in rows:
         if row["seed"] not in (None, first_seed):
             continue
-        if row["key"] == "anl" and not row.get("mask_table"):
+        if row["key"] in RENDER_ROWS or (row["key"] == "anl" and not row.get("mask_table")):
             continue  # its first samples are the mask-rate table's row at the same rate
         path = scores_path(run_root(row["key"], row["seed"], args), args, row["mask_rate"], row["samples"])
         preview = torch.load(path.with_suffix(".preview.pt"))
@@ -611,6 +636,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--loader", default=METHODS["plain"].loader, help=argparse.SUPPRESS)
     parser.add_argument("--mask-rate", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-source", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--renders", choices=["renders", "round_trip"], default=None, help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)
@@ -623,7 +649,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from lightning_ft.callbacks.sample_grid import save_grid
 
         scores, preview = evaluate(args.evaluate, args.loader, args.samples, args.reference, args.sample_steps,
-                                   args.guidance, args.mask_rate, not args.no_source, Path(args.root))  # fmt: skip
+                                   args.guidance, args.mask_rate, not args.no_source, Path(args.root),
+                                   args.renders)  # fmt: skip
         out = Path(args.json)
         torch.save(preview, out.with_suffix(".preview.pt"))
         save_grid(torch.cat(list(preview.values())).float() / 255, out.with_suffix(".png"), columns=8)

@@ -120,18 +120,19 @@ def test_peft_table_gives_parameter_shares_and_anl_against_the_mask_rate(tmp_pat
 def test_expected_time_counts_only_what_is_left_to_do(tmp_path):
     args = _args("forgetting", tmp_path, methods=["plain", "anl"], seeds=[0], mask_rates=[0.0, 0.5])
     seconds, fits, scorings = dt.expected_seconds(args)
-    assert (fits, scorings) == (2, 1 + 1 + 1 + 2)  # pretrained, plain, ANL's main row and two rates
+    # renders and their round trip, pretrained, plain, ANL's main row and two rates
+    assert (fits, scorings) == (2, 2 + 1 + 1 + 1 + 2)
     # the plain run finished and was scored (with its source set): only ANL is left
     run = dt.run_root("plain", 0, args)
     (run / "lightning_logs/version_0/export").mkdir(parents=True)
     (run / "lightning_logs/version_0/export/model_index.json").write_text("{}")
     dt.scores_path(run, args, None).write_text(json.dumps({"source_fid": 3.0}))
     less, fits, scorings = dt.expected_seconds(args)
-    assert (fits, scorings) == (1, 1 + 1 + 2) and less < seconds
+    assert (fits, scorings) == (1, 2 + 1 + 1 + 2) and less < seconds
     # a score without the source set does not count as done for a table that needs it
     dt.scores_path(run, args, None).write_text(json.dumps({"source_fid": float("nan")}))
-    assert dt.expected_seconds(args)[2] == 5
-    assert dt.expected_seconds(_args("peft", tmp_path, methods=["plain"], seeds=[0]))[2] == 1  # pretrained only
+    assert dt.expected_seconds(args)[2] == 7
+    assert dt.expected_seconds(_args("peft", tmp_path, methods=["plain"], seeds=[0]))[2] == 3  # all but plain
 
 
 def test_settings_of_a_run_hold_the_sweeps_lr_only_for_full_fine_tunes(tmp_path):
