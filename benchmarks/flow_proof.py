@@ -30,13 +30,14 @@ def sample_plain(folder: str, prompts: list[str], steps: int, guidance: float, b
     """Images in [0, 1] from the folder loaded by plain diffusers, one generator per image (seed = its index)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    # What the folder says its pipeline must be loaded and called with (lightning-ft writes it: an SD3 without T5
+    # loads with text_encoder_3=None; a T5 length other than the pipeline's default is passed to the call).
+    record_file = Path(folder) / "lightning_ft.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    pipe = DiffusionPipeline.from_pretrained(folder, **record.get("pipeline_load", {}))
     pipe.set_progress_bar_config(disable=True)
     side = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else None
-    # What the folder says its pipeline must be called with (lightning-ft writes it when it trained with another
-    # T5 length than the pipeline's default).
-    record = Path(folder) / "lightning_ft.json"
-    call = json.loads(record.read_text()).get("pipeline_call", {}) if record.is_file() else {}
+    call = record.get("pipeline_call", {})
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]

@@ -40,6 +40,29 @@ def test_sd3_without_t5_gets_the_pipelines_zeros():
     assert not cond.fields["encoder_hidden_states"][:, 12:].any()
 
 
+def test_sd3_without_t5_exports_a_folder_plain_diffusers_loads_as_its_record_says(tmp_path):
+    import json
+
+    from conftest import tiny_components
+
+    components = tiny_components("tiny_sd3")
+    components["text_encoder_3"] = components["tokenizer_3"] = None
+    torch.manual_seed(0)
+    module = DreamBooth(components=components, sample_steps=2, max_sequence_length=8)
+    perturb(module)
+    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
+    module.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "lightning_ft.json").read_text())
+    assert record["pipeline_load"] == {"text_encoder_3": None, "tokenizer_3": None}
+    assert record["pipeline_call"] == {"max_sequence_length": 8}
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, **record["pipeline_load"])
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    got = pipe(PROMPTS, num_inference_steps=2, guidance_scale=2.0, generator=generators, output_type="pt",
+               **record["pipeline_call"]).images  # fmt: skip
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=1e-5)
+
+
 def test_flux_conditions_packing_and_ids_are_the_pipelines():
     torch.manual_seed(0)
     module = tiny_module(DreamBooth, "tiny_flux").eval()

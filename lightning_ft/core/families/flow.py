@@ -102,6 +102,14 @@ class StableDiffusion3(StableDiffusion):
             "tokenizer_3": parts.tokenizer_3,
         }
 
+    def export(self, parts, scheduler, path) -> dict:
+        record = super().export(parts, scheduler, path)
+        if parts.text_encoder_3 is None and self.name == "sd3":
+            # StableDiffusion3Pipeline requires its T5 slots: a model without T5 loads with them set to None
+            # (diffusers' documented way of dropping T5), which the record tells the loader.
+            record["pipeline_load"] = {"text_encoder_3": None, "tokenizer_3": None}
+        return record
+
     def pipeline_call_kwargs(self, module) -> dict:
         side = module.native_resolution()
         return {"max_sequence_length": self.max_sequence_length, "height": side, "width": side}
