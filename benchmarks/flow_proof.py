@@ -49,6 +49,21 @@ def sample_plain(folder: str, prompts: list[str], steps: int, guidance: float, b
     return torch.cat(out), type(pipe).__name__, type(pipe.scheduler).__name__
 
 
+def colour_accuracy(images: torch.Tensor, prompts: list[str], net) -> dict[str, float]:
+    """Colour accuracy per prompted colour (which colours the model misses)."""
+    from lightning_ft.embedded.prompts import parse_prompt
+
+    names = net.label_names["color"]
+    predicted = net.predict(images)["color"].cpu()
+    asked = [parse_prompt(p, {"color": names}).get("color") for p in prompts]
+    result = {}
+    for index, name in enumerate(names):
+        rows = [i for i, a in enumerate(asked) if a == index]
+        if rows:
+            result[name] = float((predicted[rows] == index).float().mean())
+    return result
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from lightning_ft.embedded import asset_path, shapes
     from lightning_ft.embedded.feature_net import default_feature_net
@@ -73,10 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.time()
         images, pipeline, scheduler = sample_plain(folder, prompts, args.steps, args.guidance)
         accuracy = prompt_accuracy(images, prompts, net)
+        by_colour = colour_accuracy(images, prompts, net)
         rows.append({
             "model": name, "pipeline": pipeline, "scheduler": scheduler, "samples": len(images),
             "colour": f"{accuracy['color']:.1%}", "shape": f"{accuracy['shape']:.1%}",
             "background": f"{accuracy['background']:.1%}", "seconds": round(time.time() - start, 1),
+            "colour by prompted colour": ", ".join(f"{c} {a:.0%}" for c, a in by_colour.items()),
         })  # fmt: skip
         if name.startswith("flow"):
             from PIL import Image
@@ -90,7 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "sampled through plain diffusers from the folder; accuracy = the embedded feature network's prediction "
         "agrees with the attribute the prompt names. Command: python -m benchmarks.flow_proof.",
     ]
-    columns = ["model", "pipeline", "scheduler", "samples", "colour", "shape", "background", "seconds"]
+    columns = ["model", "pipeline", "scheduler", "samples", "colour", "shape", "background", "seconds",
+               "colour by prompted colour"]  # fmt: skip
     write_table(rows, args.out, "Does the flow-matching objective learn?", columns, notes)
     print(Path(f"{args.out}.md").read_text())
     return rows
