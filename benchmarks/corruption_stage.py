@@ -35,6 +35,7 @@ import csv
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -195,12 +196,13 @@ def finished_log_dir(run_root: Path, steps: int, settings: dict) -> Path | None:
     return None
 
 
-def fit(job: dict) -> tuple[Path, float]:
-    """Run one fit (or reuse a finished one); returns its log dir and its wall time in seconds."""
+def fit(job: dict) -> tuple[Path, float, float]:
+    """Run one fit (or reuse a finished one); returns its log dir, its wall time and its CPU time in seconds."""
     root, settings = job["root"], job["settings"]
     done = finished_log_dir(root, job["steps"], settings)
     if done is not None:
-        return done, float(json.loads((root / "bench.json").read_text()).get("seconds", float("nan")))
+        record = json.loads((root / "bench.json").read_text())
+        return done, float(record.get("seconds", math.nan)), float(record.get("cpu_seconds", math.nan))
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.json").write_text(json.dumps({"settings": settings}, indent=1))
     command = [
@@ -210,15 +212,18 @@ def fit(job: dict) -> tuple[Path, float]:
         "--trainer.logger.init_args.save_dir", str(root), *job["extra"],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(root / "stdout.log", "w") as log:
         subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    seconds = time.perf_counter() - start
-    (root / "bench.json").write_text(json.dumps({"settings": settings, "seconds": seconds}, indent=1))
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time of the fit process (exact with --jobs 1; with more jobs the children's times mix)
+    cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    record = {"settings": settings, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    (root / "bench.json").write_text(json.dumps(record, indent=1))
     log_dir = finished_log_dir(root, job["steps"], settings)
     if log_dir is None:
         raise RuntimeError(f"{root}: the fit ended without the final row of corruption_stage.csv")
-    return log_dir, seconds
+    return log_dir, seconds, cpu_seconds
 
 
 def read_curve(log_dir: Path) -> dict[str, list]:
@@ -304,7 +309,7 @@ def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -340,7 +345,7 @@ def write_outputs(rows: list[dict], curves: dict, summaries: list[dict], out: Pa
     columns = ["arm", "method", "seed", "steps", "verdict", "stage (monitor rule)", "steps flagged (monitor)",
                "dip (fidelity-only rule)", "steps flagged (fidelity-only)", "dip depth", "dip depth / span",
                "threshold at dip", "dip step", "from step", "score at dip", "peak progress", "final progress",
-               "max score", "fit s"]  # fmt: skip
+               "max score", "fit s", "fit CPU s"]  # fmt: skip
     table = [{
         "arm": r["arm"], "method": r["method"], "seed": r["seed"], "steps": r["final_step"], "verdict": r["verdict"],
         "stage (monitor rule)": r["stage_monitor"] + (" (ongoing)" if r["stage_monitor_ongoing"] else ""),
@@ -353,7 +358,7 @@ def write_outputs(rows: list[dict], curves: dict, summaries: list[dict], out: Pa
         "from step": fmt(r["dip_from_step"]),
         "score at dip": fmt(r["score_at_dip"], 2), "peak progress": fmt(r["peak_progress"], 2),
         "final progress": fmt(r["final_progress"], 2), "max score": fmt(r["max_score"], 2),
-        "fit s": fmt(r["fit_seconds"], 0),
+        "fit s": fmt(r["fit_seconds"], 0), "fit CPU s": fmt(r["fit_cpu_seconds"], 0),
     } for r in rows]  # fmt: skip
     summary_columns = ["arm", "baseline", "bnn", "seeds", "stage (monitor rule)", "dip (fidelity-only rule)",
                        "mean dip depth baseline", "mean dip depth BNN", "BNN - baseline [95% CI]",
@@ -371,10 +376,23 @@ def write_outputs(rows: list[dict], curves: dict, summaries: list[dict], out: Pa
         "final progress BNN": fmt(s["final_progress_bnn"], 2),
     } for s in summaries]  # fmt: skip
     arms = ", ".join(f"{arm}: {arm_settings(arm, args)[2]}" for arm in args.arms)
+
+    def total(key: str) -> float:
+        return sum(r[key] for r in rows if r[key] == r[key])
+
+    timed = sum(r["fit_cpu_seconds"] == r["fit_cpu_seconds"] for r in rows)
+    cpu_note = f"{total('fit_cpu_seconds') / 60:.1f} min of CPU time" + (
+        f" (recorded for {timed} of {len(rows)} fits)" if timed < len(rows) else ""
+    )
+    if not timed:
+        cpu_note = "no recorded CPU time (runs from before the benchmark kept it)"
+    ran = sum(not job_reused for job_reused in args.reused)
+
     notes = [
-        f"Command: `python -m benchmarks.corruption_stage {' '.join(args.argv)}`; wall time {wall / 60:.1f} min "
-        f"(fits: {sum(r['fit_seconds'] for r in rows if r['fit_seconds'] == r['fit_seconds']) / 60:.1f} min), one "
-        "training process at a time, one thread each.",
+        f"Command: `python -m benchmarks.corruption_stage {' '.join(args.argv)}`; wall time of this invocation "
+        f"{wall / 60:.1f} min ({ran} fits run, {len(rows) - ran} reused); the fits took "
+        f"{total('fit_seconds') / 60:.1f} min of wall time (each fit's own, also for runs reused from an earlier "
+        f"invocation) and {cpu_note}, one training process at a time, one thread each.",
         f"Arms ({arms}); seeds {args.seeds} (seed_everything and data seed); the CorruptionStageMonitor evaluates "
         f"at step 0, every {args.every} steps and at the end, on the instance prompt with {args.sample_seeds} fixed "
         "sampling seeds (25 DDIM steps, guidance 2).",
@@ -391,6 +409,10 @@ def write_outputs(rows: list[dict], curves: dict, summaries: list[dict], out: Pa
         f"Grids: `{Path(args.out).name}_grids/<arm>_<method>_seed<k>_{{dip,end}}.png`, the monitor's own samples "
         f"(one row per prompt, {args.sample_seeds} seeds) at the deepest point of the dip and at the last step.",
     ]
+    if not any(r["fit_cpu_seconds"] == r["fit_cpu_seconds"] for r in rows):  # runs from before CPU time was kept
+        columns.remove("fit CPU s")
+    levels = sorted({(round(r["class_prior"], 3), round(r["ceiling"], 3)) for r in rows})
+    notes.insert(2, f"Levels measured by the monitor (class prior, ceiling), over all runs: {levels}.")
     lines = ["# Corruption stage: baseline vs BNN, three arms", "", *markdown_table(summary_table, summary_columns),
              "", *markdown_table(table, columns), "", *notes]  # fmt: skip
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
@@ -480,6 +502,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "config": config_path, "root": run_root, "settings": settings,
                              "todo": finished_log_dir(run_root, steps, settings) is None})  # fmt: skip
     todo = [j for j in jobs if j["todo"]]
+    args.reused = [not j["todo"] for j in jobs]
     expected = sum(
         estimate_seconds(j["arm"], j["method"] in BNNS, j["steps"], args.every, args.grid_every) for j in todo
     )
@@ -501,11 +524,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows, curves = [], {}
     out = Path(args.out).resolve()
-    for job, (log_dir, seconds) in zip(jobs, results):
+    for job, (log_dir, seconds, cpu_seconds) in zip(jobs, results):
         curve = read_curve(log_dir)
         curves[(job["arm"], job["method"], job["seed"])] = curve
         row = {"arm": job["arm"], "method": NAMES[job["method"]], "method_key": job["method"], "seed": job["seed"],
                "final_step": curve["step"][-1], **analyse(curve, args.every), "fit_seconds": seconds,
+               "fit_cpu_seconds": cpu_seconds,
                "log_dir": str(log_dir.relative_to(REPO) if log_dir.is_relative_to(REPO) else log_dir)}  # fmt: skip
         grids = copy_grids(log_dir, row, Path(f"{out}_grids"), f"{job['arm']}_{job['method']}_seed{job['seed']}")
         row.update({f"grid_{k}": v for k, v in grids.items()})
