@@ -100,13 +100,14 @@ TABLES = {
 RENDER_ROWS = {"renders": "renders (floor)", "round_trip": "autoencoder round trip of renders"}
 #: ANL's mask rate in the main table (the experiment file's); the other rates go to the mask-rate table
 ANL_MASK_RATE = 0.5
-# Expected cost on one uncontended core (a 2-core Xeon, OMP_NUM_THREADS=1), calibrated from the runs of this
-# benchmark: seconds per training step at batch 16, per fit (process start, loading, export), per sample and sampler
-# step at guidance 2 (two UNet passes), and per scoring process (loading, reference features).
-STEP_SECONDS = {"plain": 0.22, "diff_tuning": 0.24, "sdft": 0.30, "lora": 0.22, "a3fta": 0.26, "anl": 0.30}
-FIT_OVERHEAD_SECONDS, MEMORY_BANK_SECONDS = 15.0, 35.0
-SAMPLE_STEP_SECONDS = {"anl": 0.0125}
-SAMPLE_STEP_SECONDS_DEFAULT = 0.0094
+# Expected cost on one uncontended core (OMP_NUM_THREADS=1), calibrated from the CPU time of this benchmark's runs on
+# a 2-core Xeon: seconds per training step at batch 16, per fit (process start, loading, export), for Diff-Tuning's
+# memory bank (256 samples, sampled once and cached), per sample and sampler step at guidance 2 (two UNet passes),
+# and per scoring process (loading, reference features). On a machine shared with other jobs the wall time is longer.
+STEP_SECONDS = {"plain": 0.20, "diff_tuning": 0.19, "sdft": 0.27, "lora": 0.20, "a3fta": 0.26, "anl": 0.30}
+FIT_OVERHEAD_SECONDS, MEMORY_BANK_SECONDS = 15.0, 27.0
+SAMPLE_STEP_SECONDS = {"anl": 0.0095}
+SAMPLE_STEP_SECONDS_DEFAULT = 0.0069
 SCORE_OVERHEAD_SECONDS = 15.0
 
 
@@ -523,6 +524,7 @@ def write_outputs(rows: list[dict], out: Path, args) -> list[dict]:
         f" and {args.samples} for the captions of random source specs, against "
         f"{pretrained.get('source_reference', args.reference)} source renders (source)")  # fmt: skip
     lines = [
+        f"Written by `python -m benchmarks.domain_transfer --table {args.table}`. "
         f"Model `{MODELS[args.model][1]}`, {args.steps} steps per run (batch 16), seeds {args.seeds}; "
         f"{args.samples} samples per model and set ({args.sample_steps} DDIM steps, guidance {args.guidance:g}; "
         f"sample i has seed i): {args.samples} for the first held-out domain captions against "
@@ -540,8 +542,9 @@ def write_outputs(rows: list[dict], out: Path, args) -> list[dict]:
     return summary
 
 
-def comparison_grid(rows: list[tuple[str, object]], path: Path, title: str, columns: str) -> None:
-    """Rows of uint8 images (N, 3, H, W), one labelled row each, as one PNG."""
+def comparison_grid(rows: list[tuple[str, object]], path: Path, title: str, columns: str, split: int = 0) -> None:
+    """Rows of uint8 images (N, 3, H, W), one labelled row each, as one PNG; ``split`` > 0 leaves a white gap
+    after that many columns (target | source)."""
     import numpy as np
     import torch
 
@@ -549,13 +552,16 @@ def comparison_grid(rows: list[tuple[str, object]], path: Path, title: str, colu
 
     width = max(len(images) for _, images in rows)
     strips = [make_grid(torch.as_tensor(images).float() / 255, width) for _, images in rows]
-    h = strips[0].shape[0]
-    image = np.concatenate([np.pad(s, ((0, 2), (0, 0), (0, 0)), constant_values=255) for s in strips])
-    with saved_figure(path, 1, (1.0 + 0.42 * width, 0.7 + 0.45 * len(rows)), dpi=110) as axis:
+    h, w = strips[0].shape[0], strips[0].shape[1] // width
+    if split:
+        strips = [np.concatenate([s[:, : split * w], np.full((h, 8, 3), 255, np.uint8), s[:, split * w :]], 1)
+                  for s in strips]  # fmt: skip
+    image = np.concatenate([np.pad(s, ((0, 3), (0, 0), (0, 0)), constant_values=255) for s in strips])
+    with saved_figure(path, 1, (2.4 + 0.62 * width, 0.9 + 0.62 * len(rows)), dpi=120) as axis:
         axis.imshow(image, interpolation="nearest")
-        axis.set_yticks([(h + 2) * i + h / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=7)
+        axis.set_yticks([(h + 3) * i + h / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
         axis.set_xticks([])
-        axis.set_xlabel(columns, fontsize=7)
+        axis.set_xlabel(columns, fontsize=8)
         axis.set_title(title, fontsize=8)
 
 
@@ -601,8 +607,9 @@ def write_grid(rows: list[dict], out: Path, args) -> None:
     columns = "target: held-out captions 0-7 (ANL: its condition images 0-7)"
     if with_source:
         columns = "left: target, held-out captions 0-7; right: source, captions of source specs 0-7"
-    title = f"sample i = seed i; target captions: {'; '.join(captions[:4])}; ..."
-    comparison_grid(grid_rows, Path(f"{out}_grid.png"), title, columns)
+    title = "column i: sample seed i, the same caption in every row; target captions: " + "; ".join(
+        c.removeprefix("a ").removesuffix(" background") for c in captions[:4]) + "; ..."  # fmt: skip
+    comparison_grid(grid_rows, Path(f"{out}_grid.png"), title, columns, split=k if with_source else 0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
