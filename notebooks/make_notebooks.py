@@ -175,7 +175,7 @@ def runs_of(root: Path) -> dict[str, list[Path]]:
     return found
 
 
-bench = REPO / "runs" / "bench_corruption"
+bench = REPO / "runs" / "bench_corruption" / "released_steps300"  # python -m benchmarks.corruption_stage
 runs = runs_of(bench) if not QUICK else {}
 if not runs or not all(runs.values()):
     root = REPO / "runs" / "notebook_compare"
