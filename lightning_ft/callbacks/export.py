@@ -49,7 +49,7 @@ def full_weights(trainer: L.Trainer):
     enters; nothing to do under other strategies."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    if not isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
