@@ -47,6 +47,8 @@ class ModelFamily:
     kind: str = NONE
     #: The diffusers pipeline class that samples and exports this family (None: no pipeline fits).
     pipeline_class: str | None = None
+    #: The key prefix of the pipeline's LoRA files (``unet``, ``transformer``); None: the pipeline has no LoRA loader.
+    lora_prefix: str | None = None
     #: The noise processes this family's pipelines sample (``ddpm``, ``flow_matching``).
     processes: tuple[str, ...] = ("ddpm",)
     #: Training timestep density when ``model.timestep_density`` is not set (diffusers' script default).
@@ -112,9 +114,19 @@ class ModelFamily:
         return None if blocks is None else self.vae_scale_factor(parts) * 2 ** (len(blocks) - 1)
 
     # ------------------------------------------------------------------------------------- sampling, export
+    def pipeline_kwargs(self, parts: Components, scheduler) -> dict:
+        """The arguments of ``pipeline_class`` built from the components (default: a transformer pipeline with one
+        text encoder, as PixArt's and Sana's)."""
+        return {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "vae": parts.vae,
+                "transformer": parts.denoiser, "scheduler": scheduler}  # fmt: skip
+
     def build_pipeline(self, parts: Components, scheduler):
         """The diffusers pipeline of these components (shares the modules), or None when none fits."""
-        return None
+        if self.pipeline_class is None:
+            return None
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)(**self.pipeline_kwargs(parts, scheduler))
 
     def sample(self, module, pipe, inputs, seeds: Sequence[int], steps: int, guidance: float, negative_prompt=None):
         """Images in [0, 1] (N, C, H, W) for one chunk of inputs; image i from a generator seeded by ``seeds[i]``."""
@@ -131,18 +143,34 @@ class ModelFamily:
         return {}
 
     def save_lora(self, path: Path, denoiser: torch.nn.Module, state: dict, metadata: dict) -> None:
-        """Write LoRA weights in the layout this family's users load them with (default: PEFT's adapter folder,
-        which ``lightning_ft.core.trainable.load_peft_lora`` or PEFT puts back on a plain denoiser: diffusers has no
-        LoRA loader for DiT-style pipelines)."""
-        from lightning_ft.core.trainable import save_peft_lora
+        """Write LoRA weights in the layout this family's users load them with: the pipeline's own
+        ``save_lora_weights`` (read by its ``load_lora_weights``) when it has a LoRA loader (``lora_prefix`` set),
+        else PEFT's adapter folder, which ``lightning_ft.core.trainable.load_peft_lora`` or PEFT puts back on a
+        plain denoiser (diffusers has no LoRA loader for DiT- or PixArt-style pipelines). The adapter config (rank,
+        alpha, targets) goes with the weights: without it ``load_lora_weights`` assumes alpha = rank, and a model
+        trained with another alpha would load at the wrong scale."""
+        if self.lora_prefix is None:
+            from lightning_ft.core.trainable import save_peft_lora
 
-        save_peft_lora(denoiser, path, state)
+            save_peft_lora(denoiser, path, state)
+            return
+        import diffusers
+
+        getattr(diffusers, self.pipeline_class).save_lora_weights(
+            path, **{f"{self.lora_prefix}_lora_layers": state, f"{self.lora_prefix}_lora_adapter_metadata": metadata}
+        )
 
     def load_lora(self, denoiser: torch.nn.Module, path: Path) -> torch.nn.Module:
         """Put the LoRA that ``save_lora`` wrote back on a plain denoiser (in place; returned)."""
-        from lightning_ft.core.trainable import load_peft_lora
+        if self.lora_prefix is None:
+            from lightning_ft.core.trainable import load_peft_lora
 
-        return load_peft_lora(denoiser, path)
+            return load_peft_lora(denoiser, path)
+        # diffusers' own loader of the files save_lora_weights writes (keys prefixed, adapter metadata).
+        denoiser.load_lora_adapter(
+            str(path), weight_name="pytorch_lora_weights.safetensors", prefix=self.lora_prefix, adapter_name="default"
+        )
+        return denoiser
 
     # ------------------------------------------------------------------------------------------- defaults
     def default_lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:

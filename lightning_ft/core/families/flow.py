@@ -32,6 +32,7 @@ class StableDiffusion3(StableDiffusion):
 
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    lora_prefix = "transformer"
     processes = FLOW
     default_timestep_density = "logit_normal"
     #: Joint attention (``attn``; SD3.5's extra self-attention ``attn2``).
@@ -113,19 +114,6 @@ class StableDiffusion3(StableDiffusion):
     def pipeline_call_kwargs(self, module) -> dict:
         side = module.native_resolution()
         return {"max_sequence_length": self.max_sequence_length, "height": side, "width": side}
-
-    def save_lora(self, path, denoiser, state, metadata) -> None:
-        import diffusers
-
-        getattr(diffusers, self.pipeline_class).save_lora_weights(
-            path, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-        )
-
-    def load_lora(self, denoiser, path):
-        denoiser.load_lora_adapter(
-            str(path), weight_name="pytorch_lora_weights.safetensors", prefix="transformer", adapter_name="default"
-        )
-        return denoiser
 
     def default_lora_targets(self, denoiser):
         # diffusers' SD3 DreamBooth-LoRA default: both streams of the joint attention.

@@ -110,17 +110,6 @@ class PixArtSigma(ModelFamily):
         return self.vae_scale_factor(parts) * parts.denoiser.config.patch_size
 
     # ------------------------------------------------------------------------------------- sampling, export
-    def build_pipeline(self, parts: Components, scheduler):
-        from diffusers import PixArtSigmaPipeline
-
-        return PixArtSigmaPipeline(
-            tokenizer=parts.tokenizer,
-            text_encoder=parts.text_encoder,
-            vae=parts.vae,
-            transformer=parts.denoiser,
-            scheduler=scheduler,
-        )
-
     def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         out = pipe(

@@ -78,6 +78,7 @@ class Sana(ModelFamily):
     name = "sana"
     kind = TEXT
     pipeline_class = "SanaPipeline"
+    lora_prefix = "transformer"
     processes = FLOW
     #: diffusers' Sana DreamBooth-LoRA script: ``--weighting_scheme none`` (uniform timesteps, unweighted loss).
     default_timestep_density = "uniform"
@@ -190,17 +191,6 @@ class Sana(ModelFamily):
         return math.lcm(PIXEL_MULTIPLE, self.vae_scale_factor(parts) * parts.denoiser.config.patch_size)
 
     # ------------------------------------------------------------------------------------- sampling, export
-    def build_pipeline(self, parts: Components, scheduler):
-        from diffusers import SanaPipeline
-
-        return SanaPipeline(
-            tokenizer=parts.tokenizer,
-            text_encoder=parts.text_encoder,
-            vae=parts.vae,
-            transformer=parts.denoiser,
-            scheduler=scheduler,
-        )
-
     def pipeline_call_kwargs(self, module) -> dict:
         """The ``SanaPipeline.__call__`` arguments sampling needs to match training: the native size, the token
         length and instruction trained with, no caption cleaning and no resolution binning."""
@@ -234,18 +224,6 @@ class Sana(ModelFamily):
             record = {**record, "pipeline_call": {"complex_human_instruction": self.complex_human_instruction}}
         return record
 
-    def save_lora(self, path, denoiser, state, metadata) -> None:
-        from diffusers import SanaPipeline
-
-        SanaPipeline.save_lora_weights(path, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
-
-    def load_lora(self, denoiser, path):
-        denoiser.load_lora_adapter(
-            str(path), weight_name="pytorch_lora_weights.safetensors", prefix="transformer", adapter_name="default"
-        )
-        return denoiser
-
-    # ------------------------------------------------------------------------------------------- defaults
     def default_lora_targets(self, denoiser):
         # diffusers' Sana DreamBooth-LoRA default (--lora_layers unset): q/k/v of self- and cross-attention.
         return ("to_k", "to_q", "to_v")

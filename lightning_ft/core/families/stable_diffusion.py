@@ -29,6 +29,7 @@ class StableDiffusion(ModelFamily):
     name = "stable_diffusion"
     kind = TEXT
     pipeline_class = "StableDiffusionPipeline"
+    lora_prefix = "unet"
     tokenizer_keys = ("tokenizer",)
     encoder_keys = ("text_encoder",)
 
@@ -73,11 +74,6 @@ class StableDiffusion(ModelFamily):
             "requires_safety_checker": False,
         }
 
-    def build_pipeline(self, parts: Components, scheduler):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class)(**self.pipeline_kwargs(parts, scheduler))
-
     def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         pixel_space = pipe.vae is None
@@ -95,22 +91,6 @@ class StableDiffusion(ModelFamily):
     def pipeline_call_kwargs(self, module) -> dict:
         """Extra arguments of the pipeline's ``__call__`` (sizes, sequence lengths) that sampling must match."""
         return {}
-
-    def save_lora(self, path, denoiser, state, metadata) -> None:
-        import diffusers
-
-        # The adapter config (rank, alpha, targets) goes with the weights: without it `load_lora_weights` assumes
-        # alpha = rank, and a model trained with another alpha would load at the wrong scale.
-        getattr(diffusers, self.pipeline_class).save_lora_weights(
-            path, unet_lora_layers=state, unet_lora_adapter_metadata=metadata
-        )
-
-    def load_lora(self, denoiser, path):
-        # diffusers' own loader of the files save_lora_weights writes (keys prefixed "unet.", adapter metadata).
-        denoiser.load_lora_adapter(
-            str(path), weight_name="pytorch_lora_weights.safetensors", prefix="unet", adapter_name="default"
-        )
-        return denoiser
 
 
 class StableDiffusionXL(StableDiffusion):
