@@ -372,7 +372,7 @@ def one_job(method: str, seed: int | None, args) -> list[dict]:
         model, loader = asset_path(MODELS[args.model][1]), METHODS["plain"].loader
         scores = score(run_root(method, None, args), model, loader, args, args.source, renders=method)
         return [{"method": RENDER_ROWS[method], "key": method, "mask_rate": None, "seed": None, **scores,
-                 "trainable_params": 0}]  # fmt: skip
+                 "trainable_params": None}]  # fmt: skip
     if method == "pretrained":
         from lightning_ft.embedded import asset_path
 
@@ -478,7 +478,7 @@ def peft_lines(summary: list[dict], baseline: str) -> list[str]:
     ]
     for s in summary:
         share = f"{100 * s['trainable_params'] / full:.1f}%" if full and s["trainable_params"] else "-"
-        params = f"{s['trainable_params']:,}" if s["trainable_params"] else "0"
+        params = "-" if s["trainable_params"] is None else f"{s['trainable_params']:,}"
         lines.append(
             f"| {s['method']} | {s['seeds'] or '-'} | {params} | {share} | {_ci(s, 'fit_cpu_seconds', 0)} | "
             f"{_ci(s, 'target_fid')} | {_ci(s, 'target_kid_x1000', 1)} | {_diff(s, 'target_fid')} | "
@@ -557,7 +557,7 @@ def comparison_grid(rows: list[tuple[str, object]], path: Path, title: str, colu
         strips = [np.concatenate([s[:, : split * w], np.full((h, 8, 3), 255, np.uint8), s[:, split * w :]], 1)
                   for s in strips]  # fmt: skip
     image = np.concatenate([np.pad(s, ((0, 3), (0, 0), (0, 0)), constant_values=255) for s in strips])
-    with saved_figure(path, 1, (2.4 + 0.62 * width, 0.9 + 0.62 * len(rows)), dpi=120) as axis:
+    with saved_figure(path, 1, (3.2 + 0.62 * max(width, 12), 1.1 + 0.62 * len(rows)), dpi=120) as axis:
         axis.imshow(image, interpolation="nearest")
         axis.set_yticks([(h + 3) * i + h / 2 for i in range(len(rows))], [label for label, _ in rows], fontsize=8)
         axis.set_xticks([])
@@ -597,18 +597,21 @@ def write_grid(rows: list[dict], out: Path, args) -> None:
         source = preview["source"][:k].numpy() if "source" in preview else blank
         seed = "" if row["seed"] is None else f", seed {row['seed']}"
         grid_rows.append((f"{row['method']}{seed}", np.concatenate([target, source]) if with_source else target))
-    if any(r["mask_rate"] is not None for r in rows):
-        train = domain / "train"
-        conditions = np.stack([np.asarray(load_image(f)) for f in list_images(train, "train")[:k]])
+    export = finished_export(run_root("anl", first_seed, args)) if "anl" in args.methods else None
+    if export is not None:  # the condition images the export samples from (its reference conditions, in [-1, 1])
+        from safetensors.torch import load_file
+
+        references = load_file(export / "anl_modules" / "anl.safetensors")["reference_conditions"][:k]
+        conditions = ((references.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         pad = [blank] if with_source else []
-        grid_rows.append(("ANL's condition images (training 0-7)", np.concatenate([to_chw(conditions), *pad])))
+        grid_rows.append((f"ANL's condition images 0-{k - 1}, seed {first_seed}", np.concatenate([conditions, *pad])))
     captions = [_json.loads(line)["caption"] for line in (domain / "heldout" / "captions.jsonl").read_text()
                 .splitlines()[:k]]  # fmt: skip
     columns = "target: held-out captions 0-7 (ANL: its condition images 0-7)"
     if with_source:
         columns = "left: target, held-out captions 0-7; right: source, captions of source specs 0-7"
-    title = "column i: sample seed i, the same caption in every row; target captions: " + "; ".join(
-        c.removeprefix("a ").removesuffix(" background") for c in captions[:4]) + "; ..."  # fmt: skip
+    shown = "; ".join(c.removeprefix("a ").removesuffix(" background") for c in captions[:4])
+    title = f"column i: seed i, the same caption (ANL: condition image) in every row\ntarget captions: {shown}; ..."
     comparison_grid(grid_rows, Path(f"{out}_grid.png"), title, columns, split=k if with_source else 0)
 
 
