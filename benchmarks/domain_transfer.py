@@ -104,9 +104,9 @@ ANL_MASK_RATE = 0.5
 # a 2-core Xeon: seconds per training step at batch 16, per fit (process start, loading, export), for Diff-Tuning's
 # memory bank (256 samples, sampled once and cached), per sample and sampler step at guidance 2 (two UNet passes),
 # and per scoring process (loading, reference features). On a machine shared with other jobs the wall time is longer.
-STEP_SECONDS = {"plain": 0.20, "diff_tuning": 0.19, "sdft": 0.27, "lora": 0.20, "a3fta": 0.26, "anl": 0.30}
+STEP_SECONDS = {"plain": 0.20, "diff_tuning": 0.19, "sdft": 0.27, "lora": 0.15, "a3fta": 0.18, "anl": 0.21}
 FIT_OVERHEAD_SECONDS, MEMORY_BANK_SECONDS = 15.0, 27.0
-SAMPLE_STEP_SECONDS = {"anl": 0.0095}
+SAMPLE_STEP_SECONDS = {"a3fta": 0.0077, "anl": 0.0095}
 SAMPLE_STEP_SECONDS_DEFAULT = 0.0069
 SCORE_OVERHEAD_SECONDS = 15.0
 
