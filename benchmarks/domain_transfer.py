@@ -524,7 +524,7 @@ def write_outputs(rows: list[dict], out: Path, args) -> list[dict]:
         f" and {args.samples} for the captions of random source specs, against "
         f"{pretrained.get('source_reference', args.reference)} source renders (source)")  # fmt: skip
     lines = [
-        f"Written by `python -m benchmarks.domain_transfer --table {args.table}`. "
+        f"Written by `{getattr(args, 'command', f'python -m benchmarks.domain_transfer --table {args.table}')}`. "
         f"Model `{MODELS[args.model][1]}`, {args.steps} steps per run (batch 16), seeds {args.seeds}; "
         f"{args.samples} samples per model and set ({args.sample_steps} DDIM steps, guidance {args.guidance:g}; "
         f"sample i has seed i): {args.samples} for the first held-out domain captions against "
@@ -650,6 +650,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)
+    args.command = " ".join(["python -m benchmarks.domain_transfer", *own])
     if args.count:  # worker: trainable parameters of a fit's module
         Path(args.json).write_text(json.dumps({"trainable_params": count_trainable(args.count, rest)}))
         return []
