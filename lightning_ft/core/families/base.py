@@ -129,8 +129,28 @@ class ModelFamily:
         return getattr(diffusers, self.pipeline_class)(**self.pipeline_kwargs(parts, scheduler))
 
     def sample(self, module, pipe, inputs, seeds: Sequence[int], steps: int, guidance: float, negative_prompt=None):
-        """Images in [0, 1] (N, C, H, W) for one chunk of inputs; image i from a generator seeded by ``seeds[i]``."""
-        raise NotImplementedError
+        """Images in [0, 1] (N, C, H, W) for one chunk of inputs; image i from a generator seeded by ``seeds[i]``.
+        Default: a text pipeline called with the prompts, ``negative_inputs`` and ``pipeline_call_kwargs``."""
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        pixel_space = pipe.vae is None
+        out = pipe(
+            list(inputs),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            negative_prompt=self.negative_inputs(negative_prompt, len(inputs)),
+            generator=generators,
+            output_type="latent" if pixel_space else "pt",
+            **self.pipeline_call_kwargs(module),
+        ).images
+        return unit_images(out) if pixel_space else out.float().clamp(0, 1)
+
+    def negative_inputs(self, negative_prompt: str | None, n: int):
+        """The pipeline's ``negative_prompt`` argument (default: one per image, or None: the pipeline's own)."""
+        return [negative_prompt] * n if negative_prompt else None
+
+    def pipeline_call_kwargs(self, module) -> dict:
+        """Extra arguments of the pipeline's ``__call__`` (sizes, sequence lengths) that sampling must match."""
+        return {}
 
     def export(self, parts: Components, scheduler, path: Path) -> dict:
         """Write the export folder; return what ``lightning_ft.json`` must record besides the backbones."""

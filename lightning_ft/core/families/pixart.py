@@ -110,20 +110,15 @@ class PixArtSigma(ModelFamily):
         return self.vae_scale_factor(parts) * parts.denoiser.config.patch_size
 
     # ------------------------------------------------------------------------------------- sampling, export
-    def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        out = pipe(
-            list(inputs),
-            negative_prompt=negative_prompt or "",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="pt",
-            clean_caption=False,
-            use_resolution_binning=False,
-            max_sequence_length=self.max_sequence_length,
-        ).images
-        return out.float().clamp(0, 1)
+    def negative_inputs(self, negative_prompt, n):
+        return negative_prompt or ""  # the pipeline's own default, encoded like any prompt
+
+    def pipeline_call_kwargs(self, module) -> dict:
+        return {
+            "clean_caption": False,
+            "use_resolution_binning": False,
+            "max_sequence_length": self.max_sequence_length,
+        }
 
     def describe(self) -> str:
         return f"{self.name} ({self.kind}-conditioned, T5, {self.max_sequence_length} tokens)"

@@ -204,18 +204,8 @@ class Sana(ModelFamily):
             "use_resolution_binning": False,
         }
 
-    def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        out = pipe(
-            list(inputs),
-            negative_prompt=negative_prompt or "",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="pt",
-            **self.pipeline_call_kwargs(module),
-        ).images
-        return out.float().clamp(0, 1)
+    def negative_inputs(self, negative_prompt, n):
+        return negative_prompt or ""  # the pipeline's own default: the empty prompt, without the instruction
 
     def export(self, parts: Components, scheduler, path) -> dict:
         record = super().export(parts, scheduler, path)

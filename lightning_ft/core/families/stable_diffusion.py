@@ -20,7 +20,7 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily, unit_images
+from lightning_ft.core.families.base import TEXT, ModelFamily
 
 
 class StableDiffusion(ModelFamily):
@@ -73,24 +73,6 @@ class StableDiffusion(ModelFamily):
             "feature_extractor": None,
             "requires_safety_checker": False,
         }
-
-    def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        pixel_space = pipe.vae is None
-        out = pipe(
-            list(inputs),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            negative_prompt=[negative_prompt] * len(inputs) if negative_prompt else None,
-            generator=generators,
-            output_type="latent" if pixel_space else "pt",
-            **self.pipeline_call_kwargs(module),
-        ).images
-        return unit_images(out) if pixel_space else out.float().clamp(0, 1)
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        """Extra arguments of the pipeline's ``__call__`` (sizes, sequence lengths) that sampling must match."""
-        return {}
 
 
 class StableDiffusionXL(StableDiffusion):
