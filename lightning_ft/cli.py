@@ -12,6 +12,8 @@ Differences from ``LightningCLI``, each for a way a run could otherwise silently
   exported as the result) or nothing left to train after the checkpoint's step; the data folder and every image.
 - A run that fails before it wrote a checkpoint removes what it created (version folder, ``config.yaml``,
   ``hparams.yaml``, ``metrics.csv``); files of earlier runs are never touched.
+- Every ``fit`` writes a run report (``lightning_ft.callbacks.RunReport``: ``report.html`` in the run folder, and
+  what the fit cost); ``--report false`` leaves it out, and a config that lists a ``RunReport`` keeps its settings.
 - ``--checkpoint_every N`` sets ``every_n_train_steps`` of the config's ``ModelCheckpoint``: the dotted form
   ``--trainer.callbacks.every_n_train_steps`` reaches only the last callback of the list.
 - The project's methods, data modules and callbacks are imported, so short names work: ``--model.help DreamBooth``,
@@ -28,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_ft.callbacks.export import DiffusersExport
+from lightning_ft.callbacks.run_report import RunReport
 from lightning_ft.core.resume import check_checkpoint_fits, describe_changes, read_checkpoint
 
 #: How jsonargparse's wrapping of an exception raised in a constructor starts.
@@ -133,6 +136,13 @@ class FineTuneCLI(LightningCLI):
             help="Write a checkpoint every N training steps: sets every_n_train_steps of the ModelCheckpoint in "
             "trainer.callbacks (default: the config's).",
         )
+        parser.add_argument(
+            "--report",
+            type=bool,
+            default=True,
+            help="At the end of fit, write report.html (figures, verdict, samples, cost) in the run folder: adds a "
+            "RunReport to trainer.callbacks unless it lists one (default true).",
+        )
 
     # ------------------------------------------------------------------------------------------------ resume
     def _parse_ckpt_path(self) -> None:
@@ -214,6 +224,15 @@ class FineTuneCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as error:
             raise _unwrap_union_error(error) from None
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        subcommand = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand == "fit" and subcommand is not None and subcommand.get("report", True):
+            listed = config.get("callbacks") or []
+            listed = listed if isinstance(listed, list) else [listed]
+            if not any(isinstance(c, RunReport) for c in [*listed, *callbacks]):
+                callbacks = [*callbacks, RunReport()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

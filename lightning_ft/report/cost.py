@@ -1,0 +1,126 @@
+"""What a fit cost, measured while it runs: wall time, optimizer steps, steps per second and peak memory.
+
+``CostMeter.start`` at the start of the fit and ``CostMeter.stop`` at its end give a record that is saved as
+``run_cost.json`` in the run folder, so that a report made later from the folder shows it too. What the numbers
+measure (``describe`` says the same in words):
+
+- ``wall_seconds``: wall-clock time from the callbacks' ``setup`` of ``fit`` to its end: training, the monitors'
+  sampling, checkpoints, the export (the data module's setup comes before, so sampling missing class images is not
+  counted);
+- ``steps``: optimizer steps taken in this fit (a resumed fit counts from the step it resumed at);
+- ``steps_per_second``: ``steps / wall_seconds``, so also everything included, not the training step alone;
+- ``peak_memory_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` (tensors allocated by PyTorch on the device,
+  peak since the fit started; the caching allocator reserves more); else the peak resident set size of the process
+  (``resource.getrusage``), which counts the whole process since it started, not the fit alone. On several ranks,
+  rank 0's.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+COST_FILE = "run_cost.json"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class CostMeter:
+    """Measures one fit; ``device`` is the module's device at the start (``cuda`` selects the CUDA counter)."""
+
+    def __init__(self):
+        self.t0: float | None = None
+        self.start_step = 0
+        self.cuda_device = None
+
+    def start(self, step: int, device=None) -> None:
+        self.t0, self.start_step = time.perf_counter(), int(step)
+        self.cuda_device = None
+        if device is not None and getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            self.cuda_device = device
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def stop(self, step: int, status: str = "finished") -> dict:
+        if self.t0 is None:
+            raise RuntimeError("CostMeter.stop before start")
+        wall = time.perf_counter() - self.t0
+        steps = max(0, int(step) - self.start_step)
+        if self.cuda_device is not None:
+            import torch
+
+            peak, kind = int(torch.cuda.max_memory_allocated(self.cuda_device)), "cuda_max_memory_allocated"
+        else:
+            peak, kind = peak_rss_bytes(), "process_peak_rss"
+        return {
+            "status": status,
+            "wall_seconds": round(wall, 3),
+            "steps": steps,
+            "start_step": self.start_step,
+            "end_step": int(step),
+            "steps_per_second": round(steps / wall, 4) if wall > 0 else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": kind,
+            "device": str(self.cuda_device) if self.cuda_device is not None else "cpu",
+        }
+
+
+def write_cost(path: Path, record: dict) -> None:
+    from lightning_ft.report.files import write_atomic
+
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 90:
+        return f"{s:.1f} s"
+    minutes, seconds = divmod(s, 60)
+    if minutes < 90:
+        return f"{int(minutes)} min {seconds:.0f} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)} h {int(minutes)} min"
+
+
+MEMORY_KINDS = {
+    "cuda_max_memory_allocated": "peak GPU memory allocated by PyTorch tensors during the fit "
+    "(torch.cuda.max_memory_allocated; the caching allocator reserves more)",
+    "process_peak_rss": "peak resident memory of the whole process since it started (getrusage ru_maxrss), "
+    "not of the fit alone",
+}
+
+
+def describe(record: dict) -> list[tuple[str, str, str]]:
+    """(what, value, what it measures) rows for the page."""
+    resumed = f", from step {record['start_step']}" if record.get("start_step") else ""
+    status = record.get("status", "finished")
+    return [
+        ("wall time", human_seconds(record.get("wall_seconds")),
+         "from the trainer's setup to the end of fit: training, the monitors' sampling, checkpoints, the export "
+         "(not the data module's setup, which samples missing class images)"
+         + ("" if status == "finished" else f" (the fit {status})")),
+        ("optimizer steps", f"{record.get('steps', '-')}", f"taken in this fit{resumed}"),
+        ("steps/s", f"{record['steps_per_second']:.2f}" if record.get("steps_per_second") else "-",
+         "optimizer steps / wall time: everything above included, not the training step alone"),
+        ("peak memory", human_bytes(record.get("peak_memory_bytes")),
+         MEMORY_KINDS.get(record.get("peak_memory_kind"), "as recorded")),
+    ]  # fmt: skip
