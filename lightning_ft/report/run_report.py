@@ -147,7 +147,11 @@ def _loss_section(run: RunFolder, figs: dict) -> str:
         return html.section("Training loss", html.note(run.notes["loss"]), "loss")
     png = figures.loss_figure(run)
     if png is None:
-        return html.section("Training loss", html.note("metrics.csv has no train/loss column"), "loss")
+        every = ((run.config or {}).get("trainer") or {}).get("log_every_n_steps")
+        why = "metrics.csv holds no train/loss" + (
+            f": the run logs it every trainer.log_every_n_steps={every} steps and ended before" if every else ""
+        )
+        return html.section("Training loss", html.note(why), "loss")
     figs["loss"] = png
     caption = "train/loss as the logger recorded it (every trainer.log_every_n_steps steps), with its running mean."
     return html.section("Training loss", html.figure(png, "training loss", caption), "loss")
@@ -216,7 +220,8 @@ def _cards(run: RunFolder, s: dict) -> str:
         step = s["recommended_step"]
         if step is not None:
             ckpt = checkpoint_for(run, step)
-            where = f"checkpoint: <code>{html.esc(ckpt)}</code>" if ckpt else "no checkpoint was written at this step"
+            where = (f"checkpoint: <code>{html.esc(ckpt)}</code>" if ckpt else "no checkpoint was written at this step "
+                     "(the monitor's <code>keep_best_checkpoint: true</code> keeps it)")  # fmt: skip
             if step == s["steps"] and (run.path / "export").is_dir():
                 where = "the final weights: <code>export/</code>" + (f", <code>{html.esc(ckpt)}</code>" if ckpt else "")
             span = "before the corruption stage" if report.corruption_detected else "of the run"
