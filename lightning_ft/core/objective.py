@@ -70,9 +70,14 @@ class ObjectiveMixin:
                 f"{parts}): training stopped before this update; the last checkpoint written is the last good one. "
                 "Lower model.lr, check the data, or use precision 32 / bf16-mixed instead of 16-mixed."
             )
+        # The latest loss parts, for callbacks and subclasses, on every step (detached: no graph is kept).
+        self.last_loss_parts = {"loss": loss.detach(), **logs}
         batch_size = len(batch["pixel_values"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        if logs and self.logs_are_written():
+            # The parts are logged only on the steps whose logs reach the logger: each ``self.log`` costs Lightning
+            # ~0.5 ms of bookkeeping, which was most of the framework's per-step overhead (README, Performance).
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         return loss
 
     def logs_are_written(self) -> bool:
