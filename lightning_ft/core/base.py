@@ -35,7 +35,7 @@ import torch
 from lightning_ft.core.checks import check_model_settings
 from lightning_ft.core.components import Components, load_components
 from lightning_ft.core.ema_resume import EMAResumeMixin
-from lightning_ft.core.encoding import EncodingMixin
+from lightning_ft.core.encoding import EncodingMixin, decide_latent_cache
 from lightning_ft.core.encoding_cache import EncodingCache
 from lightning_ft.core.families import make_family
 from lightning_ft.core.noise_process import noise_process_for, process_kind
@@ -92,9 +92,15 @@ class DiffusionBase(
         null_class: class index used as the unconditional class of a class-conditional model, for condition dropout
             and guidance (default None: the model's own null class, i.e. index ``num_classes`` of a DiT; a UNet
             with ``num_class_embeds`` has none, so give one, or sampling runs without guidance).
-        cache_latents: compute the VAE posterior of each distinct training image once (default False).
+        cache_latents: compute the VAE posterior of each distinct training image once; a fresh latent is still
+            drawn from it every step, so the loss is the same as without it (default None = auto: on when the data
+            module's augmentation gives at most ``LATENT_CACHE_VIEWS_PER_IMAGE`` distinct views of each image, e.g. a
+            centre crop with or without flips; decided and printed at fit start; the VAE is always frozen).
         cache_text_embeddings: compute the frozen text encoder's output for each distinct prompt once
             (default True; ignored when ``train_text_encoder``).
+        fused_adamw: use torch's fused AdamW kernel (one kernel for every parameter, same math up to floating-point
+            order) (default None = auto: on when every trainable parameter is a floating-point tensor on a device
+            torch has the kernel for (CPU, CUDA, MPS), else torch's default implementation).
         attention: attention kernel of the denoiser, ``sdpa`` | ``eager`` (default None: the model's own, which is
             SDPA for diffusers UNets on torch 2).
         channels_last: keep the denoiser's weights in channels-last memory layout (default False).
@@ -161,8 +167,9 @@ class DiffusionBase(
         sample_steps: int = 25,
         guidance_scale: float = 3.0,
         null_class: int | None = None,
-        cache_latents: bool = False,
+        cache_latents: bool | None = None,
         cache_text_embeddings: bool = True,
+        fused_adamw: bool | None = None,
         attention: str | None = None,
         channels_last: bool = False,
         gradient_checkpointing: bool = False,
@@ -236,7 +243,9 @@ class DiffusionBase(
         # Checkpoints hold only trainable weights; the rest comes from `pretrained` (see on_load_checkpoint).
         self.strict_loading = False
         self.ema = None
+        self.last_loss_parts: dict[str, torch.Tensor] = {}  # the latest training step's loss and its parts
         self._ema_global_step = 0
+        # cache_latents=None (auto) is decided in on_fit_start, where the data module is known.
         self.latent_cache = EncodingCache() if cache_latents and self.vae is not None else None
         self.text_cache = EncodingCache() if cache_text_embeddings and not train_text_encoder else None
         # diffusers' and transformers' from_pretrained leave models in eval mode, and Lightning keeps the modes it
@@ -305,6 +314,11 @@ class DiffusionBase(
                 f"data.resolution={resolution} is over 4x the model's native {native} px; "
                 "it would not be fine-tuning the pretrained model any more"
             )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.cache_latents is None and self.latent_cache is None and self.vae is not None:
+            decide_latent_cache(self, getattr(self.trainer, "datamodule", None))
 
     def configure_trainable(self) -> None:
         """Choose the trainable parameters; methods that insert modules override this and call ``super()``."""

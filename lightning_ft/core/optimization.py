@@ -22,7 +22,7 @@ class OptimizationMixin:
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             raise ValueError(f"nothing to train: model.trainable={h.trainable!r} left no parameter with requires_grad")
-        optimizer = torch.optim.AdamW(groups, **self._adamw_settings())
+        optimizer = torch.optim.AdamW(groups, **self._adamw_settings(), **self._adamw_implementation(groups))
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         total = int(total) if total and total != float("inf") else 1
         schedule = get_lr_scheduler(
@@ -33,6 +33,21 @@ class OptimizationMixin:
     def _adamw_settings(self) -> dict:
         h = self.hparams
         return {"lr": h.lr, "betas": tuple(h.betas), "weight_decay": h.weight_decay, "eps": h.adam_eps}
+
+    def _adamw_implementation(self, groups: list[dict]) -> dict:
+        """``fused=True`` when ``fused_adamw`` is on, or auto and torch has the fused kernel for every parameter;
+        else {} (torch's own choice: foreach on CUDA, a per-parameter loop on the CPU). The fused kernel updates
+        every tensor in one pass; on the CPU it is several times faster than the loop (README, Performance)."""
+        wanted = self.hparams.get("fused_adamw")
+        if wanted is False:
+            return {}
+        params = [p for g in groups for p in g["params"]]
+        devices = set(_fused_devices())
+        supported = all(p.is_floating_point() and p.device.type in devices for p in params)
+        if wanted and not supported:
+            kinds = sorted({f"{p.device.type}/{p.dtype}" for p in params})
+            raise ValueError(f"model.fused_adamw=true: torch has no fused AdamW for parameters on {kinds}")
+        return {"fused": True} if supported else {}
 
     def _apply_optimizer_settings(self) -> None:
         """After a resume, put the config's optimizer settings back over the checkpoint's.
@@ -61,3 +76,13 @@ class OptimizationMixin:
                 if group["lr"] != lr:
                     group["lr"] = lr
             schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _fused_devices() -> list[str]:
+    """The device types torch's fused AdamW supports (a private helper of torch's; CPU and CUDA if it moves)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return _get_fused_kernels_supported_devices()
+    except ImportError:
+        return ["cpu", "cuda"]

@@ -13,6 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
 from lightning_ft.data.folder import (
     describe_folder,
+    distinct_views,
     list_images,
     load_images,
     read_captions,
@@ -61,6 +62,14 @@ class LimitedDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def distinct_views(self) -> int:
+        """How many different image tensors this dataset can produce (every crop and flip of every instance and class
+        image): the most entries a content-keyed latent cache can reach."""
+        return sum(
+            distinct_views(image, self.resolution, self.center_crop, self.random_flip)
+            for image in [*self.images, *self.class_images]
+        )
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, index))

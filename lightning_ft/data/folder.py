@@ -176,6 +176,19 @@ def to_tensor(
     return to_tensor_with_geometry(image, resolution, center_crop, flip, rng)[0]
 
 
+def distinct_views(image: Image.Image, resolution: int, center_crop: bool, flip: bool) -> int:
+    """How many different tensors ``to_tensor_with_geometry`` can make of ``image``: crop positions (one for a centre
+    crop) times two with ``flip``. A cache keyed by content (``cache_latents``) holds at most this many entries."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    positions = 1
+    if not center_crop:
+        positions = (max(resolution, round(w * scale)) - resolution + 1) * (
+            max(resolution, round(h * scale)) - resolution + 1
+        )
+    return positions * (2 if flip else 1)
+
+
 def to_tensor_with_geometry(
     image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
