@@ -151,7 +151,33 @@ def test_sdft_fits_end_to_end_with_a_trainer(tmp_path):
     teacher = {n: p.detach().clone() for n, p in module.frozen_denoiser.named_parameters()}
     trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, LimitedDataModule(str(data_dir), resolution=32, batch_size=2, repeats=4))
-    metrics = trainer.callback_metrics
-    assert trainer.global_step == 3 and {"train/loss/diffusion", "train/loss/distill"} <= metrics.keys()
-    assert metrics["train/loss/distill"] > 0  # distill_from=0: every step is distilled, and the student moved
+    parts = module.last_loss_parts  # every step's parts (they reach the logger only on its logging steps)
+    assert trainer.global_step == 3 and {"loss", "loss/diffusion", "loss/distill"} <= parts.keys()
+    assert parts["loss/distill"] > 0  # distill_from=0: every step is distilled, and the student moved
     assert all(torch.equal(p, teacher[n]) for n, p in module.frozen_denoiser.named_parameters())
+
+
+def test_teacher_runs_only_on_the_distilled_rows_and_the_loss_is_unchanged():
+    """The teacher's forward is skipped for samples whose weight is 0 (t < tau T): half the teacher's cost at the
+    default tau, and per sample the same value as running it on the whole batch."""
+    torch.manual_seed(0)
+    module = tiny_module(SelfDistillationFineTuning, distill_from=0.5)
+    _perturb_student(module)
+    module.train()
+    timesteps = torch.tensor([999, 100, 700, 20])
+    prediction, noisy, condition = _student_forward(module, timesteps)
+    batch_sizes = []
+    module.frozen_denoiser.register_forward_hook(lambda m, args, kwargs, out: batch_sizes.append(len(args[0])),
+                                                 with_kwargs=True)  # fmt: skip
+    distill = module.distillation_loss(prediction, noisy, timesteps, condition)
+    assert batch_sizes == [2]  # the rows at t=999 and t=700 only
+    with torch.no_grad():
+        teacher = module.predict(noisy, timesteps, condition, denoiser=module.frozen_denoiser)
+    whole = ((prediction.detach() - teacher) ** 2).mean(dim=(1, 2, 3)) * torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert torch.allclose(distill.detach(), whole, rtol=1e-6, atol=1e-9)
+    assert distill[1] == 0 and distill[3] == 0 and (distill[[0, 2]] > 0).all()
+    distill.sum().backward()  # the student's graph goes through the rows that were distilled
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.denoiser.parameters())
+    batch_sizes.clear()
+    assert module.distillation_loss(prediction, noisy, torch.tensor([1, 2, 3, 4]), condition).abs().sum() == 0
+    assert batch_sizes == []  # no row in the window: no teacher forward at all
