@@ -8,19 +8,27 @@ Random numbers are drawn in the module's order (VAE latent, timesteps, noise), s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
+#: Lightning precisions the plain loop reproduces: none, autocast to bf16, autocast to fp16 with a GradScaler (what
+#: Lightning's mixed-precision plugins and ``accelerate --mixed_precision`` do).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
 
 class PlainDreamBooth:
     """A copy of ``module``'s denoiser trained by a hand-written loop over ``batches`` (any iterable of the
     data module's batches), with the module's frozen VAE and text encoder, noise schedule and AdamW settings
-    (``copy_denoiser=False``: train the module's denoiser itself)."""
+    (``copy_denoiser=False``: train the module's denoiser itself), at ``precision`` (one of ``PRECISIONS``)."""
 
-    def __init__(self, module, batches, total_steps: int = 1, copy_denoiser: bool = True):
+    def __init__(self, module, batches, total_steps: int = 1, copy_denoiser: bool = True, precision: str = "32-true"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: the plain loop runs {PRECISIONS}")
+        self.precision = precision
         h = module.hparams
         self.device = module.device
         self.unet = (copy.deepcopy(module.denoiser) if copy_denoiser else module.denoiser).train()
@@ -75,10 +83,119 @@ class PlainDreamBooth:
             return per_sample.mean()
         return per_sample[:n].mean() + self.prior_loss_weight * per_sample[n:].mean()
 
+    def autocast(self):
+        if self.precision == "32-true":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def step(self) -> torch.Tensor:
-        loss = self.loss(self.next_batch())
-        loss.backward()
-        self.optimizer.step()
+        with self.autocast():
+            loss = self.loss(self.next_batch())
+        if self.precision == "16-mixed":
+            if not hasattr(self, "scaler"):
+                self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+# ------------------------------------------------------------------------------------------- as a standalone script
+def folder_batches(instance_dir, class_dir, instance_prompt, class_prompt, resolution, batch_size, seed=0):
+    """Batches of the instance images paired with class images, as diffusers' ``train_dreambooth.py`` builds them:
+    PIL images resized and centre-cropped, in [-1, 1], shuffled each epoch."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    def load(folder):
+        images = []
+        for file in sorted(Path(folder).iterdir()):
+            if file.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                image = Image.open(file).convert("RGB")
+                scale = resolution / min(image.size)
+                image = image.resize((max(resolution, round(image.width * scale)),
+                                      max(resolution, round(image.height * scale))), Image.BILINEAR)  # fmt: skip
+                left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+                array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+                images.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
+        return images
+
+    instances, classes = load(instance_dir), load(class_dir)
+    count = max(len(instances), len(classes))
+    items = [(instances[i % len(instances)], classes[i % len(classes)]) for i in range(count)]
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    class Epochs:  # iterable again at each epoch, like a DataLoader
+        def __iter__(self):
+            for pixels, class_pixels in loader:
+                n = len(pixels)
+                yield {"pixel_values": pixels, "prompts": [instance_prompt] * n,
+                       "class_pixel_values": class_pixels, "class_prompts": [class_prompt] * n}  # fmt: skip
+
+    return Epochs()
+
+
+def main(argv=None) -> None:
+    """A plain DreamBooth training script (torch, diffusers and transformers only): load the components of a
+    diffusers folder, train ``--steps`` steps on folders of instance and class images, and print a JSON line with the
+    wall-clock time (``time.time()``) at which its first step ended: the start-up reference of
+    ``benchmarks/startup.py``."""
+    import argparse
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    for name in ("--pretrained", "--instance-dir", "--class-dir", "--instance-prompt", "--class-prompt"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    folder = args.pretrained
+    model = SimpleNamespace(
+        device=torch.device(args.device),
+        denoiser=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").requires_grad_(False),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        hparams=SimpleNamespace(
+            lr=args.lr,
+            betas=(0.9, 0.999),
+            weight_decay=1e-2,
+            adam_eps=1e-8,
+            lr_scheduler="constant",
+            warmup_steps=0,
+            prior_loss_weight=1.0,
+        ),  # fmt: skip
+    )
+    batches = folder_batches(args.instance_dir, args.class_dir, args.instance_prompt, args.class_prompt,
+                             args.resolution, args.batch_size)  # fmt: skip
+    for part in (model.denoiser, model.vae, model.text_encoder):
+        part.to(model.device)
+    loop = PlainDreamBooth(model, batches, args.steps, copy_denoiser=False)
+    first = None
+    for _ in range(args.steps):
+        loop.step()
+        first = first or time.time()
+    print(json.dumps({"first_step_end": first}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
