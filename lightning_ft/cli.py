@@ -41,7 +41,15 @@ LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 
 class StepsProgressBar(RichProgressBar):
     """Lightning's rich bar, whose epoch count reads ``Epoch 2/-2`` when ``max_epochs`` is -1 (a run bounded by
-    ``max_steps``): show the total only when there is one."""
+    ``max_steps``): show the total only when there is one. It shows every step's training loss from the module's
+    ``last_loss_parts`` (the module logs ``train/loss`` only on the logger's steps)."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        latest = getattr(pl_module, "last_loss_parts", {}).get("loss")
+        if latest is not None and trainer.training:
+            metrics["train/loss"] = f"{float(latest):.3f}"
+        return metrics
 
     def _get_train_description(self, current_epoch: int) -> str:
         epochs = self.trainer.max_epochs

@@ -131,3 +131,21 @@ def test_loss_parts_reach_the_logger_on_its_steps_and_the_module_on_every_step(t
     assert len(seen) == 4 and all({"loss", "loss/instance", "loss/prior"} <= s.keys() for s in seen)
     logged = {int(r["step"]): float(r["train/loss/prior"]) for r in rows if r.get("train/loss/prior")}
     assert logged[3] == pytest.approx(seen[3]["loss/prior"])
+
+
+def test_cli_progress_bar_shows_every_steps_loss(tmp_path):
+    """``train/loss`` is logged on the logger's steps only; the CLI's bar still shows each step's loss."""
+    from lightning_ft.cli import StepsProgressBar
+
+    folder = write_images(tmp_path / "data", 2)
+    module = tiny_module()
+    data = LimitedDataModule(str(folder), instance_prompt="a sks star", resolution=32, batch_size=1, repeats=4)
+    bar, shown = StepsProgressBar(), []
+
+    class Read(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            shown.append((bar.get_metrics(trainer, pl_module)["train/loss"], float(pl_module.last_loss_parts["loss"])))
+
+    quiet_trainer(max_steps=3, log_every_n_steps=50, callbacks=[bar, Read()], enable_progress_bar=True).fit(module, data)
+    assert len(shown) == 3 and all(text == f"{value:.3f}" for text, value in shown)
+    assert len({value for _, value in shown}) == 3  # a new value every step, not the last logged one
