@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 
 from benchmarks.launch import REPO
+from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
 from lightning_ft.callbacks.sample_grid import save_grid
@@ -175,10 +176,11 @@ def bench_config(method: str, every: int, sample_seeds: int, grid_every: int) ->
 
 def arm_settings(arm: str, args) -> tuple[int, list[str], str]:
     """(steps, CLI overrides, folder name) of an arm."""
+    device = device_overrides(args)  # the fits run on --device at --precision; the scoring stays in the monitor
     if arm == "stress":
-        extra = ["--data.num_class_images", "0", "--model.lr", str(args.stress_lr)]
+        extra = ["--data.num_class_images", "0", "--model.lr", str(args.stress_lr), *device]
         return args.stress_steps, extra, f"stress_lr{args.stress_lr:g}_steps{args.stress_steps}_noprior"
-    return args.steps, [], f"{arm}_steps{args.steps}"
+    return args.steps, device, f"{arm}_steps{args.steps}"
 
 
 def finished_log_dir(run_root: Path, steps: int, settings: dict) -> Path | None:
@@ -476,6 +478,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", choices=list(NAMES), help="only these methods (pilots)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=1, help="fits at a time (1 = one core)")
+    add_device_arguments(parser)
     parser.add_argument("--root", default=str(REPO / "runs" / "bench_corruption"))
     parser.add_argument("--out", default=str(RESULTS / "corruption_stage"))
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")

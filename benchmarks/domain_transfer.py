@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.launch import REPO, fit_run
+from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import saved_figure, write_csv
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -315,7 +316,7 @@ def score(run_root: Path, model: Path, loader: str, args, source: bool, mask_rat
 def method_extra(method: str, args) -> list[str]:
     spec = METHODS[method]
     lr = [f"--model.init_args.lr={args.lr:g}"] if spec.full_lr and args.lr is not None else []
-    return [*spec.extra, *lr, *args.extra]
+    return [*spec.extra, *lr, *device_overrides(args), *args.extra]
 
 
 def run_settings(method: str, args) -> dict:
@@ -637,6 +638,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--jobs", type=int, default=1)
+    add_device_arguments(parser)
     parser.add_argument("--root", default=None)
     parser.add_argument("--extra", nargs="*", default=[], help="more CLI overrides for every run")
     parser.add_argument("--out", default=None)

@@ -11,11 +11,11 @@ step by step in one process. Two framework arms, each its own fit:
 
 The framework arm is ``experiments/dreambooth.yaml``'s model and data (the main job's configuration without its
 Bayesian layers: the plain loop is DreamBooth's math) run by a Lightning ``Trainer`` as the CLI runs it (CSV logger
-every 10 steps, progress bar, ``training_step``'s logging and non-finite check), without checkpointing or the sample
-and export callbacks (the plain loop does neither). After every framework step a callback runs one plain step, so
-both arms see the same machine state; a framework step is timed from the end of the previous plain step to the end
-of its own update, so everything the framework does between updates (data fetching, hooks, logging, progress bar)
-counts against it.
+every 10 steps, the CLI's progress bar, ``training_step``'s logging and non-finite check), without checkpointing or
+the sample and export callbacks (the plain loop does neither). After every framework step a callback runs one plain
+step, so both arms see the same machine state; a framework step is timed from the end of the previous plain step to
+the end of its own update, so everything the framework does between updates (data fetching, hooks, logging, progress
+bar) counts against it.
 
 Peak memory is measured per arm in a separate process each (a process's high-water mark cannot be reset).
 
@@ -40,6 +40,7 @@ from benchmarks.perf import now, peak_mb, reset_peak, rss_mb, run_worker
 from benchmarks.plain_loop import PRECISIONS, PlainDreamBooth
 from benchmarks.step_cost import load_experiment
 from benchmarks.tables import write_table
+from lightning_ft.cli import StepsProgressBar
 from lightning_ft.data import LimitedDataModule
 
 BASELINE_MB = rss_mb()
@@ -94,7 +95,7 @@ def trainer_for(args, callback, tmp: str, steps: int) -> L.Trainer:
     return L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=steps,
         precision=args.precision, logger=CSVLogger(tmp), log_every_n_steps=10, enable_checkpointing=False,
-        callbacks=[callback], limit_val_batches=0,
+        callbacks=[callback, StepsProgressBar()], limit_val_batches=0,
     )  # fmt: skip
 
 

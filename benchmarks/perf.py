@@ -74,3 +74,30 @@ def run_worker(module: str, spec: dict, cpu: int | None = None, timeout: float =
 
 def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else ""
+
+
+#: Lightning precisions a benchmark can be asked for (``--precision``).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def add_device_arguments(parser) -> None:
+    """``--device`` (``cpu`` | ``cuda`` | ``cuda:N``) and ``--precision`` (Lightning's), shared by every benchmark."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS, help="Lightning's (default 32-true)")
+
+
+def trainer_overrides(args) -> list[str]:
+    """The CLI arguments that run a fit on ``args.device`` at ``args.precision`` (benchmarks that launch the CLI)."""
+    if args.device.startswith("cuda"):
+        index = args.device.partition(":")[2]
+        devices = f"[{index}]" if index else "1"
+        return ["--trainer.accelerator", "gpu", "--trainer.devices", devices, "--trainer.precision", args.precision]
+    return ["--trainer.accelerator", "cpu", "--trainer.precision", args.precision]
+
+
+def device_overrides(args) -> list[str]:
+    """``trainer_overrides`` when ``--device`` / ``--precision`` are not the defaults, else none (so that runs made
+    with the defaults keep their settings, and a benchmark's finished runs are found again)."""
+    if args.device == "cpu" and args.precision == "32-true":
+        return []
+    return trainer_overrides(args)

@@ -12,7 +12,7 @@ import copy
 import tempfile
 from pathlib import Path
 
-from benchmarks.perf import now, run_worker
+from benchmarks.perf import add_device_arguments, now, run_worker
 from benchmarks.step_cost import load_experiment, measure_isolated
 from benchmarks.tables import write_table
 
@@ -24,7 +24,8 @@ def step_rows(args) -> list[dict]:
     for resolution in args.resolutions:
         for batch_size in args.batch_sizes:
             spec = {"model": copy.deepcopy(model), "data": {**data, "resolution": resolution, "batch_size": batch_size},
-                    "device": args.device, "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+                    "device": args.device, "precision": args.precision, "steps": args.steps,
+                    "warmup": args.warmup}  # fmt: skip
             result = measure_isolated(spec, cpu=args.cpu)
             rows.append({"resolution": resolution, "batch_size": batch_size, **result,
                          "ms_per_image": round(result["median_ms"] / batch_size, 2)})  # fmt: skip
@@ -60,7 +61,7 @@ def sampling_rows(spec: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--counts", type=int, nargs="+", default=[8, 32, 96])
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = step_rows(args)
     write_table(rows, f"{args.out}_steps", "Step time and memory vs resolution and batch size",
                 ["resolution", "batch_size", "median_ms", "ms_per_image", "peak_mb"],
-                [f"Device {args.device}, one thread per process; DreamBooth full fine-tuning of the embedded model on "
+                [f"Device {args.device}, precision {args.precision}, "
+                 f"one thread per process; DreamBooth full fine-tuning of the embedded model on "
                  f"the embedded domain; median of {args.steps} steps after {args.warmup} warm-up. Peak: MiB above the "
                  "worker's floor after imports. 64x64 runs the 32x32-native model at twice the size."])  # fmt: skip
     from lightning_ft.embedded import asset_path

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from benchmarks.perf import ratio
+from benchmarks.perf import add_device_arguments, ratio
 from benchmarks.step_cost import load_experiment, measure_isolated
 from benchmarks.tables import write_table
 
@@ -22,6 +22,7 @@ from benchmarks.tables import write_table
 OPTIONS = {
     "cached text embeddings": ({"cache_text_embeddings": False}, {"cache_text_embeddings": True}),
     "cached latents": ({"cache_latents": False}, {"cache_latents": True}),
+    "fused AdamW": ({"fused_adamw": False}, {"fused_adamw": True}),
     "SDPA attention (vs eager)": ({"attention": "eager"}, {"attention": "sdpa"}),
     "channels_last": ({"channels_last": False}, {"channels_last": True}),
     "gradient checkpointing": ({"gradient_checkpointing": False}, {"gradient_checkpointing": True}),
@@ -34,7 +35,7 @@ def spec_for(setting: dict, args) -> dict:
     model, _ = load_experiment("experiments/dreambooth.yaml")
     model = copy.deepcopy(model)
     setting = dict(setting)
-    precision = setting.pop("precision", "32-true")
+    precision = setting.pop("precision", args.precision)
     model["init_args"].update(setting)
     _, data = load_experiment("experiments/finetune_domain.yaml")
     return {"model": model, "data": {**data, "batch_size": args.batch_size}, "device": args.device,
@@ -43,7 +44,7 @@ def spec_for(setting: dict, args) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     columns = ["option", "off_step_ms", "on_step_ms", "speedup", "off_peak_mb", "on_peak_mb", "memory_on_vs_off",
                "on_first_step_s"]  # fmt: skip
     notes = [
-        f"Device {args.device}, one thread per process; DreamBooth full fine-tuning, batch {args.batch_size} at 32x32, "
+        f"Device {args.device}, precision {args.precision} (but the bf16 row), "
+        f"one thread per process; DreamBooth full fine-tuning, batch {args.batch_size} at 32x32, "
         f"median of {args.steps} steps after {args.warmup} warm-up (interquartile ranges in the CSV). Speed-up = off / "
         "on step time (>1: the option is faster). Peak: MiB above the worker's floor after imports (CPU: resident set "
         "high-water; CUDA: max allocated). First step: seconds of the first step with the option on (compilation).",
