@@ -146,6 +146,30 @@ def test_cli_progress_bar_shows_every_steps_loss(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             shown.append((bar.get_metrics(trainer, pl_module)["train/loss"], float(pl_module.last_loss_parts["loss"])))
 
-    quiet_trainer(max_steps=3, log_every_n_steps=50, callbacks=[bar, Read()], enable_progress_bar=True).fit(module, data)
+    quiet_trainer(max_steps=3, log_every_n_steps=50, callbacks=[bar, Read()], enable_progress_bar=True).fit(
+        module, data
+    )
     assert len(shown) == 3 and all(text == f"{value:.3f}" for text, value in shown)
     assert len({value for _, value in shown}) == 3  # a new value every step, not the last logged one
+
+
+def test_cli_progress_bar_redraws_at_most_every_interval_and_ends_on_the_right_count(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lightning_ft.cli import StepsProgressBar
+
+    folder = write_images(tmp_path / "data", 2)
+    data = LimitedDataModule(str(folder), instance_prompt="a sks star", resolution=32, batch_size=1, repeats=4)
+    drawn, original = [], RichProgressBar.on_train_batch_end
+
+    def draw(self, trainer, pl_module, outputs, batch, batch_idx):
+        drawn.append(batch_idx)
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", draw)
+    bar = StepsProgressBar(redraw_seconds=2.5)
+    clock = iter(range(100))  # one "second" per batch end: 0, 1, 2, ...
+    bar.clock = lambda: float(next(clock))
+    quiet_trainer(max_steps=6, callbacks=[bar], enable_progress_bar=True).fit(tiny_module(), data)
+    assert drawn == [0, 3, 5]  # t=0, t=3 (2.5 s after the last redraw), and the last step
+    assert bar.progress.tasks[bar.train_progress_bar_id].completed == 6
