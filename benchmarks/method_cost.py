@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from benchmarks.perf import ratio
+from benchmarks.perf import add_device_arguments, ratio
 from benchmarks.step_cost import load_experiment, measure_isolated
 from benchmarks.tables import write_table
 
@@ -23,6 +23,7 @@ from benchmarks.tables import write_table
 METHODS = [
     ("DreamBooth (full)", "experiments/dreambooth.yaml", {}),
     ("DreamBooth + prior preservation", "experiments/dreambooth.yaml", {}),
+    ("DreamBooth (full), twice the batch", "experiments/dreambooth.yaml", {}),  # what prior preservation's batch costs
     ("BNN (full)", "experiments/dreambooth_bnn.yaml", {}),
     ("DreamBooth LoRA r4", "experiments/dreambooth_lora.yaml", {}),
     ("BNN LoRA r4", "experiments/dreambooth_lora_bnn.yaml", {}),
@@ -42,15 +43,18 @@ def spec_for(name: str, experiment: str, extra: dict, args) -> dict:
     data = {**data, "batch_size": args.batch_size}
     if "prior preservation" in name:
         data.update(class_prompt="a red star on a gray background", num_class_images=args.batch_size)
+    if "twice the batch" in name:
+        data["batch_size"] = 2 * args.batch_size
     return {
-        "model": model, "data": data, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+        "model": model, "data": data, "device": args.device, "precision": args.precision, "steps": args.steps,
+        "warmup": args.warmup,
         "inference": True, "inference_images": args.images, "inference_rounds": args.rounds,
     }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -82,10 +86,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if bnn is not None:
         value = bnn["median_ms"] / reference["median_ms"]
         goal = f"BNN step time {value:.2f}x DreamBooth: goal <= 1.15x {'met' if value <= 1.15 else 'NOT met'}."
+    sdft = next((r for r in rows if r["method"] == "SDFT"), None)
+    if sdft is not None:
+        value = sdft["median_ms"] / reference["median_ms"]
+        goal += f" SDFT step time {value:.2f}x DreamBooth: goal <= 1.15x {'met' if value <= 1.15 else 'NOT met'}."
     columns = ["method", "trainable", "step", "step_vs_dreambooth", "peak_mb", "memory_vs_dreambooth", "setup_s",
                "sample_ms_per_image", "sampling_vs_pretrained", "export_extra_params"]  # fmt: skip
     notes = [
-        f"Device {args.device}, one thread per process; {args.steps} timed steps after {args.warmup} warm-up, batch "
+        f"Device {args.device}, precision {args.precision}, "
+        f"one thread per process; {args.steps} timed steps after {args.warmup} warm-up, batch "
         f"{args.batch_size} at 32x32 (embedded domain, `experiments/finetune_domain.yaml`'s data). Step: median "
         "[interquartile range] ms per optimizer step. Peak: MiB above the worker's floor after imports (CPU: resident "
         "set high-water; CUDA: max allocated). Setup: seconds before the first step (class images, memory bank, "
