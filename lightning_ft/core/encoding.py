@@ -64,12 +64,16 @@ class EncodingMixin:
     """Needs ``family``, ``parts``, ``vae``, ``hparams``, ``latent_cache``, ``text_cache`` and ``device``."""
 
     # ------------------------------------------------------------------------------------------------ images
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, keys: list | None = None
+    ) -> torch.Tensor:
         """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels.
 
         With ``cache_latents`` the VAE posterior (mean, std) of each distinct image is computed once; a fresh
         latent is still sampled from it every time, exactly as without the cache. A (CPU) ``generator`` draws
-        that latent instead of the global RNG."""
+        that latent instead of the global RNG. ``keys``: the images' cache keys, as ``on_before_batch_transfer``
+        puts them in a batch (``<field>_keys``, hashed on the CPU before the batch moves to the accelerator);
+        without them the images are hashed here, which on an accelerator copies them back to the host."""
         if self.vae is None:
             return pixel_values
 
@@ -82,7 +86,8 @@ class EncodingMixin:
             return torch.stack([dist.mean, dist.std], dim=1)
 
         if self.latent_cache is not None:
-            keys = [tensor_key(image) for image in pixel_values]
+            if keys is None or len(keys) != len(pixel_values):
+                keys = [tensor_key(image) for image in pixel_values]
             params = self.latent_cache.lookup(keys, posterior)
         else:
             params = posterior(list(range(len(pixel_values))))
@@ -98,6 +103,27 @@ class EncodingMixin:
         # Contiguous: some VAEs return channels-last latents, and diffusers' resnets then take other conv kernels in
         # train and eval mode, so a student and its frozen teacher would differ by ~1e-6 with equal weights.
         return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype).contiguous()
+
+    def image_keys(self, batch: dict, *fields: str) -> list | None:
+        """The cache keys of the images of ``fields`` of ``batch`` (default ``pixel_values``), concatenated, or None
+        when a field has none (then ``encode_images`` hashes the images itself)."""
+        keys = []
+        for field in fields or ("pixel_values",):
+            found = batch.get(f"{field}_keys")
+            if found is None:
+                return None
+            keys += list(found)
+        return keys
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """With a latent cache, hash each image field of a batch (``*pixel_values``) on the CPU, before Lightning moves
+        it to the accelerator: the keys go with the batch as ``<field>_keys`` (lists stay on the host)."""
+        if self.latent_cache is not None and isinstance(batch, dict):
+            for field in [k for k in batch if k.endswith("pixel_values")]:
+                value = batch[field]
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu" and f"{field}_keys" not in batch:
+                    batch[f"{field}_keys"] = [tensor_key(image) for image in value]
+        return batch
 
     # -------------------------------------------------------------------------------------------------- text
     def text_features(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

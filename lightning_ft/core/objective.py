@@ -55,7 +55,7 @@ class ObjectiveMixin:
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective of one batch; returns the loss and a dict of values to log. Default: denoising loss."""
-        x0 = self.encode_images(batch["pixel_values"])
+        x0 = self.encode_images(batch["pixel_values"], keys=self.image_keys(batch))
         loss = self.diffusion_loss(x0, self.encode_conditions(batch)).mean()
         return loss, {"loss/diffusion": loss.detach()}
 
@@ -96,7 +96,7 @@ class ObjectiveMixin:
         offset seeded by the batch index, so that batches of one image do not all score t=0. The VAE latent is drawn
         from the same generator: the global RNG (and with it the training run) is left untouched."""
         generator = torch.Generator().manual_seed(batch_idx)
-        x0 = self.encode_images(batch["pixel_values"], generator=generator)
+        x0 = self.encode_images(batch["pixel_values"], generator=generator, keys=self.image_keys(batch))
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         offset = torch.rand(1, generator=generator)
         timesteps = self.noise_process.stratified_timesteps(len(x0), offset, device=x0.device)

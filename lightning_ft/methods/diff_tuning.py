@@ -227,7 +227,7 @@ class DiffTuning(DiffusionBase):
         t_target = self.sample_timesteps(n)
         condition = self.encode_conditions(target)
         if k == 0:
-            x0 = self.encode_images(target["pixel_values"])
+            x0 = self.encode_images(target["pixel_values"], keys=self.image_keys(target))
             per_sample = self.diffusion_loss(x0, condition, t_target) * self.importance_weights(t_target)
             loss = per_sample.mean()
             return loss, {"loss/reconsolidation": loss.detach()}

@@ -51,7 +51,8 @@ class DreamBooth(DiffusionBase):
             prior["class_labels"] = batch["class_labels"]
         # One encoder pass for both halves (as the reference script does): two smaller passes cost ~1 ms more a step.
         conditions = self.encode_conditions(concatenate_halves(instance, prior, pixels))
-        per_sample = self.diffusion_loss(self.encode_images(pixels), conditions)
+        keys = self.image_keys(batch, "pixel_values", "class_pixel_values")
+        per_sample = self.diffusion_loss(self.encode_images(pixels, keys=keys), conditions)
         instance, prior = per_sample[:n].mean(), per_sample[n:].mean()
         loss = instance + self.hparams.prior_loss_weight * prior
         return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach()}

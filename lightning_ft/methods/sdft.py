@@ -115,7 +115,7 @@ class SelfDistillationFineTuning(DiffusionBase):
         # Contiguous: the VAE returns channels-last latents, and diffusers' resnet blocks make their shortcut input
         # contiguous in train mode only, so the student (train) and teacher (eval) would take different conv
         # kernels and differ by ~1e-6 even with identical weights.
-        x0 = self.encode_images(batch["pixel_values"]).contiguous()
+        x0 = self.encode_images(batch["pixel_values"], keys=self.image_keys(batch)).contiguous()
         condition = self.encode_conditions(batch)
         timesteps = self.sample_timesteps(x0.shape[0])
         noise = self.make_noise(x0)

@@ -72,7 +72,7 @@ def _args(table, tmp_path, **kw):
     base = dict(table=table, model="t2i", steps=10, seeds=[0, 1], samples=8, sample_steps=5, guidance=2.0,
                 reference=9, source=table == "forgetting", root=str(tmp_path / "root"), methods=["plain"],
                 mask_rates=[0.0, 0.5], plain_name="plain fine-tune" if table == "forgetting" else "full fine-tune",
-                lr=None, extra=[], jobs=1, mask_samples=4)  # fmt: skip
+                lr=None, extra=[], jobs=1, mask_samples=4, device="cpu", precision="32-true")  # fmt: skip
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -147,3 +147,11 @@ def test_comparison_grid_writes_one_labelled_png_and_closes_it(tmp_path):
     rows = [("real", np.zeros((16, 3, 32, 32), np.uint8)), ("model", np.full((8, 3, 32, 32), 200, np.uint8))]
     dt.comparison_grid(rows, tmp_path / "g.png", "title", "columns")
     assert (tmp_path / "g.png").stat().st_size > 0 and not plt.get_fignums()
+
+
+def test_device_and_precision_reach_every_fit(tmp_path):
+    args = _args("peft", tmp_path, device="cuda", precision="bf16-mixed")
+    overrides = dt.run_settings("plain", args)["overrides"]
+    assert overrides[overrides.index("--trainer.accelerator") + 1] == "gpu"
+    assert overrides[overrides.index("--trainer.precision") + 1] == "bf16-mixed"
+    assert "--trainer.accelerator" not in dt.run_settings("plain", _args("peft", tmp_path))["overrides"]

@@ -173,3 +173,25 @@ def test_cli_progress_bar_redraws_at_most_every_interval_and_ends_on_the_right_c
     quiet_trainer(max_steps=6, callbacks=[bar], enable_progress_bar=True).fit(tiny_module(), data)
     assert drawn == [0, 3, 5]  # t=0, t=3 (2.5 s after the last redraw), and the last step
     assert bar.progress.tasks[bar.train_progress_bar_id].completed == 6
+
+
+def test_image_keys_are_hashed_before_the_transfer_and_encoding_uses_them(monkeypatch):
+    """On an accelerator, hashing in the step would copy the images back to the host: the keys are made on the CPU
+    in on_before_batch_transfer, and the loss is the same with them as with hashing in the step."""
+    import lightning_ft.core.encoding as encoding
+
+    module = tiny_module(cache_latents=True)
+    perturb(module)
+    module.train()
+    batch = module.on_before_batch_transfer(_batch(), 0)
+    assert len(batch["pixel_values_keys"]) == 2 and len(batch["class_pixel_values_keys"]) == 2
+    assert batch["pixel_values_keys"][0] == encoding.tensor_key(batch["pixel_values"][0])
+    calls = []
+    monkeypatch.setattr(encoding, "tensor_key", lambda t: calls.append(1) or b"never")
+    torch.manual_seed(4)
+    keyed, _ = module.training_loss(batch)
+    assert calls == [] and module.latent_cache.misses == 4
+    monkeypatch.undo()
+    torch.manual_seed(4)
+    hashed, _ = module.training_loss({k: v for k, v in batch.items() if not k.endswith("_keys")})
+    assert torch.equal(keyed, hashed) and module.latent_cache.hits == 4  # the same entries, found by content

@@ -127,7 +127,7 @@ def test_diffusion_term_matches_the_base_loss_on_the_same_inputs(monkeypatch):
     latents = torch.randn(3, 4, 16, 16)
     noise = torch.randn(3, 4, 16, 16)
     timesteps = torch.tensor([100, 600, 900])
-    monkeypatch.setattr(module, "encode_images", lambda pixels: latents)
+    monkeypatch.setattr(module, "encode_images", lambda pixels, **kwargs: latents)
     monkeypatch.setattr(module, "make_noise", lambda x0: noise)
     _fix_timesteps(module, monkeypatch, timesteps.tolist())
     loss, logs = module.training_loss(batch)
