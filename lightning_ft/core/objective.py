@@ -73,10 +73,11 @@ class ObjectiveMixin:
         # The latest loss and its parts, on every step, for callbacks, subclasses and the CLI's progress bar
         # (detached: no graph is kept).
         self.last_loss_parts = {"loss": loss.detach(), **logs}
-        if self.logs_are_written():
-            # Logged only on the steps whose logs reach the logger (``trainer.log_every_n_steps``): each ``self.log``
-            # costs Lightning ~0.3-0.5 ms of bookkeeping a step, most of the framework's own per-step cost (README,
-            # Performance). ``callback_metrics`` hold the values of the last logging step.
+        if self.logs_are_written() or self.is_last_training_step():
+            # Logged only on the steps whose logs reach the logger (``trainer.log_every_n_steps``) and on the last
+            # one (so that ``callback_metrics`` end with the final values, e.g. for a sweep's ranking): each
+            # ``self.log`` costs Lightning ~0.3-0.5 ms of bookkeeping a step, most of the framework's own per-step
+            # cost (README, Performance). Between them ``callback_metrics`` hold the last logged values.
             batch_size = len(batch["pixel_values"])
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
@@ -88,6 +89,16 @@ class ObjectiveMixin:
         # Lightning exposes the rule only on the trainer's logger connector (private); without one: True.
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or bool(connector.should_update_logs)
+
+    def is_last_training_step(self) -> bool:
+        """Whether the step running now is the fit's last (its ``max_steps``, or the last batch of its last epoch)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        if 0 < trainer.max_steps <= trainer.global_step + 1:
+            return True
+        epochs = trainer.max_epochs
+        return bool(trainer.is_last_batch) and epochs is not None and 0 < epochs <= trainer.current_epoch + 1
 
     @torch.no_grad()
     def evaluation_loss(self, batch: dict, batch_idx: int) -> torch.Tensor:

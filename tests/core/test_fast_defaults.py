@@ -195,3 +195,14 @@ def test_image_keys_are_hashed_before_the_transfer_and_encoding_uses_them(monkey
     torch.manual_seed(4)
     hashed, _ = module.training_loss({k: v for k, v in batch.items() if not k.endswith("_keys")})
     assert torch.equal(keyed, hashed) and module.latent_cache.hits == 4  # the same entries, found by content
+
+
+def test_the_last_steps_loss_ends_in_callback_metrics_between_logging_steps(tmp_path):
+    """A sweep ranks runs by callback_metrics at the end of fit: the last step is logged even off the logger's
+    period (3 steps, logging every 50)."""
+    folder = write_images(tmp_path / "data", 2)
+    module = tiny_module()
+    data = LimitedDataModule(str(folder), instance_prompt="a sks star", resolution=32, batch_size=1, repeats=4)
+    trainer = quiet_trainer(max_steps=3, log_every_n_steps=50)
+    trainer.fit(module, data)
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(module.last_loss_parts["loss"].item())
