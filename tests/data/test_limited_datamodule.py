@@ -290,3 +290,20 @@ def test_every_unreadable_image_is_named_at_once_and_skipped_files_are_reported(
 def test_nonsense_settings_fail_at_construction_naming_key_and_value(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LimitedDataModule(str(tmp_path / "not-read-yet"), **kwargs)
+
+
+def test_pinned_memory_is_on_for_cuda_trainers_only_unless_set(tmp_path):
+    from types import SimpleNamespace
+
+    folder = write_images(tmp_path / "data", 2)
+    auto = LimitedDataModule(str(folder), instance_prompt="a sks star", resolution=32)
+    auto.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert auto.pin_memory() is False
+    auto.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert auto.pin_memory() is True
+    forced = LimitedDataModule(str(folder), instance_prompt="a sks star", resolution=32, pin_memory=False)
+    forced.trainer = auto.trainer
+    assert forced.pin_memory() is False
+    forced.trainer = None
+    forced.setup("fit")
+    assert forced.train_dataloader().pin_memory is False
