@@ -56,7 +56,8 @@ class Interleave(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         if self.run_plain:  # the same data module's loader: the same dataset, sampler and collate
             loader = trainer.datamodule.train_dataloader()
-            self.loop = PlainDreamBooth(module, loader, self.total_steps, precision=self.precision)
+            source = getattr(module, "source", module)  # LightningLoopOnly wraps the framework's module
+            self.loop = PlainDreamBooth(source, loader, self.total_steps, precision=self.precision)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self.mark is None:
@@ -76,7 +77,23 @@ class Interleave(L.Callback):
 SAME_WORK = {"cache_text_embeddings": False, "cache_latents": False, "fused_adamw": False}
 
 
-ARMS = {"same work": False, "defaults": True}
+ARMS = {"same work": False, "defaults": True, "Lightning loop only": False}
+
+
+class LightningLoopOnly(L.LightningModule):
+    """The plain loop's loss and optimizer run by Lightning's loop, with no logger, logging or progress bar: what
+    Lightning's automatic optimisation costs by itself (the rest of the ``same work`` overhead is lightning-ft's)."""
+
+    def __init__(self, source, precision: str = "32-true"):
+        super().__init__()
+        self.source = source  # the framework's module: its denoiser trains, as the plain loop trains a copy
+        self.plain = PlainDreamBooth(source, [], copy_denoiser=False, precision=precision)
+
+    def training_step(self, batch, batch_idx):
+        return self.plain.loss(batch)
+
+    def configure_optimizers(self):
+        return self.plain.optimizer
 
 
 def build(args, defaults: bool = False):
@@ -91,22 +108,36 @@ def build(args, defaults: bool = False):
     return module, datamodule
 
 
-def trainer_for(args, callback, tmp: str, steps: int) -> L.Trainer:
+def trainer_for(args, callback, tmp: str, steps: int, bare: bool = False) -> L.Trainer:
+    """A Trainer as the CLI runs it (CSV logger, its progress bar); ``bare``: no logger and no progress bar."""
     return L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=steps,
-        precision=args.precision, logger=CSVLogger(tmp), log_every_n_steps=10, enable_checkpointing=False,
-        callbacks=[callback, StepsProgressBar()], limit_val_batches=0,
+        precision=args.precision, logger=False if bare else CSVLogger(tmp), log_every_n_steps=10,
+        enable_checkpointing=False, enable_progress_bar=not bare, enable_model_summary=not bare,
+        callbacks=[callback] if bare else [callback, StepsProgressBar()], limit_val_batches=0,
     )  # fmt: skip
 
 
-def interleaved(args, defaults: bool) -> dict:
+def prepare_data(args, module, datamodule, tmp: str) -> None:
+    """Set the data module up with the framework's module (it samples missing class images with it, or finds them
+    cached), for the arms that train something else."""
+    host = trainer_for(args, L.Callback(), tmp, 1)
+    host.strategy.connect(module)
+    datamodule.trainer = host
+    datamodule.setup("fit")
+
+
+def interleaved(args, defaults: bool, bare: bool = False) -> dict:
     """One fit of the framework arm with a plain step after each of its steps; medians, ratio and a bootstrap
     interval of the ratio over the pairs."""
     steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         module, datamodule = build(args, defaults)
         callback = Interleave(args.device, steps, precision=args.precision)
-        trainer_for(args, callback, tmp, steps).fit(module, datamodule)
+        if bare:  # the data module finds its class images through the framework's module: set it up with it
+            prepare_data(args, module, datamodule, tmp)
+            module = LightningLoopOnly(module, args.precision)
+        trainer_for(args, callback, tmp, steps, bare).fit(module, datamodule)
     framework = np.array(callback.framework[args.warmup :])
     plain = np.array(callback.plain[args.warmup :])
     assert len(framework) == len(plain) == args.steps, (len(framework), len(plain))
@@ -139,11 +170,7 @@ def memory_worker(spec: dict) -> dict:
         if spec["arm"] == "framework":
             trainer_for(Args, Interleave(Args.device, steps, plain=False), tmp, steps).fit(module, datamodule)
         else:
-            # The data module samples missing class images with the trainer's model (they are cached by then).
-            host = trainer_for(Args, L.Callback(), tmp, steps)
-            host.strategy.connect(module)
-            datamodule.trainer = host
-            datamodule.setup("fit")
+            prepare_data(Args, module, datamodule, tmp)
             module.to(Args.device)
             loop = PlainDreamBooth(module, datamodule.train_dataloader(), steps, copy_denoiser=False,
                                    precision=Args.precision)  # fmt: skip
@@ -161,6 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4, help="instance images per batch (+ as many class images)")
     parser.add_argument("--memory-steps", type=int, default=20)
+    parser.add_argument("--arms", nargs="*", default=None, choices=list(ARMS), help="arms to run (default: all)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the memory workers to this core")
     parser.add_argument("--out", default="benchmarks/results/overhead")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -171,9 +199,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for arm, defaults in ARMS.items():
+        if args.arms and arm not in args.arms:
+            continue
         batch = f"{args.batch_size} instance + {args.batch_size} class"
         row = {"arm": arm, "device": args.device, "precision": args.precision, "batch": batch}
-        row.update(interleaved(args, defaults))
+        row.update(interleaved(args, defaults, bare=arm == "Lightning loop only"))
+        if arm == "Lightning loop only":  # a decomposition of the first arm: its memory is that arm's
+            print(row, flush=True)
+            rows.append(row)
+            continue
         for side in ("framework", "plain"):
             spec = {"arm": side, "defaults": defaults, "device": args.device, "precision": args.precision,
                     "batch_size": args.batch_size, "steps": args.memory_steps}  # fmt: skip
@@ -188,7 +222,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"pairs per arm after {args.warmup} warm-up pairs, one process. `same work`: the framework encoding every "
         f"step with torch's default AdamW ({SAME_WORK}), as the plain loop does: overhead = median framework step / "
         "median plain step - 1, goal <= 1%. `defaults`: the framework's defaults (cached latents and text "
-        "embeddings, fused AdamW): speedup = median plain step / median framework step, goal >= 1.25x. The 95% "
+        "embeddings, fused AdamW): speedup = median plain step / median framework step, goal >= 1.25x. `Lightning loop "
+        "only`: the plain loop's loss and optimizer in Lightning's loop with no logger, logging or progress bar (what "
+        "Lightning costs by itself). The 95% "
         "intervals are bootstraps over the pairs (2,000 resamples). Peak: MiB above the process's floor after "
         f"imports, each arm alone in its own process for {args.memory_steps} steps (CPU: resident-set high-water; "
         "CUDA: max allocated).",

@@ -2,6 +2,7 @@
 
     python -m benchmarks.suite --device cuda --precision bf16-mixed     # on a GPU box
     python -m benchmarks.suite --quick                                  # a short CPU pass (minutes), to try it
+    python -m benchmarks.suite --cpu 1                                  # the CPU tables of the README
 
 Runs ``overhead`` (framework overhead and the fast defaults' speed-up), ``startup``, ``method_cost``,
 ``speed_options`` and ``scaling`` with the same ``--device`` and ``--precision``, each writing its own tables into
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
     add_device_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="a few steps of each benchmark (to try the suite)")
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run (default: all)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin every benchmark and its workers to this core")
     parser.add_argument("--out", default=None, help="folder of the tables and report.md")
     args = parser.parse_args(argv)
     tag = f"{args.device.replace(':', '')}_{args.precision}" + ("_quick" if args.quick else "")
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> Path:
             continue
         command = [sys.executable, "-m", module, "--device", args.device, "--precision", args.precision,
                    "--out", str(out / name), *(quick if args.quick else full)]  # fmt: skip
-        shown = " ".join(["python", *command[1:]])
+        if args.cpu is not None:
+            command = ["taskset", "-c", str(args.cpu), *command, "--cpu", str(args.cpu)]
+        shown = " ".join("python" if part == sys.executable else part for part in command)
         print(f"suite: {shown}", flush=True)
         start = time.time()
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
