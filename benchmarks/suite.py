@@ -2,14 +2,14 @@
 
     python -m benchmarks.suite --device cuda --precision bf16-mixed     # on a GPU box
     python -m benchmarks.suite --quick                                  # a short CPU pass (minutes), to try it
-    python -m benchmarks.suite --cpu 1                                  # the CPU tables of the README
+    python -m benchmarks.suite --cpu 1 --out benchmarks/results       # the CPU tables of the README
 
 Runs ``overhead`` (framework overhead and the fast defaults' speed-up), ``startup``, ``method_cost``,
 ``speed_options`` and ``scaling`` with the same ``--device`` and ``--precision``, each writing its own tables into
-``--out`` (default ``benchmarks/results/suite_<device>_<precision>/``), then ``report.md`` there: the machine (torch,
-CUDA, GPU name, CPU count), the command lines, and every table in order. A benchmark that fails is reported with its
-error and the suite goes on. The quality benchmarks (corruption stage, domain transfer) take ``--device`` and
-``--precision`` too but run for hours; they are not part of the suite.
+``--out`` (default ``benchmarks/results/suite_<device>_<precision>/``), then ``performance_suite.md`` there: the
+machine (torch, CUDA, GPU name, CPU count), the command lines, and every table in order. A benchmark that fails is
+reported with its error and the suite goes on. The quality benchmarks (corruption stage, domain transfer) take
+``--device`` and ``--precision`` too but run for hours; they are not part of the suite.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="a few steps of each benchmark (to try the suite)")
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run (default: all)")
     parser.add_argument("--cpu", type=int, default=None, help="pin every benchmark and its workers to this core")
-    parser.add_argument("--out", default=None, help="folder of the tables and report.md")
+    parser.add_argument("--out", default=None, help="folder of the tables and performance_suite.md")
     args = parser.parse_args(argv)
     tag = f"{args.device.replace(':', '')}_{args.precision}" + ("_quick" if args.quick else "")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"suite_{tag}")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             body = "\n\n".join(t.read_text().strip() for t in tables) or "(no table written)"
         sections.append(f"## {name}\n\n`{shown}` ({took:.0f} s)\n\n{body}\n")
-    report = out / "report.md"
+    report = out / "performance_suite.md"
     header = [f"# Performance suite: device {args.device}, precision {args.precision}"
               + (" (quick: a few steps each, not for conclusions)" if args.quick else ""), "",
               f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m benchmarks.suite`.", "", *machine(args.device),

@@ -24,7 +24,7 @@ def test_quick_suite_writes_one_report_with_every_table(tmp_path):
     command = [sys.executable, "-m", "benchmarks.suite", "--quick", "--only", "overhead", "speed_options",
                "--out", str(tmp_path)]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=1200)
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "performance_suite.md").read_text()
     assert "device cpu, precision 32-true" in report and "torch " in report
     assert "## overhead" in report and "## speed_options" in report and "FAILED" not in report
     assert "| same work | cpu | 32-true |" in report and "| defaults | cpu | 32-true |" in report
