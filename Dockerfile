@@ -3,6 +3,9 @@
 #   docker run --gpus all --rm -v "$PWD/runs:/app/runs" -v "$HOME/.cache/huggingface:/root/.cache/huggingface" \
 #     lightning-ft fit --config experiments/dreambooth_bnn.yaml --config configs/trainer/gpu_ddp.yaml
 # The entrypoint is the project's CLI (python -m lightning_ft.run); any subcommand and override can follow.
+# The performance suite on the GPU, one report in runs/performance/performance_suite.md:
+#   docker run --gpus all --rm -v "$PWD/runs:/app/runs" --entrypoint python lightning-ft \
+#     -m benchmarks.suite --device cuda --precision bf16-mixed --out runs/performance
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -32,6 +35,7 @@ RUN pip install -c constraints.txt .
 
 COPY experiments ./experiments
 COPY configs ./configs
+COPY benchmarks ./benchmarks
 
 ENTRYPOINT ["python", "-m", "lightning_ft.run"]
 CMD ["--help"]
