@@ -1,17 +1,16 @@
 """Measuring cost: step timing, peak memory and isolated worker processes for the performance benchmarks.
 
 Peak memory on CUDA is the caching allocator's ``max_memory_allocated``; on CPU torch keeps no allocator statistics,
-so it is the process's high-water resident set (``ru_maxrss``). Because a high-water mark cannot be reset, every
-configuration whose memory is reported runs in its own worker process (``run_worker``), and the memory reported is
-the peak minus the process's resident set after imports (``baseline_mb``): model, optimizer state, activations,
-frozen copies and caches.
+so it is the process's high-water resident set (``VmHWM``, see ``peak_mb``). Because a high-water mark cannot be
+reset, every configuration whose memory is reported runs in its own worker process (``run_worker``), and the memory
+reported is the peak minus the process's resident set after imports (``baseline_mb``): model, optimizer state,
+activations, frozen copies and caches.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lightning_ft.report.cost import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,9 @@ def peak_mb(device: str) -> float:
     """Peak memory since the last ``reset_peak`` (CUDA) or since the process started (CPU), in MiB."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent at fork, so a worker started by a benchmark
+    # that has trained in-process would report the parent's size (seen: 228 and 354 MiB instead of 163 and 145).
+    return peak_rss_bytes() / 2**20
 
 
 def summary_ms(seconds: list[float]) -> dict:

@@ -11,8 +11,8 @@ measure (``describe`` says the same in words):
 - ``steps_per_second``: ``steps / wall_seconds``, so also everything included, not the training step alone;
 - ``peak_memory_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` (tensors allocated by PyTorch on the device,
   peak since the fit started; the caching allocator reserves more); else the peak resident set size of the process
-  (``resource.getrusage``), which counts the whole process since it started, not the fit alone. On several ranks,
-  rank 0's.
+  (``peak_rss_bytes``: Linux's ``VmHWM``), which counts the whole process since it started, not the fit alone. On
+  several ranks, rank 0's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,19 @@ COST_FILE = "run_cost.json"
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process's own memory so far.
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this program's address space, which starts
+    afresh at ``exec``. Not ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent at ``fork`` and
+    keeps across ``exec``: a program started by a large process (a benchmark that has trained in-process, a
+    notebook) would report its parent's size. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -104,7 +116,7 @@ def human_seconds(s: float | None) -> str:
 MEMORY_KINDS = {
     "cuda_max_memory_allocated": "peak GPU memory allocated by PyTorch tensors during the fit "
     "(torch.cuda.max_memory_allocated; the caching allocator reserves more)",
-    "process_peak_rss": "peak resident memory of the whole process since it started (getrusage ru_maxrss), "
+    "process_peak_rss": "peak resident memory of the whole process since it started (VmHWM on Linux), "
     "not of the fit alone",
 }
 
