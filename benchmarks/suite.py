@@ -58,12 +58,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--cpu", type=int, default=None, help="pin every benchmark and its workers to this core")
     parser.add_argument("--out", default=None, help="folder of the tables and performance_suite.md")
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
     tag = f"{args.device.replace(':', '')}_{args.precision}" + ("_quick" if args.quick else "")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"suite_{tag}")
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for module, name, full, quick in BENCHMARKS:
         if args.only and name not in args.only:
+            # Not rerun now: the report still gathers its tables in --out, said to come from an earlier run.
+            tables = sorted(out.glob(f"{name}*.md"))
+            if tables:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(t.stat().st_mtime for t in tables)))
+                body = "\n\n".join(t.read_text().strip() for t in tables)
+                sections.append(f"## {name}\n\n(not rerun by this command: the tables in {out} written {when})\n\n"
+                                f"{body}\n")  # fmt: skip
             continue
         command = [sys.executable, "-m", module, "--device", args.device, "--precision", args.precision,
                    "--out", str(out / name), *(quick if args.quick else full)]  # fmt: skip
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = out / "performance_suite.md"
     header = [f"# Performance suite: device {args.device}, precision {args.precision}"
               + (" (quick: a few steps each, not for conclusions)" if args.quick else ""), "",
-              f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m benchmarks.suite`.", "", *machine(args.device),
+              f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python -m benchmarks.suite {' '.join(given)}`.", "",
+              *machine(args.device),
               ""]  # fmt: skip
     report.write_text("\n".join(header) + "\n" + "\n".join(sections))
     print(f"suite: wrote {report}", flush=True)
