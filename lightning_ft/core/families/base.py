@@ -57,6 +57,10 @@ class ModelFamily:
     attention_names: tuple[str, ...] = ("attn1", "attn2")
     #: Latent pixels per image token of the denoiser (2x2 patches: 4), for a resolution-dependent flow shift.
     tokens_per_latent: int = 4
+    #: The pipeline's argument that takes the denoiser (``unet``, ``transformer``) and how many text encoders (with
+    #: their tokenizers: ``text_encoder``, ``text_encoder_2``, ...) it takes; ``pipeline_kwargs`` builds from them.
+    denoiser_argument: str = "transformer"
+    pipeline_text_encoders: int = 1
 
     def __init__(self, parts: Components):
         self.settings = dict(parts.pipeline_config)
@@ -115,10 +119,17 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------- sampling, export
     def pipeline_kwargs(self, parts: Components, scheduler) -> dict:
-        """The arguments of ``pipeline_class`` built from the components (default: a transformer pipeline with one
-        text encoder, as PixArt's and Sana's)."""
-        return {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "vae": parts.vae,
-                "transformer": parts.denoiser, "scheduler": scheduler}  # fmt: skip
+        """The arguments of ``pipeline_class`` built from the components: the denoiser (``denoiser_argument``), the
+        scheduler, the VAE, ``pipeline_text_encoders`` text encoders and tokenizers, and ``pipeline_options``."""
+        kwargs = {self.denoiser_argument: parts.denoiser, "scheduler": scheduler, "vae": parts.vae}
+        for suffix in ["", *(f"_{i}" for i in range(2, self.pipeline_text_encoders + 1))]:
+            kwargs[f"text_encoder{suffix}"] = getattr(parts, f"text_encoder{suffix}")
+            kwargs[f"tokenizer{suffix}"] = getattr(parts, f"tokenizer{suffix}")
+        return {**kwargs, **self.pipeline_options()}
+
+    def pipeline_options(self) -> dict:
+        """Pipeline arguments that are settings, not components (default: none)."""
+        return {}
 
     def build_pipeline(self, parts: Components, scheduler):
         """The diffusers pipeline of these components (shares the modules), or None when none fits."""

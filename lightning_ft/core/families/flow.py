@@ -32,6 +32,8 @@ class StableDiffusion3(StableDiffusion):
 
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_argument = "transformer"
+    pipeline_text_encoders = 3
     lora_prefix = "transformer"
     processes = FLOW
     default_timestep_density = "logit_normal"
@@ -90,18 +92,8 @@ class StableDiffusion3(StableDiffusion):
     def resolution_multiple(self, parts):
         return self.vae_scale_factor(parts) * parts.denoiser.config.patch_size
 
-    def pipeline_kwargs(self, parts, scheduler):
-        return {
-            "transformer": parts.denoiser,
-            "scheduler": scheduler,
-            "vae": parts.vae,
-            "text_encoder": parts.text_encoder,
-            "tokenizer": parts.tokenizer,
-            "text_encoder_2": parts.text_encoder_2,
-            "tokenizer_2": parts.tokenizer_2,
-            "text_encoder_3": parts.text_encoder_3,
-            "tokenizer_3": parts.tokenizer_3,
-        }
+    def pipeline_options(self) -> dict:
+        return {}  # none of Stable Diffusion's safety-checker arguments
 
     def export(self, parts, scheduler, path) -> dict:
         record = super().export(parts, scheduler, path)
@@ -125,6 +117,7 @@ class Flux(StableDiffusion3):
 
     name = "flux"
     pipeline_class = "FluxPipeline"
+    pipeline_text_encoders = 2
     default_timestep_density = "uniform"
     max_sequence_length = 512
     #: The guidance value a distilled (``guidance_embeds``) model is trained with (diffusers' Flux scripts: 3.5).
@@ -188,17 +181,6 @@ class Flux(StableDiffusion3):
 
     def resolution_multiple(self, parts):
         return self.vae_scale_factor(parts) * 2
-
-    def pipeline_kwargs(self, parts, scheduler):
-        return {
-            "scheduler": scheduler,
-            "vae": parts.vae,
-            "text_encoder": parts.text_encoder,
-            "tokenizer": parts.tokenizer,
-            "text_encoder_2": parts.text_encoder_2,
-            "tokenizer_2": parts.tokenizer_2,
-            "transformer": parts.denoiser,
-        }
 
     def default_lora_targets(self, denoiser):
         # diffusers' Flux DreamBooth-LoRA targets (both attention streams, both feed-forwards) and the single

@@ -29,6 +29,7 @@ class StableDiffusion(ModelFamily):
     name = "stable_diffusion"
     kind = TEXT
     pipeline_class = "StableDiffusionPipeline"
+    denoiser_argument = "unet"
     lora_prefix = "unet"
     tokenizer_keys = ("tokenizer",)
     encoder_keys = ("text_encoder",)
@@ -62,17 +63,8 @@ class StableDiffusion(ModelFamily):
     def denoise(self, denoiser, noisy, t, cond: Condition):
         return denoiser(noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"]).sample
 
-    def pipeline_kwargs(self, parts: Components, scheduler) -> dict:
-        return {
-            "vae": parts.vae,
-            "text_encoder": parts.text_encoder,
-            "tokenizer": parts.tokenizer,
-            "unet": parts.denoiser,
-            "scheduler": scheduler,
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
+    def pipeline_options(self) -> dict:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -80,6 +72,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    pipeline_text_encoders = 2
     tokenizer_keys = ("tokenizer", "tokenizer_2")
     encoder_keys = ("text_encoder", "text_encoder_2")
 
@@ -113,15 +106,8 @@ class StableDiffusionXL(StableDiffusion):
             noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"], added_cond_kwargs=added
         ).sample
 
-    def pipeline_kwargs(self, parts, scheduler):
+    def pipeline_options(self) -> dict:
         return {
-            "vae": parts.vae,
-            "text_encoder": parts.text_encoder,
-            "text_encoder_2": parts.text_encoder_2,
-            "tokenizer": parts.tokenizer,
-            "tokenizer_2": parts.tokenizer_2,
-            "unet": parts.denoiser,
-            "scheduler": scheduler,
             "force_zeros_for_empty_prompt": self.zeros_for_empty_prompt,
             # Off: an invisible watermark would make the module's and the export's samples differ from the model's.
             "add_watermarker": False,
