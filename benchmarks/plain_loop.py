@@ -109,7 +109,9 @@ class PlainDreamBooth:
 # ------------------------------------------------------------------------------------------- as a standalone script
 def folder_batches(instance_dir, class_dir, instance_prompt, class_prompt, resolution, batch_size, seed=0):
     """Batches of the instance images paired with class images, as diffusers' ``train_dreambooth.py`` builds them:
-    PIL images resized and centre-cropped, in [-1, 1], shuffled each epoch."""
+    PIL images resized and centre-cropped, in [-1, 1], shuffled each epoch. Written out rather than taken from
+    ``lightning_ft.data.folder``: importing that package imports Lightning, whose import the start-up benchmark
+    measures separately (the same resize and centre crop, so the same pixels)."""
     from pathlib import Path
 
     import numpy as np

@@ -38,8 +38,9 @@ class FirstStepClock(L.Callback):
             print(json.dumps({MARK: time.time()}), flush=True)
 
 
-def class_folder_and_data() -> tuple[str, dict]:
-    """The experiment's data settings, and the folder of its class images (sampled now if missing, as a fit would)."""
+def class_folder_and_data() -> tuple[str, dict, str]:
+    """The folder of the experiment's class images (sampled now if missing, as a fit would), its data settings and
+    its pretrained model's folder."""
     from lightning.pytorch.cli import instantiate_class
 
     from benchmarks.step_cost import load_experiment
@@ -52,7 +53,7 @@ def class_folder_and_data() -> tuple[str, dict]:
     host.strategy.connect(module)
     datamodule.trainer = host
     datamodule.setup("fit")
-    return str(datamodule._generated_class_folder()), data
+    return str(datamodule._generated_class_folder()), data, model["init_args"]["pretrained"]
 
 
 #: The arms: the CLI, the plain script, and the plain script importing Lightning first (Lightning's own import cost,
@@ -60,16 +61,13 @@ def class_folder_and_data() -> tuple[str, dict]:
 ARMS = {"framework": "lightning-ft CLI", "plain": "plain script", "plain+lightning": "plain script + import lightning"}
 
 
-def command(arm: str, args, data: dict, class_dir: str, root: str) -> list[str]:
+def command(arm: str, args, data: dict, class_dir: str, pretrained: str, root: str) -> list[str]:
     if arm.startswith("plain"):
-        from benchmarks.step_cost import load_experiment
-
-        model, _ = load_experiment("experiments/dreambooth.yaml")
         runner = ["-m", "benchmarks.plain_loop"]
         if arm == "plain+lightning":
             script = "import lightning, runpy; runpy.run_module('benchmarks.plain_loop', run_name='__main__')"
             runner = ["-c", script]
-        return [sys.executable, *runner, "--pretrained", model["init_args"]["pretrained"],
+        return [sys.executable, *runner, "--pretrained", pretrained,
                 "--instance-dir", data["instance_dir"], "--class-dir", class_dir,
                 "--instance-prompt", data["instance_prompt"], "--class-prompt", data["class_prompt"],
                 "--resolution", str(data["resolution"]), "--batch-size", str(data["batch_size"]),
@@ -103,12 +101,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cpu", type=int, default=None, help="pin every process to this core")
     parser.add_argument("--out", default="benchmarks/results/startup")
     args = parser.parse_args(argv)
-    class_dir, data = class_folder_and_data()
+    class_dir, data, pretrained = class_folder_and_data()
     times = {name: [] for name in ARMS.values()}
     with tempfile.TemporaryDirectory() as root:
         for _ in range(args.rounds):
             for arm, name in ARMS.items():
-                times[name].append(time_to_first_step(command(arm, args, data, class_dir, root), args.cpu))
+                times[name].append(time_to_first_step(command(arm, args, data, class_dir, pretrained, root), args.cpu))
     reference = statistics.median(times["plain script"])
     rows = [
         {"arm": name, "device": args.device, "rounds": len(values),

@@ -176,16 +176,18 @@ def to_tensor(
     return to_tensor_with_geometry(image, resolution, center_crop, flip, rng)[0]
 
 
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(w, h) of an image of ``size`` (w, h) once its short side is resized to ``resolution``."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
 def distinct_views(image: Image.Image, resolution: int, center_crop: bool, flip: bool) -> int:
     """How many different tensors ``to_tensor_with_geometry`` can make of ``image``: crop positions (one for a centre
     crop) times two with ``flip``. A cache keyed by content (``cache_latents``) holds at most this many entries."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    positions = 1
-    if not center_crop:
-        positions = (max(resolution, round(w * scale)) - resolution + 1) * (
-            max(resolution, round(h * scale)) - resolution + 1
-        )
+    w, h = resized_size(image.size, resolution)
+    positions = 1 if center_crop else (w - resolution + 1) * (h - resolution + 1)
     return positions * (2 if flip else 1)
 
 
@@ -206,8 +208,7 @@ def to_tensor_with_geometry(
     ``size - resolution`` is even; the short side is resized to ``resolution`` exactly, so its offset is always 0."""
     w, h = image.size
     original_size = torch.tensor([h, w], dtype=torch.long)
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    size = resized_size((w, h), resolution)
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR, reducing_gap=None)
     w, h = image.size
