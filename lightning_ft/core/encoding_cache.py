@@ -35,21 +35,23 @@ class EncodingCache:
         return len(self.store)
 
     def lookup(self, keys: Sequence[Hashable], compute: Callable[[list[int]], torch.Tensor | dict]):
-        """Stack the values of ``keys``; ``compute(indices)`` returns the values of the missing ones, in order: a
-        tensor (batch on dim 0), or a dict of such tensors (then a dict of stacked tensors is returned)."""
+        """Stack the values of ``keys``; ``compute(indices)`` returns the values of the given (missing) ones, in
+        order: a tensor (batch on dim 0), or a dict of such tensors (then a dict of stacked tensors is returned). It is
+        called once per distinct missing key, with one index."""
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         first_seen = {}
         for i in missing:
             first_seen.setdefault(keys[i], i)
         unique = list(first_seen.values())
-        if unique:
-            computed = compute(unique)
+        for i in unique:
+            # One input at a time: kernels can round differently at another batch size, and a value must not depend
+            # on which other inputs it happened to be computed with (a resumed run starts with an empty cache and
+            # meets the inputs in other groups; its values, and so its weights, must be an unbroken run's).
+            computed = compute([i])
             if isinstance(computed, dict):
-                rows = [{name: value[j].detach() for name, value in computed.items()} for j in range(len(unique))]
+                self.store[keys[i]] = {name: value[0].detach() for name, value in computed.items()}
             else:
-                rows = [value.detach() for value in computed]
-            for i, value in zip(unique, rows):
-                self.store[keys[i]] = value
+                self.store[keys[i]] = computed[0].detach()
         self.hits += len(keys) - len(unique)
         self.misses += len(unique)
         for k in keys:
