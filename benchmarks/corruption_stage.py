@@ -50,7 +50,7 @@ from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
 from lightning_ft.callbacks.sample_grid import save_grid
-from lightning_ft.callbacks.stage_rules import StageReport, classify_stages
+from lightning_ft.report.stage_rules import StageReport, classify_stages
 
 RESULTS = REPO / "benchmarks" / "results"
 BASELINES = {"dreambooth": "DreamBooth", "dreambooth_lora": "LoRA"}

@@ -35,6 +35,7 @@ def step_rows(args) -> list[dict]:
 
 def sampling_rows(spec: dict) -> list[dict]:
     """Worker: time class-image and memory-bank generation (written to a temporary folder) for each count."""
+    from lightning_ft.core.families.inputs import SampleInputs
     from lightning_ft.data.class_images import generate_class_images
     from lightning_ft.data.memory_bank import generate_memory_bank
     from lightning_ft.methods import DreamBooth
@@ -47,11 +48,11 @@ def sampling_rows(spec: dict) -> list[dict]:
         module.generate(prompts=[prompt], seeds=[0], steps=2)  # warm-up
         for count in spec["counts"]:
             start = now(device)
-            generate_class_images(module, prompt, count, Path(tmp) / f"class_{count}")
+            generate_class_images(module, SampleInputs.of(prompts=[prompt] * count), Path(tmp) / f"class_{count}")
             class_s = now(device) - start
             start = now(device)
-            generate_memory_bank(module, Path(tmp) / f"bank_{count}", count, prompts=[""] * count, steps=25,
-                                 guidance_scale=1.0)  # fmt: skip
+            generate_memory_bank(module, Path(tmp) / f"bank_{count}", SampleInputs.of(prompts=[""] * count),
+                                 steps=25, guidance_scale=1.0)  # fmt: skip
             bank_s = now(device) - start
             rows.append({"count": count, "class_images_s": round(class_s, 2), "memory_bank_s": round(bank_s, 2),
                          "class_ms_per_image": round(1000 * class_s / count, 1),

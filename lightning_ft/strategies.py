@@ -4,8 +4,9 @@ Models too large for DDP (Flux, SD3.5 Large) are trained with Fully Sharded Data
 optimizer state are sharded across the ranks. Lightning's ``FSDPStrategy`` does the work; this subclass only sets
 what a diffusion fine-tune needs by default:
 
-- ``auto_wrap_policy``: every diffusers transformer block (UNet/DiT/PixArt ``BasicTransformerBlock``, SD3's
-  ``JointTransformerBlock``, Flux's double and single blocks, Sana's block) is its own FSDP unit, so that only
+- ``auto_wrap_policy``: every transformer block a model family declares (``ModelFamily.fsdp_blocks``: UNet/DiT/PixArt
+  ``BasicTransformerBlock``, SD3's ``JointTransformerBlock``, Flux's double and single blocks, ...) is its own FSDP
+  unit, so that only
   one block's full weights are gathered at a time; ``activation_checkpointing_policy`` the same blocks when
   ``activation_checkpointing=True``;
 - ``use_orig_params=True``: frozen and trainable weights (LoRA, A3FTA adapters, BNN) share units, and parameter
@@ -19,30 +20,15 @@ in each forward): leave them out of FSDP runs and sample the export instead. See
 
 from __future__ import annotations
 
-import importlib
-
 from lightning.pytorch.strategies import FSDPStrategy
-
-#: (module, class) of the diffusers blocks each made an FSDP unit; those missing from the installed diffusers are
-#: skipped.
-BLOCKS = (
-    ("diffusers.models.attention", "BasicTransformerBlock"),
-    ("diffusers.models.attention", "JointTransformerBlock"),
-    ("diffusers.models.transformers.transformer_flux", "FluxTransformerBlock"),
-    ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock"),
-    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock"),
-)
 
 
 def transformer_blocks() -> set[type]:
-    """The diffusers block classes of ``BLOCKS`` that the installed diffusers has."""
-    found = set()
-    for module, name in BLOCKS:
-        try:
-            found.add(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return found
+    """The block classes the model families declare as FSDP units (``ModelFamily.fsdp_blocks``), those the installed
+    diffusers has."""
+    from lightning_ft.core.families import fsdp_block_classes
+
+    return fsdp_block_classes()
 
 
 class DiffusionFSDP(FSDPStrategy):

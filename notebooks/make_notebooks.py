@@ -63,7 +63,7 @@ plt.tight_layout()"""),
     new_markdown_cell("""The corruption-stage monitor's curves (`corruption_stage.csv`): subject identity to the
 instance images, read against its two levels (the class prior: what the pretrained model drew for the class prompt;
 the ceiling: what a perfect copy scores through the autoencoder), the high-frequency corruption score,
-memorisation, and the stage verdict (see `lightning_ft/callbacks/stage_rules.py`)."""),
+memorisation, and the stage verdict (see `lightning_ft/report/stage_rules.py`)."""),
     new_code_cell("""import csv
 
 with open(log_dir / "corruption_stage.csv") as handle:

@@ -36,10 +36,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ft.callbacks.periodic import PeriodicEvaluation
-from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport, classify_stages
 from lightning_ft.data.folder import list_images, load_image, to_tensor
 from lightning_ft.metrics import as_backbone, diversity, features, high_frequency_energy, memorisation, subject_fidelity
 from lightning_ft.metrics.backbones import model_backbones, resolve_backbone
+from lightning_ft.report.stage_rules import STAGE_CODES, StageReport, classify_stages
 
 CSV_COLUMNS = (
     "step", "fidelity", "progress", "score", "memorisation", "diversity", "hf_energy", "class_prior", "ceiling",
@@ -178,20 +178,13 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             raise ValueError("CorruptionStageMonitor: no instance images; pass instance_dir or use LimitedDataModule")
         return list(dataset.images)
 
-    def _conditions(self, trainer: L.Trainer, pl_module) -> tuple[str | None, list | None]:
-        """("prompts", [...]) for text models, ("labels", [...]) for class-conditional ones, (None, None) else."""
+    def _conditions(self, trainer: L.Trainer, pl_module):
+        """What the monitor's samples are asked with (``SampleInputs``): its own prompts or labels, else the data's
+        distinct captions or labels; the model's family keeps what it reads and names what is missing."""
         dataset = getattr(trainer.datamodule, "dataset", None)
-        if pl_module.conditioning == "text":
-            prompts = self.prompts or list(dict.fromkeys(getattr(dataset, "prompts", None) or []))
-            if not prompts:
-                raise ValueError("CorruptionStageMonitor: a text model needs prompts (none given, none in the data)")
-            return "prompts", prompts
-        if pl_module.conditioning == "class":
-            labels = self.labels or list(dict.fromkeys(getattr(dataset, "labels", None) or []))
-            if not labels:
-                raise ValueError("CorruptionStageMonitor: a class-conditional model needs labels")
-            return "labels", labels
-        return None, None
+        prompts = self.prompts or list(dict.fromkeys(getattr(dataset, "prompts", None) or [])) or None
+        labels = self.labels or list(dict.fromkeys(getattr(dataset, "labels", None) or [])) or None
+        return pl_module.family.sample_inputs(prompts, labels, 1, where="CorruptionStageMonitor (prompts or labels)")
 
     def reference(self, size: int) -> tuple[torch.Tensor, float]:
         """Features and mean high-frequency energy of the instance images centre-cropped to ``size`` pixels."""
@@ -232,7 +225,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             copies = own
         levels["ceiling"] = subject_fidelity(copies, ref)
         class_prompt = self.class_prompt or dict(getattr(trainer.datamodule, "hparams", {})).get("class_prompt")
-        if class_prompt and self.conditions[0] == "prompts":
+        if class_prompt and self.conditions.prompts is not None:
             with torch.random.fork_rng(devices=[]):
                 prior = pl_module.generate(
                     prompts=[class_prompt] * len(self.seeds),
@@ -254,18 +247,36 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         span = ceiling - prior
         return (fidelity - prior) / span if span == span and span > 0 else float("nan")
 
+    # -------------------------------------------------------------------------------------- model card
+    def card_metrics(self) -> list[tuple[str, str, str]]:
+        """The last point's scores as (name, value, what it is), for the export's model card."""
+        if not self.history:
+            return []
+        last = self.history[-1]
+        step = last["step"]
+        metrics = [("subject fidelity", f"{last['fidelity']:.3f}",
+                    f"mean cosine similarity of the monitor's samples to the instance images, step {step}")]
+        progress = last.get("progress")
+        if progress is not None and progress == progress:
+            metrics.append(("progress", f"{progress:.2f}",
+                            "0 = the class prior, 1 = the ceiling (autoencoder round trips of the subject)"))
+        metrics.append(("memorisation", f"{last['memorisation']:.3f}", "mean nearest-instance similarity"))
+        metrics.append(("diversity", f"{last['diversity']:.3f}", "mean pairwise feature distance of samples"))
+        return metrics  # fmt: skip
+
+    def verdict(self) -> str | None:
+        """The stage report's one-line summary (None before the end of training)."""
+        return self.report.summary() if self.history and self.report is not None else None
+
     # ----------------------------------------------------------------------------------------- measurement
     def sample(self, pl_module) -> torch.Tensor:
-        key, conds = self.conditions
+        inputs = self.conditions
         kwargs = {"steps": self.steps, "guidance_scale": self.guidance_scale}
         # Generators are seeded per image, but the global RNG is forked anyway so that a run's training noise
         # is the same with and without the monitor.
         with torch.random.fork_rng(devices=[]):
-            if key is None:
-                return pl_module.generate(seeds=self.seeds, **kwargs)
-            expanded = [c for c in conds for _ in self.seeds]
-            seeds = [s for _ in conds for s in self.seeds]
-            return pl_module.generate(**{key: expanded}, seeds=seeds, **kwargs)
+            seeds = [s for _ in range(len(inputs)) for s in self.seeds]
+            return pl_module.generate(**inputs.each(len(self.seeds)).generate_kwargs(), seeds=seeds, **kwargs)
 
     def measure(self, pl_module, step: int) -> dict:
         """One history point: sample, then score against the instance images."""

@@ -107,14 +107,21 @@ class FIDMonitor(PeriodicEvaluation):
 
     # ------------------------------------------------------------------------------------------------ scoring
     def _conditions(self, trainer: L.Trainer, pl_module) -> dict:
-        n = self.num_samples
-        if pl_module.conditioning == "text":
-            prompts = self.prompts or list(getattr(trainer.datamodule.dataset, "prompts", None) or [""])
-            return {"prompts": [prompts[i % len(prompts)] for i in range(n)]}
-        if pl_module.conditioning == "class":
-            labels = self.labels or list(getattr(trainer.datamodule.dataset, "labels", None) or [0])
-            return {"labels": [labels[i % len(labels)] for i in range(n)]}
-        return {}
+        """``generate``'s inputs for ``num_samples`` samples: the monitor's or the data's prompts or labels, cycled
+        (the model's family keeps what it reads; a text model with no prompts anywhere gets the empty prompt)."""
+        dataset = getattr(trainer.datamodule, "dataset", None)
+        prompts = self.prompts or list(getattr(dataset, "prompts", None) or [""])
+        labels = self.labels or list(getattr(dataset, "labels", None) or [0])
+        inputs = pl_module.family.sample_inputs(prompts, labels, self.num_samples, where="FIDMonitor")
+        return inputs.cycle(self.num_samples).generate_kwargs()
+
+    def card_metrics(self) -> list[tuple[str, str, str]]:
+        """The last FID/KID with their sample counts, for the export's model card."""
+        if not self.history:
+            return []
+        last = self.history[-1]
+        counts = f"{last['num_samples']} samples vs {last['num_reference']} reference images, step {last['step']}"
+        return [("FID", f"{last['fid']:.2f}", counts), ("KID x 1000", f"{last['kid_x1000']:.2f}", counts)]
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> None:
         step = trainer.global_step

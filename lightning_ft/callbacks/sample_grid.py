@@ -64,14 +64,17 @@ class SampleGridLogger(L.Callback):
         )
         self._last_step = -1
 
+    def grid_inputs(self, pl_module):
+        """What each row of the grid is asked with (``SampleInputs``, one per row): the model's family keeps the
+        prompts or labels it reads; with neither given, one row asked with nothing (an unconditional model, or a
+        method that samples from its own inputs, as ANL from its reference images)."""
+        return pl_module.family.sample_inputs(self.prompts, self.labels, 1, where="SampleGridLogger", required=False)
+
     def sample(self, pl_module) -> torch.Tensor:
-        conds = self.prompts if self.prompts is not None else self.labels
-        if conds is None:
-            return pl_module.generate(seeds=self.seeds, steps=self.steps)
-        expanded = [c for c in conds for _ in self.seeds]
-        seeds = [s for _ in conds for s in self.seeds]
-        key = "prompts" if self.prompts is not None else "labels"
-        return pl_module.generate(**{key: expanded}, seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale)
+        rows = self.grid_inputs(pl_module)
+        seeds = [s for _ in range(len(rows)) for s in self.seeds]
+        kwargs = rows.each(len(self.seeds)).generate_kwargs()
+        return pl_module.generate(**kwargs, seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale)
 
     def log_grid(self, trainer: L.Trainer, pl_module) -> Path | None:
         step = trainer.global_step

@@ -24,6 +24,7 @@ Checkpoints hold only the trainable parameters (plus EMA and optimizer state) an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -33,11 +34,11 @@ import lightning as L
 import torch
 
 from lightning_ft.core.checks import check_model_settings
-from lightning_ft.core.components import Components, load_components
+from lightning_ft.core.components import Components, load_components, pipeline_class_of
 from lightning_ft.core.ema_resume import EMAResumeMixin
 from lightning_ft.core.encoding import EncodingMixin, decide_latent_cache
 from lightning_ft.core.encoding_cache import EncodingCache
-from lightning_ft.core.families import make_family
+from lightning_ft.core.families import family_class, family_for_pipeline, make_family
 from lightning_ft.core.noise_process import noise_process_for, process_kind
 from lightning_ft.core.objective import ObjectiveMixin
 from lightning_ft.core.optimization import OptimizationMixin
@@ -116,6 +117,9 @@ class DiffusionBase(
         max_sequence_length: T5 tokens of the context of SD3, Flux and PixArt (default None: the pipeline's
             default, 256 / 512 / 300). Another length is recorded in the export's ``lightning_ft.json``
             (``pipeline_call``), since the pipeline must be called with it to sample the model as it was trained.
+        precondition_outputs: flow matching: score the x0 the prediction implies against x0 (the flow loss times
+            sigma^2), as diffusers' SD3 DreamBooth scripts do by default (``--precondition_outputs 1``) (default None:
+            the family's, True for SD3 as its scripts, False for the other flow families as theirs).
         backbones: the metric backbones this model is scored with, by role (``identity``, ``fid``, ``prompt``,
             ``condition``: ``{role: {"name": ..., "path": ...}}``, as in a folder's ``lightning_ft.json``; default
             None: what the pretrained folder declares). The monitors' and ANL's ``auto`` read it; exports keep it.
@@ -178,6 +182,7 @@ class DiffusionBase(
         sample_resolution: int | None = None,
         max_sequence_length: int | None = None,
         backbones: dict | None = None,
+        precondition_outputs: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -189,14 +194,25 @@ class DiffusionBase(
                     f"model.pretrained={pretrained!r} was exported by {owner}: its inserted modules ({folder}/) are "
                     f"part of the model; load it with lightning_ft.methods.{owner}"
                 )
-        parts = load_components(pretrained, components)
+        # The family of a folder is known from its model_index.json before its components load: it says which
+        # optional components the folder may list (anything else is refused by name).
+        known = family_class(family) if family else family_for_pipeline(pipeline_class_of(pretrained))
+        parts = load_components(pretrained, components, known.accepted_components() if known else ())
         self.denoiser = parts.denoiser
         self.vae = parts.vae
-        self.text_encoder, self.tokenizer = parts.text_encoder, parts.tokenizer
-        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
-        self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
-        self._pipeline_info = (parts.pipeline_class, parts.pipeline_config, parts.declared)
+        # Each text encoder (and tokenizer) is an attribute under its component key (text_encoder, text_encoder_2,
+        # ...): the encoders are submodules that checkpoints, devices and dtypes reach.
+        self.text_encoder_keys = tuple(sorted(parts.text_encoders))
+        for key, component in (*parts.text_encoders.items(), *parts.tokenizers.items()):
+            setattr(self, key, component)
+        self._pipeline_info = (parts.pipeline_class, parts.pipeline_config, parts.declared, parts.tokenizers,
+                               parts.extras)  # fmt: skip
         self.family = make_family(parts, family, null_class)
+        for setting, value in self.family.vae_defaults.items():
+            if self.vae is not None and self.vae.config.get(setting) is None:
+                # A VAE made for another family (e.g. the embedded SD-style one under an SD3 transformer) lacks a
+                # setting this family's pipelines read: give it the value that means "none".
+                self.vae.register_to_config(**{setting: value})
         if max_sequence_length is not None:
             if not hasattr(self.family, "max_sequence_length"):
                 raise ValueError(f"model.max_sequence_length: the {self.family.name} family has no T5 context")
@@ -205,7 +221,9 @@ class DiffusionBase(
         where = "model.pretrained" if pretrained else "model.components.scheduler"
         flow = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale,
                 "loss_weighting": loss_weighting, "shift": flow_shift,
-                "tokens_per_latent": self.family.tokens_per_latent}  # fmt: skip
+                "tokens_per_latent": self.family.tokens_per_latent,
+                "precondition_outputs": bool(self.family.precondition_outputs if precondition_outputs is None
+                                             else precondition_outputs)}  # fmt: skip
         try:
             kind = process_kind(parts.scheduler)
         except ValueError as error:
@@ -217,10 +235,14 @@ class DiffusionBase(
             )
         density = timestep_density or self.family.default_timestep_density
         self.noise_process = noise_process_for(parts.scheduler, where, prediction_type, density, flow)
-        if self.noise_process.kind != "flow_matching" and (loss_weighting != "none" or flow_shift is not None):
-            raise ValueError("model.loss_weighting / model.flow_shift are settings of flow-matching models")
+        flow_only = loss_weighting != "none" or flow_shift is not None or precondition_outputs
+        if self.noise_process.kind != "flow_matching" and flow_only:
+            raise ValueError(
+                "model.loss_weighting / model.flow_shift / model.precondition_outputs are settings of flow-matching "
+                "models"
+            )
         self.noise_scheduler = self.noise_process.scheduler
-        for frozen in (self.vae, *parts.text_encoders):
+        for frozen in (self.vae, *parts.encoders):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
         self.frozen_denoiser = None
@@ -228,13 +250,13 @@ class DiffusionBase(
             self.frozen_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         if frozen_dtype is not None:
             dtype = getattr(torch, frozen_dtype)
-            for frozen in (self.vae, self.frozen_denoiser, *([] if train_text_encoder else parts.text_encoders)):
+            for frozen in (self.vae, self.frozen_denoiser, *([] if train_text_encoder else parts.encoders)):
                 if frozen is not None:
                     frozen.to(dtype)
         self.configure_trainable()
         apply_speed_options(
             self.denoiser,
-            self.parts.text_encoders if train_text_encoder else None,
+            self.parts.encoders if train_text_encoder else None,
             attention=attention,
             channels_last=channels_last,
             gradient_checkpointing=gradient_checkpointing,
@@ -256,16 +278,12 @@ class DiffusionBase(
     @property
     def parts(self) -> Components:
         """The components as one object (shares the modules), for the family and the pipeline."""
-        pipeline_class, pipeline_config, declared = self._pipeline_info
+        pipeline_class, pipeline_config, declared, tokenizers, extras = self._pipeline_info
+        encoders = {key: getattr(self, key) for key in self.text_encoder_keys}
         return Components(
-            self.denoiser, self.noise_scheduler, self.vae, self.text_encoder, self.tokenizer, self.text_encoder_2,
-            self.tokenizer_2, self.text_encoder_3, self.tokenizer_3, pipeline_class, pipeline_config, declared,
+            self.denoiser, self.noise_scheduler, self.vae, encoders, dict(tokenizers), dict(extras), pipeline_class,
+            pipeline_config, declared,
         )  # fmt: skip
-
-    @property
-    def conditioning(self) -> str:
-        """``text``, ``class`` or ``none``: what the family's inputs are (prompts, labels, nothing)."""
-        return self.family.kind
 
     @property
     def null_class(self) -> int | None:
@@ -292,9 +310,23 @@ class DiffusionBase(
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def native_resolution(self) -> int:
-        """Image side the model samples at: ``sample_resolution`` if set, else the side the denoiser was built for
-        (its sample size times the VAE's downsampling factor; Flux: its pipeline's default)."""
-        return self.hparams.sample_resolution or self.family.native_resolution(self.parts)
+        """Image side the model samples at: the side of a ``sampling_at`` block, else ``sample_resolution`` if set,
+        else the side the denoiser was built for (its sample size times the VAE's downsampling factor; Flux: its
+        pipeline's default)."""
+        side = getattr(self, "_sampling_side", None)
+        return side or self.hparams.sample_resolution or self.family.native_resolution(self.parts)
+
+    @contextlib.contextmanager
+    def sampling_at(self, side: int | None):
+        """Within this block the model samples ``side`` px images (None: as it would anyway): training data it samples
+        itself (class images, memory banks) is drawn at the training resolution, not at a pipeline default of 1024
+        px that a config without a sample size (Flux) falls back to."""
+        before = getattr(self, "_sampling_side", None)
+        self._sampling_side = side or before
+        try:
+            yield
+        finally:
+            self._sampling_side = before
 
     def vae_scale_factor(self) -> int:
         return self.family.vae_scale_factor(self.parts)
@@ -326,7 +358,7 @@ class DiffusionBase(
         targets = h.lora_target_modules or self.family.default_lora_targets(self.denoiser)
         apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, targets, h.lora_dropout)
         if h.train_text_encoder:
-            for encoder in self.parts.text_encoders:  # every one: SDXL trains both, as diffusers' SDXL scripts
+            for encoder in self.parts.encoders:  # every one: SDXL trains both, as diffusers' SDXL scripts
                 encoder.requires_grad_(True)
 
     def train(self, mode: bool = True):
@@ -336,12 +368,14 @@ class DiffusionBase(
             if frozen is not None:
                 frozen.eval()
         if not self.hparams.train_text_encoder:
-            for encoder in self.parts.text_encoders:
+            for encoder in self.parts.encoders:
                 encoder.eval()
         return self
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Images in [0, 1] for ``batch['prompts']`` (or ``batch['class_labels']``) with ``batch['seeds']``."""
-        key = self.family.input_key
-        inputs = {"prompts": batch.get("prompts"), "labels": batch.get("class_labels")}.get(key)
-        return self.generate(**({key: inputs} if key else {}), seeds=[int(s) for s in batch["seeds"]])
+        seeds = [int(s) for s in batch["seeds"]]
+        labels = batch.get("class_labels")
+        labels = [int(label) for label in labels] if labels is not None else None
+        inputs = self.family.sample_inputs(batch.get("prompts"), labels, len(seeds), where="predict")
+        return self.generate(**inputs.generate_kwargs(), seeds=seeds)

@@ -4,13 +4,14 @@ A model comes either from a diffusers folder or hub id (``pretrained``), read co
 ``model_index.json``, or from config dicts (tests, pretraining from scratch). Each entry of ``components`` is
 ``{"class": "UNet2DConditionModel", "config": {...}}`` (built fresh) or ``{"pretrained": PATH}`` /
 ``{"class": ..., "pretrained": PATH, "subfolder": ...}`` (loaded); the tokenizer may also be
-``{"words": [...], "model_max_length": N}`` (a word-level tokenizer built offline). Entries given in
-``components`` override the same entry of ``pretrained``.
+``{"words": [...], "model_max_length": N}`` (a word-level tokenizer built offline; ``chat_template``: its chat
+template, for pipelines that apply one). Entries given in ``components`` override the same entry of ``pretrained``.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,34 +22,55 @@ from lightning_ft.core.tokenizer import build_word_tokenizer
 
 # model_index.json names the denoiser "unet" (UNets) or "transformer" (DiT); both are the denoiser here.
 DENOISER_KEYS = ("unet", "transformer")
-TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TOKENIZER_KEYS = ("tokenizer", "tokenizer_2", "tokenizer_3")
-COMPONENT_KEYS = ("denoiser", "scheduler", "vae", *TEXT_ENCODER_KEYS, *TOKENIZER_KEYS)
+#: Text encoders and tokenizers: any number, ``text_encoder``, ``text_encoder_2``, ... paired by their suffix.
+TEXT_ENCODER_KEY = re.compile(r"text_encoder(_\d+)?")
+TOKENIZER_KEY = re.compile(r"tokenizer(_\d+)?")
+CORE_KEYS = ("denoiser", "scheduler", "vae")
+
+
+def is_text_key(key: str) -> bool:
+    return bool(TEXT_ENCODER_KEY.fullmatch(key) or TOKENIZER_KEY.fullmatch(key))
+
+
+def tokenizer_key(encoder_key: str) -> str:
+    """``text_encoder_2`` -> ``tokenizer_2``: the tokenizer paired with a text encoder."""
+    return "tokenizer" + encoder_key.removeprefix("text_encoder")
 
 
 @dataclass
 class Components:
-    """The loaded parts; the optional ones are ``None`` when the model has none. ``pipeline_class`` and
-    ``pipeline_config`` are the folder's ``model_index.json`` class and settings (e.g. SDXL's
+    """The loaded parts. ``text_encoders`` and ``tokenizers`` map the folder's component keys (``text_encoder``,
+    ``text_encoder_2``, ...) to modules, as many as the model has; ``parts.text_encoder_2`` reads the mapping
+    (None when absent). ``extras``: other components the family accepts (e.g. an image encoder).
+    ``pipeline_class`` and ``pipeline_config`` are the folder's ``model_index.json`` class and settings (e.g. SDXL's
     ``force_zeros_for_empty_prompt``); None and empty for a model built from configs."""
 
     denoiser: torch.nn.Module
     scheduler: Any
     vae: torch.nn.Module | None = None
-    text_encoder: torch.nn.Module | None = None
-    tokenizer: Any = None
-    text_encoder_2: torch.nn.Module | None = None
-    tokenizer_2: Any = None
-    text_encoder_3: torch.nn.Module | None = None
-    tokenizer_3: Any = None
+    text_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str | None = None
     pipeline_config: dict = field(default_factory=dict)
     #: What the folder's ``lightning_ft.json`` records (metric backbones, a DiT export's real class count).
     declared: dict = field(default_factory=dict)
 
+    def __getattr__(self, name: str):
+        # Only reached for names that are not fields: text_encoder*, tokenizer* and extras read their mappings.
+        if TEXT_ENCODER_KEY.fullmatch(name):
+            return self.__dict__["text_encoders"].get(name)
+        if TOKENIZER_KEY.fullmatch(name):
+            return self.__dict__["tokenizers"].get(name)
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(name)
+
     @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
+    def encoders(self) -> list[torch.nn.Module]:
+        """The text encoders, in key order."""
+        return [self.text_encoders[k] for k in sorted(self.text_encoders) if self.text_encoders[k] is not None]
 
 
 def _import_class(name: str):
@@ -83,8 +105,11 @@ def _load_pretrained_entry(cls_name: str, path: str, subfolder: str | None):
 def _build_entry(key: str, spec: dict):
     if not isinstance(spec, dict):
         raise TypeError(f"model.components.{key} must be a mapping, got {type(spec).__name__}: {spec!r}")
-    if key in TOKENIZER_KEYS and "words" in spec:
-        return build_word_tokenizer(spec["words"], spec.get("model_max_length", 16))
+    if TOKENIZER_KEY.fullmatch(key) and "words" in spec:
+        try:  # every setting of the word-level builder (length, chat template, added tokens, wrapping)
+            return build_word_tokenizer(**spec)
+        except TypeError as error:
+            raise ValueError(f"model.components.{key}: {error}") from None
     if "pretrained" in spec:
         path = spec["pretrained"]
         check_pretrained(path, f"model.components.{key}.pretrained")
@@ -124,13 +149,44 @@ def _load_from_folder_config(path: str, subfolder: str | None, key: str):
     raise FileNotFoundError(f"model.components.{key}: no config naming a class in {folder}")
 
 
-def load_components(pretrained: str | None = None, components: dict | None = None) -> Components:
-    """Load ``pretrained`` (folder or hub id) and/or build ``components``; see the module docstring."""
+def pipeline_class_of(pretrained: str | None) -> str | None:
+    """The ``_class_name`` of a folder's (or hub id's) ``model_index.json``; None without ``pretrained``."""
+    if pretrained is None:
+        return None
+    check_pretrained(pretrained)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(pretrained).get("_class_name")
+
+
+def load_components(
+    pretrained: str | None = None, components: dict | None = None, extras: tuple[str, ...] = ()
+) -> Components:
+    """Load ``pretrained`` (folder or hub id) and/or build ``components``; see the module docstring.
+
+    ``extras``: the component keys, besides the denoiser, scheduler, VAE, text encoders and tokenizers, that the
+    model's family accepts (e.g. an SD folder's ``safety_checker``): a folder's are not loaded (neither trained nor
+    exported), ``components`` entries are kept in ``Components.extras``. A folder listing any other component is refused
+    by name: dropping it would train and export another model (an LDM's ``vqvae`` is its autoencoder)."""
     components = dict(components or {})
-    unknown = set(components) - set(COMPONENT_KEYS)
+    unknown = [k for k in components if k not in CORE_KEYS and not is_text_key(k) and k not in extras]
     if unknown:
-        raise ValueError(f"model.components has unknown keys {sorted(unknown)}; expected some of {COMPONENT_KEYS}")
-    parts: dict[str, Any] = {}
+        raise ValueError(
+            f"model.components has unknown keys {sorted(unknown)}; expected denoiser, scheduler, vae, text_encoder*, "
+            f"tokenizer*{''.join(', ' + e for e in extras)}"
+        )
+    parts: dict[str, Any] = {"text_encoders": {}, "tokenizers": {}, "extras": {}}
+
+    def put(key: str, value) -> None:
+        if TEXT_ENCODER_KEY.fullmatch(key):
+            parts["text_encoders"][key] = value
+        elif TOKENIZER_KEY.fullmatch(key):
+            parts["tokenizers"][key] = value
+        elif key in extras:
+            parts["extras"][key] = value
+        else:
+            parts[key] = value
+
     if pretrained is not None:
         check_pretrained(pretrained)
         from diffusers import DiffusionPipeline
@@ -145,28 +201,46 @@ def load_components(pretrained: str | None = None, components: dict | None = Non
             import json
 
             parts["declared"] = json.loads(record.read_text())
-        for name, value in index.items():
-            if name.startswith("_") or not isinstance(value, (list, tuple)) or value[1] is None:
+        listed = {n: v for n, v in index.items() if not n.startswith("_") and isinstance(v, (list, tuple))}
+        strange = [f"{n} ({v[1]})" for n, v in listed.items()
+                   if v[1] is not None and n not in DENOISER_KEYS and n not in CORE_KEYS and not is_text_key(n)
+                   and n not in extras and n not in components]  # fmt: skip
+        if strange:
+            raise ValueError(
+                f"model.pretrained={pretrained!r}: its model_index.json ({parts['pipeline_class']}) lists components "
+                f"lightning-ft does not know: {', '.join(strange)}. Training without them would train and export "
+                "another model, so the folder is refused"
+            )
+        for name, value in listed.items():
+            if value[1] is None or name in extras:  # optional parts the family does not use (a safety checker)
                 continue
             key = "denoiser" if name in DENOISER_KEYS else name
-            if key in COMPONENT_KEYS and key not in components:
-                local = Path(pretrained).expanduser()
-                if local.is_dir() and not (local / name).is_dir():
-                    # diffusers would say only "no file named config.json found in directory <folder>".
-                    raise FileNotFoundError(
-                        f"model.pretrained={pretrained!r}: its model_index.json lists the {key} {name!r} "
-                        f"({value[1]}), but the folder has no {name}/ subfolder"
-                    )
-                parts[key] = _load_pretrained_entry(value[1], pretrained, name)
+            if key in components:
+                continue
+            local = Path(pretrained).expanduser()
+            if local.is_dir() and not (local / name).is_dir():
+                # diffusers would say only "no file named config.json found in directory <folder>".
+                raise FileNotFoundError(
+                    f"model.pretrained={pretrained!r}: its model_index.json lists the {key} {name!r} "
+                    f"({value[1]}), but the folder has no {name}/ subfolder"
+                )
+            put(key, _load_pretrained_entry(value[1], pretrained, name))
     for key, spec in components.items():
         if spec is not None:
-            parts[key] = _build_entry(key, spec)
+            put(key, _build_entry(key, spec))
+        elif is_text_key(key):  # an explicit None drops the folder's component (e.g. SD3 without T5)
+            parts["text_encoders"].pop(key, None)
+            parts["tokenizers"].pop(key, None)
+        else:
+            put(key, None)
     for required in ("denoiser", "scheduler"):
-        if required not in parts:
+        if parts.get(required) is None:
             raise ValueError(f"the model has no {required}: give model.pretrained or model.components.{required}")
-    for encoder, tokenizer in zip(TEXT_ENCODER_KEYS, TOKENIZER_KEYS):
-        if (parts.get(encoder) is None) != (parts.get(tokenizer) is None):
+    paired = {"text_encoder" + k.removeprefix("tokenizer") for k in parts["tokenizers"]}
+    for encoder in sorted(set(parts["text_encoders"]) | paired):
+        if (parts["text_encoders"].get(encoder) is None) != (parts["tokenizers"].get(tokenizer_key(encoder)) is None):
             raise ValueError(
-                f"model: a text encoder needs a tokenizer and vice versa (components.{encoder}/{tokenizer})"
+                f"model: a text encoder needs a tokenizer and vice versa "
+                f"(components.{encoder}/{tokenizer_key(encoder)})"
             )
     return Components(**parts)

@@ -79,11 +79,7 @@ class EncodingMixin:
 
         def posterior(indices: list[int]) -> torch.Tensor:
             with torch.no_grad():
-                encoded = self.vae.encode(pixel_values[indices].to(parameter_dtype(self.vae)))
-            dist = getattr(encoded, "latent_dist", None)
-            if dist is None:  # a deterministic autoencoder (Sana's AutoencoderDC): its latent, with zero spread
-                return torch.stack([encoded.latent, torch.zeros_like(encoded.latent)], dim=1)
-            return torch.stack([dist.mean, dist.std], dim=1)
+                return self.family.vae_posterior(self.vae, pixel_values[indices].to(parameter_dtype(self.vae)))
 
         if self.latent_cache is not None:
             if keys is None or len(keys) != len(pixel_values):
@@ -98,11 +94,10 @@ class EncodingMixin:
             eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         else:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        latents = mean + std * eps
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = self.family.model_latents(self.vae, mean + std * eps)
         # Contiguous: some VAEs return channels-last latents, and diffusers' resnets then take other conv kernels in
         # train and eval mode, so a student and its frozen teacher would differ by ~1e-6 with equal weights.
-        return ((latents - shift) * self.vae.config.scaling_factor).to(pixel_values.dtype).contiguous()
+        return latents.to(pixel_values.dtype).contiguous()
 
     def image_keys(self, batch: dict, *fields: str) -> list | None:
         """The cache keys of the images of ``fields`` of ``batch`` (default ``pixel_values``), concatenated, or None

@@ -139,7 +139,9 @@ class DDPMProcess(NoiseProcess):
     """The DDPM forward process of a beta schedule, with an epsilon / v / sample target (module docstring).
 
     Args:
-        scheduler: the model's scheduler (any of ``DDPM_SCHEDULERS``); its config builds a ``DDPMScheduler``.
+        scheduler: the model's scheduler (any of ``DDPM_SCHEDULERS``); its config builds a ``DDPMScheduler``, and
+            it is kept as ``model_scheduler``: the sampler its folder ships (e.g. SD1.5's PNDM, SDXL's Euler), which
+            sampling and export keep, as diffusers' DreamBooth scripts keep the base folder's scheduler.
         prediction_type: override the scheduler's prediction type (default None: the scheduler's).
     """
 
@@ -147,8 +149,10 @@ class DDPMProcess(NoiseProcess):
 
     def __init__(self, scheduler, prediction_type: str | None = None):
         self.scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.model_scheduler = type(scheduler).from_config(scheduler.config)
         if prediction_type is not None:
             self.scheduler.register_to_config(prediction_type=prediction_type)
+            self.model_scheduler.register_to_config(prediction_type=prediction_type)
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES} for a DDPM scheduler"
@@ -231,6 +235,8 @@ class FlowMatchingProcess(NoiseProcess):
             the resolution-dependent shift (default 4).
         model_scheduler: the scheduler the model ships for sampling when it is not ``scheduler`` itself (Sana's
             DPM-Solver over flow sigmas); sampling and export use it (default None: ``scheduler``).
+        precondition_outputs: score the implied x0 instead of the velocity, as diffusers' SD3 scripts do with
+            ``--precondition_outputs 1``: the loss times sigma^2 (default False).
     """
 
     kind = FLOW_MATCHING
@@ -246,6 +252,7 @@ class FlowMatchingProcess(NoiseProcess):
         shift: float | None = None,
         tokens_per_latent: int = 4,
         model_scheduler=None,
+        precondition_outputs: bool = False,
     ):
         if density not in TIMESTEP_DENSITIES:
             raise ValueError(f"model.timestep_density={density!r} is not one of {TIMESTEP_DENSITIES}")
@@ -258,6 +265,7 @@ class FlowMatchingProcess(NoiseProcess):
         self.density, self.loss_weighting = density, loss_weighting
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.shift, self.tokens_per_latent = shift, tokens_per_latent
+        self.precondition_outputs = precondition_outputs
         self.image_shape: tuple[int, ...] | None = None  # the latent shape last noised (resolution-dependent shift)
 
     @property
@@ -329,7 +337,13 @@ class FlowMatchingProcess(NoiseProcess):
         )
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        return compute_loss_weighting_for_sd3(self.loss_weighting, self.sigmas(t)).to(t.device).float()
+        sigmas = self.sigmas(t)
+        weights = compute_loss_weighting_for_sd3(self.loss_weighting, sigmas)
+        if self.precondition_outputs:
+            # diffusers' SD3 scripts (--precondition_outputs 1) score the x0 the prediction implies, x_t - sigma v,
+            # against x0: that difference is sigma (eps - x0 - v), i.e. the flow loss weighted by sigma^2.
+            weights = weights * sigmas**2
+        return weights.to(t.device).float()
 
     def model_timesteps(self, t: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
         """1000 sigma (``num_train_timesteps`` x sigma), as the SD3 / Flux pipelines give their transformers."""

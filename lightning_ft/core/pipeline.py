@@ -7,15 +7,16 @@ by the exported folder (loaded with plain ``DiffusionPipeline.from_pretrained``)
 
 from __future__ import annotations
 
-from lightning_ft.core.families.class_conditional import denoise_loop
+from lightning_ft.core.sampling_loop import denoise_loop
 
 __all__ = ["denoise_loop", "sampling_scheduler"]
 
 
 def sampling_scheduler(train_scheduler, name: str | None = None, overrides: dict | None = None):
     """A sampling scheduler made from ``train_scheduler``'s config (same betas or sigmas and prediction type).
-    ``name`` None: ``DDIMScheduler`` for a DDPM training scheduler, else the scheduler's own class (a flow model
-    samples with the scheduler it ships, e.g. SD3's and Flux's ``FlowMatchEulerDiscreteScheduler``)."""
+    ``name`` None: the model's own scheduler class (the one its folder ships: SD1.5's PNDM, SDXL's Euler, a flow
+    model's ``FlowMatchEulerDiscreteScheduler``), except a plain ``DDPMScheduler`` (a training scheduler, whose
+    ancestral sampling needs hundreds of steps), which samples with ``DDIMScheduler``."""
     import diffusers
 
     if name is None:

@@ -64,9 +64,7 @@ class SamplingExportMixin:
         ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
         n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
         steps, guidance, seeds = self.sampling_settings(n, seeds, steps, guidance_scale)
-        inputs = prompts if self.family.input_key == "prompts" else labels
-        if self.family.input_key is not None and inputs is None:
-            raise ValueError(f"generate: this {self.family.describe()} model needs {self.family.input_key}")
+        inputs = self.family.sample_inputs(prompts, labels, n)
         chunks = []
         with self.sampling_weights():
             pipe = self.build_pipeline()
@@ -74,7 +72,7 @@ class SamplingExportMixin:
                 pipe.set_progress_bar_config(disable=True)
             for start in range(0, n, batch_size):
                 part = slice(start, start + batch_size)
-                chunk = inputs[part] if inputs is not None else None
+                chunk = inputs[part]
                 chunks.append(self.family.sample(self, pipe, chunk, seeds[part], steps, guidance, negative_prompt))
         return torch.cat(chunks).cpu()
 
@@ -88,10 +86,7 @@ class SamplingExportMixin:
         out = []
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(self.device, self.vae.dtype) * 2 - 1
-            encoded = self.vae.encode(x)
-            dist = getattr(encoded, "latent_dist", None)
-            latents = dist.mode() if dist is not None else encoded.latent
-            out.append(((self.vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1).cpu())
+            out.append(((self.family.round_trip(self.vae, x).float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
     def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:

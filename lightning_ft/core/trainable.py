@@ -14,28 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_processor import Attention
+
+from lightning_ft.attention import attention_parameter_names, is_attention
 
 TRAINABLE_MODES = ("full", "attention", "lora", "none")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def is_attention(module: torch.nn.Module) -> bool:
-    """A diffusers attention module: ``Attention`` (UNets, DiT, PixArt, SD3's joint attention) or one of the newer
-    per-model classes built on ``AttentionModuleMixin`` (``FluxAttention``, ...)."""
-    return isinstance(module, (Attention, AttentionModuleMixin))
-
-
-def attention_parameter_names(denoiser: torch.nn.Module) -> set[str]:
-    """Names of every parameter inside a diffusers attention module (q/k/v/out projections, the joint attention's
-    text-stream projections, and their norms)."""
-    names = set()
-    for module_name, module in denoiser.named_modules():
-        if is_attention(module):
-            prefix = f"{module_name}." if module_name else ""
-            names.update(prefix + n for n, _ in module.named_parameters())
-    return names
+__all__ = ["attention_parameter_names", "is_attention"]  # re-exported: the trainable set's vocabulary
 
 
 def apply_trainable(
@@ -192,10 +176,9 @@ def save_peft_lora(denoiser: torch.nn.Module, folder: str | Path, state: dict | 
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from lightning_ft.nn.bayesian import bayesian_layers
-
     adapter, config = _single_adapter_config(denoiser)
-    if state is None and bayesian_layers(denoiser):
+    # Layers that sample their weights (nn.bayesian's mark them ``stochastic``) have no plain weight to write.
+    if state is None and any(getattr(m, "stochastic", False) for m in denoiser.modules()):
         raise ValueError("save_peft_lora: the LoRA holds Bayesian layers; save a plain_copy of the denoiser instead")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from lightning_ft.paths import cache_dir
 
 
 def class_cache_folder(
-    prompt: str,
+    prompt: str | int | None,
     model_identity: str,
     count: int,
     resolution: int,
@@ -33,20 +33,18 @@ def class_cache_folder(
     return (root or cache_dir() / "class_images") / digest
 
 
-def generate_class_images(
-    module, prompt: str | int, count: int, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None
-) -> Path:
-    """Sample ``count`` images of ``prompt`` (a class prompt, or the integer class of a class-conditional model) with
-    ``module.generate`` into ``folder`` (atomically; split across the ranks of ``trainer`` when given, see
-    ``sampled_folder``); return it."""
-    key = "labels" if isinstance(prompt, int) else "prompts"
+def generate_class_images(module, inputs, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None) -> Path:
+    """Sample one image per sample of ``inputs`` (a ``SampleInputs``: the class prompt, or the class label of a
+    class-conditional model, repeated) with ``module.generate`` into ``folder`` (atomically; split across the ranks
+    of ``trainer`` when given, see ``sampled_folder``); return it."""
+    first = inputs.values()[0] if len(inputs) else None
     return sample_into_folder(
         module,
         folder,
-        seeds=[seed * 100_003 + i for i in range(count)],
-        conditions={key: [prompt] * count},
+        seeds=[seed * 100_003 + i for i in range(len(inputs))],
+        inputs=inputs,
         prefix="class",
-        meta={"label" if key == "labels" else "prompt": prompt, "seed": seed},
+        meta={"condition": first, "seed": seed},
         trainer=trainer,
         batch_size=batch_size,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -209,7 +210,7 @@ class LimitedDataModule(L.LightningDataModule):
         model_hparams = getattr(module, "hparams", {})
         sampler = {k: model_hparams.get(k) for k in SAMPLER_HPARAMS}
         return class_cache_folder(
-            self._class_condition(module),
+            self._class_inputs(module, 1).values()[0],
             module.model_identity(),
             shortfall,
             h.resolution,
@@ -218,20 +219,15 @@ class LimitedDataModule(L.LightningDataModule):
             sampler=sampler,
         )
 
-    def _class_condition(self, module) -> str | int:
-        """What the class images are sampled with: the class prompt, or the class label of a class-conditional
-        model (each named when the model needs it and it is missing)."""
+    def _class_inputs(self, module, count: int):
+        """What the class images are sampled with (a ``SampleInputs`` of ``count``): the class prompt, or the class
+        label of a class-conditional model; the model's family says which, and names the setting when missing."""
         h = self.hparams
-        if getattr(module, "conditioning", None) == "class":
-            if h.class_image_label is None:
-                raise ValueError(
-                    "data.num_class_images > 0 with a class-conditional model needs data.class_image_label (the class "
-                    "the prior-preservation images are sampled with)"
-                )
-            return h.class_image_label
-        if not h.class_prompt:
-            raise ValueError("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images)")
-        return h.class_prompt
+        prompts = [h.class_prompt] * count if h.class_prompt else None
+        labels = [h.class_image_label] * count if h.class_image_label is not None else None
+        where = ("data.num_class_images > 0 needs data.class_prompt (the prompt of the class images; a "
+                 "class-conditional model: data.class_image_label, the class they are sampled with)")  # fmt: skip
+        return module.family.sample_inputs(prompts, labels, count, where=where)
 
     def _sample_class_images(self, folder: Path | None) -> None:
         # In setup, on every rank: the missing class images are sampled once, split across the ranks.
@@ -240,9 +236,11 @@ class LimitedDataModule(L.LightningDataModule):
             module = self.trainer.lightning_module
             # setup runs before the strategy moves the model: sample on the accelerator, not on the CPU.
             module.to(self.trainer.strategy.root_device)
-            generate_class_images(
-                module, self._class_condition(module), shortfall, folder, seed=self.hparams.seed, trainer=self.trainer
-            )
+            inputs = self._class_inputs(module, shortfall)
+            # At the training resolution, not a pipeline default (1024 px for a Flux config without a sample size).
+            at = module.sampling_at(self.hparams.resolution) if hasattr(module, "sampling_at") else nullcontext()
+            with at:
+                generate_class_images(module, inputs, folder, seed=self.hparams.seed, trainer=self.trainer)
 
     # ----------------------------------------------------------------------------------------------- setup
     def check_inputs(self, module=None) -> None:
@@ -271,7 +269,8 @@ class LimitedDataModule(L.LightningDataModule):
             self._instances = (files, prompts, images, labels)
         if module is not None and hasattr(module, "check_resolution"):
             module.check_resolution(h.resolution)
-        if self._instances[3] is None and getattr(module, "conditioning", None) == "class":
+        family = getattr(module, "family", None)
+        if self._instances[3] is None and family is not None and family.needs_labels():
             raise ValueError(
                 "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
                 "whose rows carry an integer 'label'"

@@ -43,29 +43,24 @@ def memory_bank_folder(
 def generate_memory_bank(
     module,
     folder: Path,
-    count: int,
-    prompts: Sequence[str] | None = None,
-    labels: Sequence[int] | None = None,
+    inputs,
     steps: int | None = None,
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
     trainer=None,
 ) -> Path:
-    """Sample ``count`` images with ``module.generate`` into ``folder`` (atomically) and return it.
+    """Sample ``len(inputs)`` images with ``module.generate`` into ``folder`` (atomically) and return it.
 
-    Image ``i`` uses ``prompts[i]`` (text models) or ``labels[i]`` (class models), or nothing (unconditional
-    models), and its own seed, so the bank does not depend on ``batch_size`` or on how the work is split across the
-    ranks of ``trainer`` (see ``sampled_folder``). An existing folder is reused."""
-    condition = {"prompts": list(prompts)} if prompts is not None else {}
-    if labels is not None:
-        condition = {"labels": [int(label) for label in labels]}
-    meta = {"seed": seed, "steps": steps, "guidance_scale": guidance_scale, **condition}
+    Image ``i`` is asked with sample ``i`` of ``inputs`` (a ``SampleInputs``: prompts, labels or nothing) and its own
+    seed, so the bank does not depend on ``batch_size`` or on how the work is split across the ranks of ``trainer``
+    (see ``sampled_folder``). An existing folder is reused."""
+    meta = {"seed": seed, "steps": steps, "guidance_scale": guidance_scale, **inputs.meta()}
     return sample_into_folder(
         module,
         folder,
-        seeds=[seed * 100_003 + i for i in range(count)],
-        conditions=condition,
+        seeds=[seed * 100_003 + i for i in range(len(inputs))],
+        inputs=inputs,
         prefix="memory",
         meta=meta,
         trainer=trainer,

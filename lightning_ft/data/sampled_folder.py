@@ -26,7 +26,7 @@ def sample_into_folder(
     module,
     folder: Path,
     seeds: Sequence[int],
-    conditions: dict[str, Sequence] | None = None,
+    inputs=None,
     prefix: str = "image",
     meta: dict | None = None,
     trainer=None,
@@ -35,7 +35,7 @@ def sample_into_folder(
     batch_size: int = 16,
 ) -> Path:
     """Sample ``len(seeds)`` images with ``module.generate`` into ``folder`` unless it exists; image i uses
-    ``seeds[i]`` and ``conditions[key][i]`` (``prompts`` or ``labels``). Returns ``folder``."""
+    ``seeds[i]`` and sample i of ``inputs`` (a ``SampleInputs``; None: unconditional). Returns ``folder``."""
     rank, world = getattr(trainer, "global_rank", 0), getattr(trainer, "world_size", 1)
     strategy = trainer.strategy if world > 1 else None  # collectives only when there are other ranks
     needed = not folder.exists()
@@ -55,7 +55,7 @@ def sample_into_folder(
         strategy.barrier("sample_into_folder_start")
     mine = list(range(rank, len(seeds), world))
     if mine:
-        kwargs = {key: [values[i] for i in mine] for key, values in (conditions or {}).items()}
+        kwargs = inputs.take(mine).generate_kwargs() if inputs is not None else {}
         images = module.generate(
             **kwargs, seeds=[seeds[i] for i in mine], steps=steps, guidance_scale=guidance_scale, batch_size=batch_size
         )

@@ -74,7 +74,8 @@ class AdapterAttentionFineTuning(DreamBooth):
     def adapter_config(self) -> dict:
         h = self.hparams
         targets = h.adapter_targets or self.family.attention_names
-        return {"targets": list(targets), "reduction": h.adapter_reduction, "heads": h.adapter_heads}
+        return {"targets": list(targets), "reduction": h.adapter_reduction, "heads": h.adapter_heads,
+                "time_embedding": self.family.time_embedding}  # fmt: skip
 
     def configure_trainable(self) -> None:
         super().configure_trainable()
@@ -83,7 +84,9 @@ class AdapterAttentionFineTuning(DreamBooth):
             adapters = load_adapters(self.denoiser, pretrained)
         else:
             config = self.adapter_config()
-            adapters = insert_adapters(self.denoiser, tuple(config["targets"]), config["reduction"], config["heads"])
+            adapters = insert_adapters(
+                self.denoiser, tuple(config["targets"]), config["reduction"], config["heads"], config["time_embedding"]
+            )
         for adapter in adapters.values():
             adapter.requires_grad_(True)
 

@@ -27,7 +27,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from lightning_ft.core.base import DiffusionBase
-from lightning_ft.core.families import denoise_loop
+from lightning_ft.core.sampling_loop import denoise_loop
 from lightning_ft.metrics.backbones import model_backbones
 from lightning_ft.nn.anl import (
     ANL_FOLDER,
@@ -141,18 +141,18 @@ class ConditionTuning(DiffusionBase):
     def base_condition(self, n: int, prompts: Sequence[str] | None = None, labels=None, null: bool = False):
         """The denoiser's own condition: the prompts (``use_prompts``) or the empty prompt; labels or the null class
         (the family's null condition)."""
-        key = self.family.input_key
-        given = prompts if key == "prompts" and self.hparams.use_prompts else labels if key == "labels" else None
-        if null or given is None:
+        if null:
             return self.null_condition(n)
-        return self.encode_inputs(list(given) if key == "prompts" else torch.as_tensor(list(given)))
+        offered = prompts if self.hparams.use_prompts else None
+        inputs = self.family.sample_inputs(offered, labels, n, required=False)
+        return self.encode_inputs(self.family.raw_inputs(inputs)) if inputs.conditional else self.null_condition(n)
 
     def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
         """The denoiser's condition plus the condition tokens of the batch's own images (field ``anl_tokens``),
         with condition dropout in training."""
         n = len(batch["pixel_values"])
-        if not self.hparams.use_prompts and self.family.input_key == "prompts":
-            batch = {**batch, prompts_key: self.family.null_inputs(n)}
+        if not self.hparams.use_prompts and prompts_key in batch:  # the empty prompt (only text families read it)
+            batch = {**batch, prompts_key: [""] * n}
         base = super().encode_conditions(batch, prompts_key, labels_key)
         tokens = self.condition_tokens(batch["pixel_values"])
         p = self.hparams.image_condition_dropout if self.training else 0.0

@@ -76,8 +76,11 @@ class BayesianFineTuning(DreamBooth):
         super().configure_trainable()
         h = self.hparams
         if h.trainable == "full":
+            # Unset: the model family's selection (the released rule on UNets; transformers' is inferred).
+            include = h.bayesian_include if h.bayesian_include is not None else self.family.bnn_include
+            exclude = h.bayesian_exclude if h.bayesian_exclude is not None else self.family.bnn_exclude
             self.bayesian_names = convert_to_bayesian(
-                self.denoiser, h.bayesian_include, h.bayesian_exclude, h.sigma_init, h.prior_sigma, "pretrained"
+                self.denoiser, include, exclude, h.sigma_init, h.prior_sigma, "pretrained"
             )
         elif h.trainable == "lora":
             if h.bayesian_include is not None or h.bayesian_exclude is not None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from lightning_ft.core.base import DiffusionBase
 from lightning_ft.core.conditions import Condition
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.data.memory_bank import generate_memory_bank, load_memory_bank, memory_bank_folder
 
 WEIGHTINGS = ("sampling", "loss_weight")
@@ -108,10 +109,12 @@ class DiffTuning(DiffusionBase):
             raise ValueError(f"model.retention_weight={retention_weight} must be >= 0")
         super().__init__(*args, **kwargs)
         h = self.hparams
-        if h.memory_ratio > 0 and self.family.input_key == "labels" and self.null_class is None:
-            raise ValueError("Diff-Tuning trains memory images with the null class: set model.null_class")
-        if memory_prompts is not None and self.family.input_key != "prompts":
-            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.family.describe()}")
+        if h.memory_ratio > 0:
+            try:  # memory images train the unconditional branch: the family's null input must exist
+                self.family.null_inputs(1)
+            except ValueError as error:
+                raise ValueError(f"Diff-Tuning trains memory images with the null condition: {error}") from None
+        self.family.retention_inputs(1, memory_prompts)  # refuses memory_prompts on a model not asked with prompts
         T = self.noise_process.num_train_timesteps
         b = target_power if memory_power is None else memory_power
         # Plain attributes, not buffers: they are derived from hparams and must not enter checkpoints.
@@ -148,20 +151,13 @@ class DiffTuning(DiffusionBase):
             return 0
         return max(1, int(batch_size * self.hparams.memory_ratio))
 
-    def memory_conditions(self) -> tuple[list[str] | None, list[int] | None]:
-        """(prompts, labels) the bank's images are sampled with, one per image (None for unconditional models)."""
-        size = self.hparams.memory_size
-        if self.family.input_key == "prompts":
-            prompts = self.hparams.memory_prompts or self.family.null_inputs(1)
-            return [prompts[i % len(prompts)] for i in range(size)], None
-        if self.family.input_key == "labels":
-            classes = self.family.classes()
-            return None, [classes[i % len(classes)] for i in range(size)]
-        return None, None
+    def memory_inputs(self) -> SampleInputs:
+        """What the bank's images are sampled with, one per image (the family's ``retention_inputs``)."""
+        return self.family.retention_inputs(self.hparams.memory_size, self.hparams.memory_prompts)
 
     def memory_bank_folder(self) -> Path:
         h = self.hparams
-        prompts, labels = self.memory_conditions()
+        inputs = self.memory_inputs()
         sampler = {
             "scheduler": h.sample_scheduler,
             "scheduler_kwargs": h.sample_scheduler_kwargs,
@@ -169,23 +165,24 @@ class DiffTuning(DiffusionBase):
             "guidance_scale": h.memory_guidance_scale,
         }
         root = Path(h.memory_cache_dir) if h.memory_cache_dir else None
-        conditions = prompts if prompts is not None else labels
+        conditions = inputs.values() if inputs.conditional else None
         return memory_bank_folder(
             self.model_identity(), conditions, h.memory_size, self.native_resolution(), sampler, root=root
         )
 
     def prepare_memory_bank(self) -> torch.Tensor:
-        """Sample the bank if it is not cached (split across the ranks), then load it on every rank."""
+        """Sample the bank if it is not cached (split across the ranks), then load it on every rank. The bank is
+        sampled at the training data's resolution (``data.resolution``; without a data module, the model's own)."""
         h = self.hparams
-        folder = self.memory_bank_folder()
         trainer = self._trainer
-        if trainer is not None:
-            self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
-        prompts, labels = self.memory_conditions()
-        generate_memory_bank(
-            self, folder, h.memory_size, prompts, labels, h.memory_sample_steps, h.memory_guidance_scale,
-            trainer=trainer,
-        )  # fmt: skip
+        data = getattr(getattr(trainer, "datamodule", None), "hparams", None) if trainer is not None else None
+        with self.sampling_at(dict(data or {}).get("resolution")):
+            folder = self.memory_bank_folder()
+            if trainer is not None:
+                self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
+            generate_memory_bank(
+                self, folder, self.memory_inputs(), h.memory_sample_steps, h.memory_guidance_scale, trainer=trainer
+            )
         self.memory_bank = load_memory_bank(folder)
         return self.memory_bank
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-from lightning_ft.core.trainable import is_attention
+from lightning_ft.attention import is_attention
 
 ADAPTER_FOLDER = "a3fta_adapters"
 
@@ -36,14 +36,21 @@ ADAPTER_FOLDER = "a3fta_adapters"
 class TimeEmbeddingTap:
     """Keeps SiLU(time embedding) of the denoiser's current forward, for the adapters to read.
 
-    Hooks the first ``TimestepEmbedding`` of the denoiser: ``time_embedding`` of a UNet, the first block's timestep
-    embedder of a DiT."""
+    Hooks the module ``name`` (the model family's ``time_embedding``, e.g. Z-Image's ``t_embedder``), else the first
+    ``TimestepEmbedding`` of the denoiser: ``time_embedding`` of a UNet, the first block's timestep embedder of a DiT.
+    The embedding's width is the output width of the hooked module's last linear layer."""
 
-    def __init__(self, denoiser: nn.Module):
-        module = next((m for m in denoiser.modules() if isinstance(m, TimestepEmbedding)), None)
+    def __init__(self, denoiser: nn.Module, name: str | None = None):
+        if name:
+            module = denoiser.get_submodule(name)
+        else:
+            module = next((m for m in denoiser.modules() if isinstance(m, TimestepEmbedding)), None)
         if module is None:
-            raise ValueError("A3FTA needs a denoiser with a diffusers TimestepEmbedding (UNet or DiT)")
-        self.dim = module.linear_2.out_features
+            raise ValueError(
+                "A3FTA needs the denoiser's time embedding: a diffusers TimestepEmbedding, or the module its model "
+                "family names (time_embedding)"
+            )
+        self.dim = [m for m in module.modules() if isinstance(m, nn.Linear)][-1].out_features
         self.value: torch.Tensor | None = None
         module.register_forward_hook(self._keep)
 
@@ -93,18 +100,30 @@ class AdaptedProjection(nn.Module):
         return self.linear(a + self.adapter(a, time.to(a.dtype)))
 
 
+def has_output_projection(module: nn.Module) -> bool:
+    """A diffusers attention with its own output projection ``to_out[0]`` (FLUX.2's single blocks project attention
+    and MLP together through one ``to_out`` Linear: no adapter fits before it)."""
+    return is_attention(module) and isinstance(getattr(module, "to_out", None), nn.ModuleList)
+
+
 def insert_adapters(
-    denoiser: nn.Module, targets: tuple[str, ...] = ("attn1", "attn2"), reduction: int = 8, heads: int = 4
+    denoiser: nn.Module,
+    targets: tuple[str, ...] = ("attn1", "attn2"),
+    reduction: int = 8,
+    heads: int = 4,
+    time_embedding: str | None = None,
 ) -> dict[str, TimeAwareAdapter]:
     """Put a zero-initialised adapter before the output projection of every attention module whose name ends with
     one of ``targets`` (``attn1`` self-, ``attn2`` cross-attention of UNet/DiT/PixArt blocks; ``attn`` the joint
     attention of SD3 and Flux, whose image stream gets the adapter (its ``to_out``; the text stream's ``to_add_out``
-    and Flux's single blocks, which have no output projection of their own, get none); ``attention`` for the
-    mid-block attention of unconditional UNets). Returns the adapters by attention name."""
-    tap = TimeEmbeddingTap(denoiser)
+    and Flux's single blocks, which have no output projection of their own, get none; FLUX.2's single blocks share
+    theirs with the MLP and get none either); ``attention`` for the mid-block attention of unconditional UNets).
+    ``time_embedding``: the module whose output is the time embedding (``TimeEmbeddingTap``). Returns the adapters by
+    attention name."""
+    tap = TimeEmbeddingTap(denoiser, time_embedding)
     adapters = {}
     for name, module in list(denoiser.named_modules()):
-        if is_attention(module) and name.rsplit(".", 1)[-1] in targets and getattr(module, "to_out", None):
+        if has_output_projection(module) and name.rsplit(".", 1)[-1] in targets:
             projection = module.to_out[0]
             if isinstance(projection, AdaptedProjection):
                 raise ValueError(f"attention {name!r} already has an adapter")
@@ -123,7 +142,7 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.detach().clone()
         for name, module in denoiser.named_modules()
-        if is_attention(module) and getattr(module, "to_out", None) and isinstance(module.to_out[0], AdaptedProjection)
+        if has_output_projection(module) and isinstance(module.to_out[0], AdaptedProjection)
         for key, value in module.to_out[0].adapter.state_dict().items()
     }
 
@@ -131,7 +150,7 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 def without_adapters(denoiser: nn.Module) -> nn.Module:
     """Unwrap every adapted projection in place (the plain diffusers module); returns ``denoiser``."""
     for module in denoiser.modules():
-        if is_attention(module) and getattr(module, "to_out", None) and isinstance(module.to_out[0], AdaptedProjection):
+        if has_output_projection(module) and isinstance(module.to_out[0], AdaptedProjection):
             module.to_out[0] = module.to_out[0].linear
     return denoiser
 
@@ -156,7 +175,9 @@ def load_adapters(denoiser: nn.Module, folder: str | Path) -> dict[str, TimeAwar
     if not (source / "config.json").exists():
         raise FileNotFoundError(f"{str(source)!r} holds no A3FTA adapters (config.json)")
     config = json.loads((source / "config.json").read_text())
-    adapters = insert_adapters(denoiser, tuple(config["targets"]), config["reduction"], config["heads"])
+    adapters = insert_adapters(
+        denoiser, tuple(config["targets"]), config["reduction"], config["heads"], config.get("time_embedding")
+    )
     weights = load_file(source / "adapters.safetensors")
     for name, adapter in adapters.items():
         prefix = f"{name}."

@@ -35,48 +35,6 @@ KL_REDUCTIONS = ("sum", "mean")
 #: Released DreamBooth-BNN selection: every linear of the U-Net blocks except cross-attention and time projections.
 DEFAULT_INCLUDE = ("down_blocks.*", "mid_block.*", "up_blocks.*")
 DEFAULT_EXCLUDE = ("*.attn2.*", "*.time_emb_proj")
-#: The same rule carried over to transformer denoisers (inferred; see ``default_bayesian_selection``).
-TRANSFORMER_INCLUDE = ("transformer_blocks.*", "single_transformer_blocks.*")
-TRANSFORMER_EXCLUDE = (
-    "*.attn2.*",  # cross-attention to the text (PixArt)
-    "*.time_emb_proj",
-    r"re:.*\.norm[^.]*\..*",  # adaLN: linears inside norm1 / norm1_context / norm (modulation, timestep+class embedder)
-    "*.timestep_embedder.*",
-    "*.attn.add_q_proj",  # the text stream of joint attention (SD3, Flux)
-    "*.attn.add_k_proj",
-    "*.attn.add_v_proj",
-    "*.attn.to_add_out",
-    "*.ff_context.*",
-)
-
-
-def default_bayesian_selection(denoiser: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The default (include, exclude) patterns of ``convert_to_bayesian`` for ``denoiser``.
-
-    UNets (a ``down_blocks`` attribute): the released DreamBooth-BNN selection ``DEFAULT_INCLUDE`` /
-    ``DEFAULT_EXCLUDE``, every linear of the down/mid/up blocks except the text cross-attention ``attn2`` and the
-    time-embedding projections ``time_emb_proj``.
-
-    Transformers (``transformer_blocks`` / ``single_transformer_blocks``: DiT, PixArt, SD3, Flux): every linear of
-    the blocks except the conditioning paths, ``TRANSFORMER_INCLUDE`` / ``TRANSFORMER_EXCLUDE``. This selection is
-    INFERRED by analogy: the released code covers UNets only. What it keeps out, as the UNet rule keeps out
-    ``attn2`` and ``time_emb_proj``: the text cross-attention ``attn2`` (PixArt); the adaLN linears, i.e. every
-    linear inside a ``norm*`` module of a block (DiT's ``norm1.linear`` modulation and its per-block timestep/class
-    embedder ``norm1.emb.timestep_embedder.linear_1/2``; SD3/Flux ``norm1.linear``, ``norm1_context.linear``, Flux
-    single blocks' ``norm.linear``); ``time_emb_proj`` / ``timestep_embedder``; and the text stream of joint
-    attention (``attn.add_q/k/v_proj``, ``attn.to_add_out``, ``ff_context``). What stays: the self-attention
-    ``to_q/to_k/to_v/to_out.0`` and the feed-forward ``ff.net.0.proj``/``ff.net.2`` of every block (the UNet rule's
-    set), plus Flux single blocks' ``proj_mlp``/``proj_out``. PixArt's adaLN (``adaln_single``) and caption
-    projection sit outside the blocks and are never included.
-
-    Anything else gets the UNet selection, which ``convert_to_bayesian`` then reports as matching nothing."""
-    if not hasattr(denoiser, "down_blocks") and (
-        hasattr(denoiser, "transformer_blocks") or hasattr(denoiser, "single_transformer_blocks")
-    ):
-        return TRANSFORMER_INCLUDE, TRANSFORMER_EXCLUDE
-    return DEFAULT_INCLUDE, DEFAULT_EXCLUDE
-
-
 class BayesianLinear(nn.Module):
     """A linear layer with a Gaussian variational posterior over weight and bias.
 
@@ -85,6 +43,9 @@ class BayesianLinear(nn.Module):
     non-persistent buffers ``weight_prior_mu`` / ``bias_prior_mu`` (they come from the pretrained model, so
     checkpoints need not hold them); with ``'zero'`` nothing is stored.
     """
+
+    #: Its weight is sampled in training (read by code that must not treat it as a plain linear).
+    stochastic = True
 
     def __init__(
         self,
@@ -249,17 +210,16 @@ def convert_to_bayesian(
     """Replace, in place, every ``nn.Linear`` whose dotted name matches ``include`` and not ``exclude`` by a
     ``BayesianLinear`` (mu = its weights). Returns the converted names.
 
-    Defaults (None) come from ``default_bayesian_selection(denoiser)``, each of ``include`` / ``exclude`` separately.
-    For a UNet that is the released DreamBooth-BNN selection: everything in ``down_blocks``, ``mid_block``,
-    ``up_blocks`` except cross-attention ``attn2`` and ``time_emb_proj``; in a diffusers U-Net that is the self-
-    attention ``attn1.to_q/to_k/to_v/to_out.0`` and ``ff.net.0.proj``, ``ff.net.2`` of every transformer block
-    (plus ``proj_in/proj_out`` on models where those are linear, as the released rule would do). For a transformer
-    (DiT, PixArt, SD3, Flux) it is the inferred analogue: the blocks' linears minus the conditioning paths. Meant
-    for a denoiser without LoRA adapters (see ``convert_lora_to_bayesian``). Raises ValueError, naming
-    ``model.bayesian_include`` / ``model.bayesian_exclude``, if nothing matched."""
-    default_include, default_exclude = default_bayesian_selection(denoiser)
-    include = default_include if include is None else tuple(include)
-    exclude = default_exclude if exclude is None else tuple(exclude)
+    Defaults (None): the released DreamBooth-BNN selection ``DEFAULT_INCLUDE`` / ``DEFAULT_EXCLUDE``, each
+    separately: everything in ``down_blocks``, ``mid_block``, ``up_blocks`` except cross-attention ``attn2`` and
+    ``time_emb_proj``; in a diffusers U-Net that is the self-attention ``attn1.to_q/to_k/to_v/to_out.0`` and
+    ``ff.net.0.proj``, ``ff.net.2`` of every transformer block (plus ``proj_in/proj_out`` on models where those are
+    linear, as the released rule would do). Other denoisers' selections are their model family's (``bnn_include``,
+    ``bnn_exclude``), which ``BayesianFineTuning`` passes. Meant for a denoiser without LoRA adapters (see
+    ``convert_lora_to_bayesian``). Raises ValueError, naming ``model.bayesian_include`` /
+    ``model.bayesian_exclude``, if nothing matched."""
+    include = DEFAULT_INCLUDE if include is None else tuple(include)
+    exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
     names = [
         n
         for n, m in denoiser.named_modules()

@@ -77,7 +77,11 @@ class CardFacts:
     method_path: str
     settings: dict
     pretrained: str | None
-    conditioning: str | None = "text"
+    task: str = "text-to-image"  # the family's ``task`` (a tag)
+    hub_task: str | None = "text-to-image"  # the family's ``hub_task`` (the Hub's pipeline_tag)
+    usage: str | None = None  # the family's ``usage_example``: the line that samples the model
+    scheduler: str | None = None  # the export's sampling scheduler class
+    base_scheduler: str | None = None  # the base folder's scheduler class, when it differs
     pipeline_class: str | None = None
     lora_only: bool = False
     steps: int | None = None
@@ -99,10 +103,7 @@ def tags_for(facts: CardFacts) -> list[str]:
         tags.append("lora")
     if facts.pipeline_class:
         tags.append(_kebab(facts.pipeline_class.removesuffix("Pipeline")))
-    if facts.conditioning == "text":
-        tags.append("text-to-image")
-    elif facts.conditioning == "class":
-        tags.append("class-conditional")
+    tags.append(facts.task)
     return list(dict.fromkeys(tags))
 
 
@@ -125,7 +126,7 @@ def card_metadata(facts: CardFacts) -> tuple[ModelCardData, str]:
         instance_prompt=facts.instance_prompt,
         tags=tags_for(facts),
         widget=widget or None,
-        pipeline_tag="text-to-image" if facts.conditioning == "text" else None,
+        pipeline_tag=facts.hub_task,
     )
     return data, origin
 
@@ -173,6 +174,12 @@ def card_text(facts: CardFacts, origin: str) -> str:
     if facts.verdict:
         lines += ["", f"Corruption-stage monitor: {facts.verdict}."]
     lines += ["", "## Samples", ""]
+    if facts.scheduler:
+        line = f"The export samples with `{facts.scheduler}`"
+        if facts.base_scheduler and facts.base_scheduler != facts.scheduler:
+            line += (f", not the base folder's `{facts.base_scheduler}` (a training scheduler: lightning-ft samples "
+                     "such models with DDIM; set `model.sample_scheduler` to choose)")  # fmt: skip
+        lines += [line + ".", ""]
     if facts.widget:
         lines += ["| prompt | sample |", "|---|---|"]
         lines += [f"| {prompt} | ![{prompt}]({path}) |" for prompt, path in facts.widget]
@@ -181,15 +188,13 @@ def card_text(facts: CardFacts, origin: str) -> str:
     else:
         lines.append(facts.widget_note or "No sample images were written.")
     lines += ["", "## Use", "", "```python", "from diffusers import DiffusionPipeline", ""]
-    call = ", ".join(f"{k}={v!r}" for k, v in facts.sample_settings.items() if v is not None)
-    prompt = repr(facts.instance_prompt or (facts.widget[0][0] if facts.widget else "a prompt"))
     if facts.lora_only:
         lines += [f"pipe = DiffusionPipeline.from_pretrained({(hub_id or 'BASE_MODEL')!r})",
                   'pipe.load_lora_weights("REPO_ID_OR_THIS_FOLDER")']  # fmt: skip
     else:
         lines.append('pipe = DiffusionPipeline.from_pretrained("REPO_ID_OR_THIS_FOLDER")')
-    if facts.conditioning == "text":
-        lines.append(f"image = pipe({prompt}{', ' + call if call else ''}).images[0]")
+    if facts.usage:
+        lines.append(facts.usage)
     lines += ["```", "", "## Upload", "", "```python", "from huggingface_hub import upload_folder", "",
               'upload_folder(repo_id="your-name/your-model", folder_path="path/to/this/folder")', "```", "",
               "(`huggingface-cli login` first; `create_repo(repo_id, exist_ok=True)` makes the repository.)", "",
@@ -219,64 +224,47 @@ def settings_of(hparams: dict) -> dict:
 
 
 def monitor_metrics(trainer) -> tuple[list[tuple[str, str, str]], str | None]:
-    """Final values of the run's monitors (corruption stage, FID/KID) and the loss; the stage summary line."""
-    from lightning_ft.callbacks import CorruptionStageMonitor, FIDMonitor
-
+    """Final values of the run's monitors (every callback with ``card_metrics()``: the corruption stage, FID/KID) and
+    the loss; the stage summary line (a monitor's ``verdict()``)."""
     metrics, verdict = [], None
     for callback in trainer.callbacks:
-        if isinstance(callback, CorruptionStageMonitor) and callback.history:
-            last = callback.history[-1]
-            step = last["step"]
-            metrics.append(
-                (
-                    "subject fidelity",
-                    f"{last['fidelity']:.3f}",
-                    f"mean cosine similarity of the monitor's samples to the instance images, step {step}",
-                )
-            )
-            if last.get("progress") == last.get("progress") and last.get("progress") is not None:
-                metrics.append(("progress", f"{last['progress']:.2f}", "0 = the class prior, 1 = the ceiling "
-                                "(autoencoder round trips of the subject)"))  # fmt: skip
-            metrics.append(("memorisation", f"{last['memorisation']:.3f}", "mean nearest-instance similarity"))
-            metrics.append(("diversity", f"{last['diversity']:.3f}", "mean pairwise feature distance of samples"))
-            if callback.report is not None:
-                verdict = callback.report.summary()
-        elif isinstance(callback, FIDMonitor) and callback.history:
-            last = callback.history[-1]
-            counts = f"{last['num_samples']} samples vs {last['num_reference']} reference images, step {last['step']}"
-            metrics.append(("FID", f"{last['fid']:.2f}", counts))
-            metrics.append(("KID x 1000", f"{last['kid_x1000']:.2f}", counts))
+        if hasattr(callback, "card_metrics"):
+            metrics += callback.card_metrics()
+        if verdict is None and hasattr(callback, "verdict"):
+            verdict = callback.verdict()
     loss = trainer.callback_metrics.get("train/loss")
     if loss is not None:
         metrics.append(("train/loss", f"{float(loss):.4f}", "the last logged training loss"))
     return metrics, verdict
 
 
-def widget_conditions(trainer, pl_module, limit: int = 4) -> list:
-    """Prompts (or labels) of the card's samples: the sample-grid logger's, else the data's instance prompts."""
-    from lightning_ft.callbacks import SampleGridLogger
-
-    key = "prompts" if pl_module.conditioning == "text" else "labels" if pl_module.conditioning == "class" else None
-    if key is None:
-        return [None]
+def widget_conditions(trainer, pl_module, limit: int = 4):
+    """What the card's samples are asked with (``SampleInputs``): the sample-grid logger's rows (a callback with
+    ``grid_inputs``), else the data's distinct instance prompts or labels; None when the data has none."""
     for callback in trainer.callbacks:
-        if isinstance(callback, SampleGridLogger) and getattr(callback, key):
-            return list(dict.fromkeys(getattr(callback, key)))[:limit]
+        if hasattr(callback, "grid_inputs"):
+            inputs = callback.grid_inputs(pl_module)
+            if inputs.conditional:
+                return inputs.distinct()[:limit]
     dataset = getattr(trainer.datamodule, "dataset", None)
-    return list(dict.fromkeys(getattr(dataset, key, None) or []))[:limit]
+    prompts = list(dict.fromkeys(getattr(dataset, "prompts", None) or [])) or None
+    labels = list(dict.fromkeys(getattr(dataset, "labels", None) or [])) or None
+    try:
+        return pl_module.family.sample_inputs(prompts, labels, 1).distinct()[:limit]
+    except ValueError:  # the model is asked with something the data does not give: no samples
+        return None
 
 
-def write_widget_images(pl_module, conditions: list, folder: Path, seed: int = 0) -> list[tuple[str, str]]:
-    """One sample per condition (seed ``seed``) as ``images/sample_<i>.png``; images under 256 px are enlarged by
-    a whole factor (nearest) so the Hub shows them at a readable size. Returns (text, relative path) pairs."""
+def write_widget_images(pl_module, inputs, folder: Path, seed: int = 0) -> list[tuple[str, str]]:
+    """One sample per input of ``inputs`` (a ``SampleInputs``; seed ``seed``) as ``images/sample_<i>.png``; images
+    under 256 px are enlarged by a whole factor (nearest) so the Hub shows them at a readable size. Returns (text,
+    relative path) pairs."""
     from PIL import Image
 
-    key = {str: "prompts", int: "labels"}.get(type(conditions[0])) if conditions and conditions[0] is not None else None
-    kwargs = {key: conditions} if key else {}
-    images = pl_module.generate(**kwargs, seeds=[seed] * len(conditions))
+    images = pl_module.generate(**inputs.generate_kwargs(), seeds=[seed] * len(inputs))
     (folder / "images").mkdir(parents=True, exist_ok=True)
     out = []
-    for i, (condition, image) in enumerate(zip(conditions, images)):
+    for i, (text, image) in enumerate(zip(inputs.texts(), images)):
         array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
         picture = Image.fromarray(array)
         factor = max(1, 256 // max(picture.size))
@@ -284,7 +272,6 @@ def write_widget_images(pl_module, conditions: list, folder: Path, seed: int = 0
             picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
         name = f"images/sample_{i}.png"
         picture.save(folder / name)
-        text = condition if isinstance(condition, str) else f"class {condition}" if condition is not None else ""
         out.append((text, name))
     return out
 
@@ -298,14 +285,21 @@ def facts_from_fit(trainer, pl_module, folder: Path, lora_only: bool, samples: b
     dataset = getattr(trainer.datamodule, "dataset", None)
     index = folder / "model_index.json"
     pipeline_class = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()).get("_class_name") if scheduler_file.exists() else None
+    base_file = Path(str(hparams.get("pretrained") or "")) / "scheduler" / "scheduler_config.json"
+    base_scheduler = json.loads(base_file.read_text()).get("_class_name") if base_file.is_file() else None
     metrics, verdict = monitor_metrics(trainer)
     facts = CardFacts(
         method=type(pl_module).__name__,
         method_path=f"{type(pl_module).__module__}.{type(pl_module).__name__}",
         settings=settings_of(hparams),
         pretrained=hparams.get("pretrained"),
-        conditioning=getattr(pl_module, "conditioning", None),
+        task=pl_module.family.task,
+        hub_task=pl_module.family.hub_task,
         pipeline_class=pipeline_class,
+        scheduler=scheduler,
+        base_scheduler=base_scheduler,
         lora_only=lora_only,
         steps=trainer.global_step,
         instance_prompt=data.get("instance_prompt"),
@@ -320,10 +314,13 @@ def facts_from_fit(trainer, pl_module, folder: Path, lora_only: bool, samples: b
             "guidance_scale": hparams.get("guidance_scale"),
         },  # fmt: skip
     )
+    call = ", ".join(f"{k}={v!r}" for k, v in facts.sample_settings.items() if v is not None)
+    example = facts.instance_prompt or next(iter(getattr(dataset, "prompts", None) or []), None) or "a prompt"
+    facts.usage = pl_module.family.usage_example(example, call)
     if samples:
-        conditions = widget_conditions(trainer, pl_module)
-        if conditions:
-            facts.widget = write_widget_images(pl_module, conditions, folder)
+        inputs = widget_conditions(trainer, pl_module)
+        if inputs is not None and len(inputs):
+            facts.widget = write_widget_images(pl_module, inputs, folder)
             side = pl_module.native_resolution() if hasattr(pl_module, "native_resolution") else None
             enlarged = f"; {side} px images, enlarged for display (nearest)" if side and side < 256 else ""
             settings = facts.sample_settings

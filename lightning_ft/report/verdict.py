@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from lightning_ft.callbacks.stage_rules import STAGE_CODES, StageReport
 from lightning_ft.report.run_folder import finite
+from lightning_ft.report.stage_rules import STAGE_CODES, StageReport
 
 CODE_STAGES = {code: stage for stage, code in STAGE_CODES.items()}
 

@@ -15,7 +15,7 @@ from benchmarks.corruption_stage import (
     estimate_seconds,
     finished_log_dir,
 )
-from lightning_ft.callbacks.stage_rules import classify_stages
+from lightning_ft.report.stage_rules import classify_stages
 
 STEPS = [0, 25, 50, 75, 100, 125, 150, 175, 200]
 

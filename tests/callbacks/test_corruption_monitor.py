@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_ft.callbacks import CorruptionStageMonitor
 from lightning_ft.callbacks.corruption_monitor import BEST_CHECKPOINT, CSV_COLUMNS
-from lightning_ft.callbacks.stage_rules import STAGE_CODES
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.metrics import subject_fidelity
+from lightning_ft.report.stage_rules import STAGE_CODES
 
 PROMPT = "a sks star"
 # The tiny test model declares no backbone (it has no pretrained folder): the embedded identity network scores it.

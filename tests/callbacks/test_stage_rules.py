@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_ft.callbacks.stage_rules import STAGE_CODES, classify_stages
+from lightning_ft.report.stage_rules import STAGE_CODES, classify_stages
 
 STEPS = list(range(0, 1100, 100))
 # DINO-like curve of the BNN paper: rise to a peak at 300, collapse 400-600, recover into copies.

@@ -33,7 +33,7 @@ def _batch(n: int = 4):
 
 def test_a_dit_is_class_conditional_and_uses_its_own_null_class():
     module = dit_module()
-    assert module.conditioning == "class"
+    assert module.family.needs_labels()
     assert module.null_class == 48  # the DiT's extra embedding row, index num_classes
 
 
@@ -124,7 +124,7 @@ def test_sdft_distillation_is_exactly_zero_before_the_first_update_on_a_dit(monk
 
 def test_diff_tuning_memory_samples_cover_the_classes_and_train_with_the_null_class(tmp_path):
     module = dit_module(DiffTuning, memory_size=96, memory_cache_dir=str(tmp_path))
-    _, labels = module.memory_conditions()
+    labels = list(module.memory_inputs().labels)
     assert sorted(set(labels)) == list(range(48))  # every real class, never the null class
     assert module.null_condition(3).fields["class_labels"].tolist() == [48, 48, 48]
 

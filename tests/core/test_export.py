@@ -86,3 +86,39 @@ def test_an_export_keeps_the_backbones_its_pretrained_folder_declares(tmp_path):
     assert not (tmp_path / "plain" / "lightning_ft.json").exists()
     tiny_module().save_pretrained(tmp_path / "tiny")
     assert declared_backbones(tmp_path / "tiny")["identity"]["name"] == "lightning_ft.embedded.backbones:identity"
+
+
+def test_an_export_keeps_the_folders_own_sampler_and_a_ddpm_folder_samples_with_ddim(tmp_path):
+    """diffusers' DreamBooth scripts keep the base folder's scheduler (SD1.5's PNDM, SDXL's Euler) in what they
+    save; so does the export. A plain DDPMScheduler (a training scheduler) samples with DDIM, and the model card says
+    so, naming both."""
+    import json
+
+    from conftest import tiny_components
+
+    from lightning_ft.core import DiffusionBase
+
+    components = tiny_components()
+    scheduler = {"class": "PNDMScheduler", "config": {**components["scheduler"]["config"], "skip_prk_steps": True}}
+    scheduler["config"].pop("clip_sample")
+    torch.manual_seed(0)
+    module = DiffusionBase(components={**components, "scheduler": scheduler}, sample_steps=2)
+    assert type(module.sampling_scheduler()).__name__ == "PNDMScheduler"
+    module.save_pretrained(tmp_path / "pndm")
+    saved = json.loads((tmp_path / "pndm" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "PNDMScheduler"
+    # Training still adds noise with the DDPM forward process of the same betas.
+    assert type(module.noise_process.scheduler).__name__ == "DDPMScheduler"
+    assert type(tiny_module().sampling_scheduler()).__name__ == "DDIMScheduler"
+
+
+def test_the_model_card_names_a_sampler_that_is_not_the_base_folders(tmp_path):
+    from lightning_ft.report.model_card import CardFacts, card_text
+
+    facts = CardFacts(method="DreamBooth", method_path="m", settings={}, pretrained=None, scheduler="DDIMScheduler",
+                      base_scheduler="DDPMScheduler")  # fmt: skip
+    text = card_text(facts, "")
+    assert "`DDIMScheduler`, not the base folder's `DDPMScheduler`" in text and "model.sample_scheduler" in text
+    same = card_text(CardFacts(method="D", method_path="m", settings={}, pretrained=None, scheduler="PNDMScheduler",
+                               base_scheduler="PNDMScheduler"), "")  # fmt: skip
+    assert "samples with `PNDMScheduler`." in same and "not the base" not in same

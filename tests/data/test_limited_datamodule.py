@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_module, write_images
 from PIL import Image
 
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.data.class_images import generate_class_images
 from lightning_ft.data.folder import load_image
@@ -86,8 +87,8 @@ def test_prior_preservation_batches_hold_instance_and_class_halves(subject_dir, 
 def test_class_images_are_generated_once_and_cached(subject_dir, tmp_path):
     fake = _CountingGenerator()
     folder = tmp_path / "cache" / "k"
-    generate_class_images(fake, "a star", 5, folder)
-    generate_class_images(fake, "a star", 5, folder)
+    generate_class_images(fake, SampleInputs.of(prompts=["a star"] * 5), folder)
+    generate_class_images(fake, SampleInputs.of(prompts=["a star"] * 5), folder)
     assert fake.calls == 1 and len(list(folder.glob("*.png"))) == 5
     assert [p.name for p in folder.parent.iterdir()] == ["k"]  # no partial folder left
 
@@ -101,10 +102,11 @@ def test_two_jobs_sampling_the_same_class_images_at_once_both_succeed(tmp_path):
         def generate(self, *args, **kwargs):
             images = super().generate(*args, **kwargs)
             if not folder.exists():
-                generate_class_images(_CountingGenerator(), "a star", 3, folder)  # the other job, start to end
+                # the other job, start to end
+                generate_class_images(_CountingGenerator(), SampleInputs.of(prompts=["a star"] * 3), folder)
             return images
 
-    generate_class_images(OtherJobFinishesFirst(), "a star", 3, folder)
+    generate_class_images(OtherJobFinishesFirst(), SampleInputs.of(prompts=["a star"] * 3), folder)
     assert sorted(p.name for p in folder.glob("*.png")) == [f"class_{i:06d}.png" for i in range(3)]
     assert [p.name for p in folder.parent.iterdir()] == ["k"]
 
@@ -198,7 +200,16 @@ def test_captions_csv_with_byte_order_mark_and_blank_lines(tmp_path):
     assert prompts == ["first", "second"]
 
 
+class _PromptFamily:
+    """A text model's family, as far as the data module asks it: class images are asked with the class prompt."""
+
+    def sample_inputs(self, prompts=None, labels=None, n=None, where="", required=True):
+        return SampleInputs.of(prompts=prompts)
+
+
 class _Generator(_CountingGenerator):
+    family = _PromptFamily()
+
     def __init__(self, **hparams):
         super().__init__()
         self.hparams, self.device, self.device_at_generate = hparams, torch.device("cpu"), None

@@ -42,7 +42,7 @@ def test_dit_asset_loads_with_plain_diffusers_and_samples_its_classes():
     folder = asset_path("shapes-dit")
     assert type(DiffusionPipeline.from_pretrained(folder)).__name__ == "DiTPipeline"
     module = DiffusionBase(pretrained=str(folder), sample_steps=3, guidance_scale=2.0)
-    assert module.conditioning == "class" and module.null_class == 48
+    assert module.family.needs_labels() and module.null_class == 48
     out = module.generate(labels=[0, 27], seeds=[0, 0])  # same noise, two classes
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all() and not torch.equal(out[0], out[1])
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -118,18 +118,18 @@ def test_family_method_fits_exports_and_reloads_to_the_same_images(family, metho
     assert changed and changed <= trainable  # the method trained, and only what it trains
     if family == "sd2_v":
         assert module.noise_process.prediction_type == "v_prediction"
-    key = module.family.input_key
-    inputs = PROMPTS if key == "prompts" else [3, 7] if key == "labels" else None
+    inputs = module.family.sample_inputs(PROMPTS, [3, 7], 2)
     seeds = [11, 12]
     guidance = 2.0
-    expected = module.generate(**({key: inputs} if key else {}), seeds=seeds, guidance_scale=guidance)
+    expected = module.generate(**inputs.generate_kwargs(), seeds=seeds, guidance_scale=guidance)
     reloaded = _reload(module, tmp_path / "export")
     if hasattr(reloaded, "generate"):
-        got = reloaded.generate(**({key: inputs} if key else {}), seeds=seeds, guidance_scale=guidance)
-    elif key == "labels":
+        got = reloaded.generate(**inputs.generate_kwargs(), seeds=seeds, guidance_scale=guidance)
+    elif inputs.labels is not None:
         # Plain DiTPipeline, guidance included (its null class 1000 is the model's null row in the export).
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        out = reloaded(inputs, guidance_scale=guidance, num_inference_steps=2, generator=generators, output_type="np")
+        labels = list(inputs.labels)
+        out = reloaded(labels, guidance_scale=guidance, num_inference_steps=2, generator=generators, output_type="np")
         got = torch.from_numpy(out.images).permute(0, 3, 1, 2).float()
         assert type(reloaded).__name__ == "DiTPipeline"
     else:

@@ -4,11 +4,13 @@ and SDFT's timestep rules read sigma through the documented mapping."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from conftest import perturb, tiny_module
 from diffusers import DiffusionPipeline, FluxPipeline
 
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.methods import DiffTuning, DreamBooth, SelfDistillationFineTuning
 
 PROMPTS = ["a red star on a gray background", "a sks circle"]
@@ -114,7 +116,7 @@ def test_lora_only_export_loads_with_load_lora_weights(model, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
     pipe.load_lora_weights(tmp_path / "lora")
     pipe.set_progress_bar_config(disable=True)
-    got = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 2.0)
+    got = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 2.0)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
     assert {"add_q_proj", "to_add_out"} <= targets  # the joint attention's text stream too
@@ -153,3 +155,57 @@ def test_the_config_fragments_build_with_the_experiments(fragment, tiny, family,
     cli = main(args, run=False)
     assert cli.model.family.name == family and cli.model.hparams.lr == 1e-4 and cli.model.hparams.trainable == "lora"
     assert cli.model.noise_process.kind == "flow_matching"
+
+
+def test_sd3_loss_is_the_scripts_with_and_without_preconditioned_outputs():
+    """diffusers' SD3 DreamBooth scripts default to ``--precondition_outputs 1``: the model's output is turned into
+    the x0 it implies, ``x_t - sigma * pred``, and scored against x0 (weighted by ``compute_loss_weighting_for_sd3``).
+    lightning-ft's SD3 default is the same; ``model.precondition_outputs false`` is the plain flow loss (the script's
+    ``--precondition_outputs 0``). Both are computed here the script's way from the same x0, noise, sigma and
+    prediction."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    x0 = torch.randn(3, 4, 16, 16)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([50, 500, 950])
+    for precondition in (None, False):
+        torch.manual_seed(0)
+        module = tiny_module(DreamBooth, "tiny_sd3", precondition_outputs=precondition)
+        perturb(module)
+        cond = module.encode_prompts(PROMPTS + PROMPTS[:1])
+        ours = module.diffusion_loss(x0, cond, t, noise)
+        sigmas = module.noise_process.sigmas(t).view(-1, 1, 1, 1)
+        noisy = (1 - sigmas) * x0 + sigmas * noise
+        pred = module.predict(noisy, t, cond)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas)
+        if precondition is None:  # the default: the script's --precondition_outputs 1
+            assert module.noise_process.precondition_outputs
+            script = (weighting * (pred * -sigmas + noisy - x0) ** 2).reshape(3, -1).mean(1)
+        else:
+            assert not module.noise_process.precondition_outputs
+            script = (weighting * (pred - (noise - x0)) ** 2).reshape(3, -1).mean(1)
+        torch.testing.assert_close(ours, script, rtol=1e-6, atol=1e-6)
+    # The two objectives differ by sigma^2 per sample.
+    assert not torch.allclose(ours * sigmas.flatten() ** 2, ours)
+    with pytest.raises(ValueError, match="precondition_outputs"):
+        tiny_module(DreamBooth, "tiny_t2i", precondition_outputs=True)
+
+
+def test_diff_tuning_samples_its_memory_bank_at_the_training_resolution(tmp_path, subject_dir):
+    """A Flux config has no sample size (its pipeline's default is 1024 px): without ``sample_resolution`` the bank
+    must still be drawn at ``data.resolution``, not at the pipeline's default."""
+    from lightning_ft.data import LimitedDataModule
+    from lightning_ft.methods import DiffTuning
+
+    torch.manual_seed(0)
+    module = tiny_module(DiffTuning, "tiny_flux", sample_resolution=None, memory_size=2, memory_sample_steps=1,
+                         memory_cache_dir=str(tmp_path / "bank"))  # fmt: skip
+    assert module.native_resolution() == 128 * 2  # the pipeline default of this tiny VAE (latent 128 x 2)
+    data = LimitedDataModule(instance_dir=str(subject_dir), instance_prompt=PROMPTS[0], resolution=32, batch_size=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.datamodule = data
+    module.trainer = trainer
+    bank = module.prepare_memory_bank()
+    assert tuple(bank.shape[-2:]) == (32, 32)
+    assert module.native_resolution() == 256  # the block restored it

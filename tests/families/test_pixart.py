@@ -15,6 +15,7 @@ from tokenizers import normalizers
 
 from lightning_ft.core import DiffusionBase
 from lightning_ft.core.conditions import Condition
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.core.families.pixart import pipeline_max_sequence_length
 from lightning_ft.methods import DreamBooth
 
@@ -156,12 +157,12 @@ def test_lora_only_export_goes_back_on_a_plain_transformer(tmp_path):
     torch.manual_seed(0)
     pixart().save_pretrained(tmp_path / "base")  # the same random base the LoRA started from
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    base_images = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 1.5)
+    base_images = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 1.5)
     transformer = PixArtTransformer2DModel.from_pretrained(tmp_path / "base", subfolder="transformer")
     module.family.load_lora(transformer, tmp_path / "lora")
     pipe = PixArtSigmaPipeline.from_pretrained(tmp_path / "base", transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    got = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 1.5)
+    got = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 1.5)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(base_images, expected, atol=1e-3)  # the LoRA is what makes the difference
 

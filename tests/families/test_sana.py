@@ -19,7 +19,8 @@ from diffusers import (
 )
 
 from lightning_ft.core import DiffusionBase
-from lightning_ft.core.families import NOT_YET, detect_family
+from lightning_ft.core.families import Sana, detect_family
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.core.families.sana import pipeline_complex_human_instruction
 from lightning_ft.methods import DreamBooth
 
@@ -253,9 +254,9 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     sana().save_pretrained(tmp_path / "base")  # the same random base the LoRA started from
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
     pipe.set_progress_bar_config(disable=True)
-    base_images = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 2.0)
+    base_images = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 2.0)
     pipe.load_lora_weights(tmp_path / "lora")
-    got = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 2.0)
+    got = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 2.0)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert not torch.allclose(base_images, expected, atol=1e-3)  # the LoRA is what makes the difference
     # The family's own loader puts it back on a plain transformer (alpha from the saved metadata).
@@ -265,7 +266,7 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
 
 
 def test_the_family_is_detected_and_sana_sprint_is_refused(tmp_path):
-    assert "SanaPipeline" not in NOT_YET
+    assert "SanaPipeline" not in Sana.refused and "SanaSprintPipeline" in Sana.refused
     torch.manual_seed(0)
     module = sana()
     assert detect_family(module.parts) == "sana"  # from the components (no model_index)

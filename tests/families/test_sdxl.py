@@ -11,6 +11,7 @@ from conftest import perturb, tiny_components, tiny_module
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
 from lightning_ft.core import DiffusionBase
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.methods import DreamBooth
 
 PROMPTS = ["a red star on a gray background", "a sks circle"]
@@ -79,9 +80,10 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     assert isinstance(pipe, StableDiffusionXLPipeline)
     pipe.load_lora_weights(tmp_path / "lora")
     pipe.set_progress_bar_config(disable=True)
-    got = module.family.sample(module, pipe, PROMPTS, [0, 1], 2, 1.5)
+    got = module.family.sample(module, pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 1.5)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    base = sdxl().family.sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), PROMPTS, [0, 1], 2, 1.5)
+    base_pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
+    base = sdxl().family.sample(module, base_pipe, SampleInputs.of(prompts=PROMPTS), [0, 1], 2, 1.5)
     assert not torch.allclose(base, expected, atol=1e-3)  # the LoRA is what makes the difference
 
 

@@ -45,7 +45,7 @@ def test_full_export_records_the_real_classes_and_reloads_with_them(tmp_path):
     assert pipe.transformer.config.num_embeds_ada_norm == 1000  # padded for DiTPipeline's null class
     reloaded = DiffTuning(pretrained=str(tmp_path / "export"), sample_steps=2, memory_size=5)
     assert reloaded.null_class == 48 and reloaded.family.classes() == list(range(48))
-    assert reloaded.memory_conditions()[1] == [0, 1, 2, 3, 4]
+    assert reloaded.memory_inputs().labels == (0, 1, 2, 3, 4)
     images = module.generate(labels=[3, 4], seeds=[5, 6], guidance_scale=2.0)
     torch.testing.assert_close(
         reloaded.generate(labels=[3, 4], seeds=[5, 6], guidance_scale=2.0), images, atol=1e-5, rtol=0
@@ -107,8 +107,8 @@ def test_the_family_puts_its_lora_only_export_back_on_a_plain_denoiser(model, tm
     plain = build()
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([20, 700])
-    key = module.family.input_key
-    cond = module.encode_inputs(["a red star", "a sks circle"] if key == "prompts" else torch.tensor([1, 2]))
+    inputs = module.family.sample_inputs(["a red star", "a sks circle"], [1, 2], 2)
+    cond = module.encode_inputs(module.family.raw_inputs(inputs))
     before = plain.predict(x, t, cond)
     plain.family.load_lora(plain.denoiser, tmp_path)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_components, tiny_module, train_steps
 
 from lightning_ft.core import DiffusionBase
+from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.core.trainable import attention_parameter_names
 from lightning_ft.methods import AdapterAttentionFineTuning
 from lightning_ft.nn.adapters import AdaptedProjection, TimeAwareAdapter, load_adapters, without_adapters
@@ -21,8 +22,8 @@ def _batch(n: int = 2):
 def _inputs(module, n: int = 3):
     x = torch.randn(n, 4, 16, 16)
     t = torch.tensor([10, 500, 990][:n])
-    inputs = ["a red star"] * n if module.family.input_key == "prompts" else torch.arange(n)
-    condition = module.encode_inputs(inputs)
+    inputs = module.family.sample_inputs(["a red star"] * n, list(range(n)), n)
+    condition = module.encode_inputs(module.family.raw_inputs(inputs))
     return x, t, condition
 
 
@@ -115,10 +116,13 @@ def test_export_reloads_with_its_adapters_to_identical_images(tmp_path):
     # A plain diffusers pipeline of the folder plus load_adapters gives the same images too ...
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    without = reloaded.family.sample(reloaded, pipe, prompts, seeds, 2, 2.0)
+    without = reloaded.family.sample(reloaded, pipe, SampleInputs.of(prompts=prompts), seeds, 2, 2.0)
     load_adapters(pipe.unet, folder)
     torch.testing.assert_close(
-        reloaded.family.sample(reloaded, pipe, prompts, seeds, 2, 2.0), images, rtol=0, atol=1e-6
+        reloaded.family.sample(reloaded, pipe, SampleInputs.of(prompts=prompts), seeds, 2, 2.0),
+        images,
+        rtol=0,
+        atol=1e-6,
     )
     assert not torch.allclose(without, images)  # ... and without them it is another model
     # ... which DiffusionBase refuses to load as if it were complete.

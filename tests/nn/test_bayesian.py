@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_components, tiny_module
 from torch import nn
 
+from lightning_ft.core.families.base import TRANSFORMER_BNN_EXCLUDE, TRANSFORMER_BNN_INCLUDE
 from lightning_ft.nn.bayesian import (
     SIGMA_MIN,
     BayesianLinear,
@@ -18,7 +19,6 @@ from lightning_ft.nn.bayesian import (
     convert_lora_to_bayesian,
     convert_to_bayesian,
     convert_to_plain,
-    default_bayesian_selection,
     plain_copy,
 )
 
@@ -191,7 +191,7 @@ def _tiny_dit():
 
 def test_default_selection_of_a_unet_is_unchanged():
     denoiser = tiny_module().denoiser
-    assert default_bayesian_selection(denoiser) == (OLD_INCLUDE, OLD_EXCLUDE)
+    assert tiny_module().family.bnn_include is None  # SD's family keeps the released rule, the default
     old = [
         n
         for n, m in denoiser.named_modules()
@@ -203,16 +203,17 @@ def test_default_selection_of_a_unet_is_unchanged():
     assert convert_to_bayesian(denoiser) == old  # same names, same order
 
 
-def test_default_selection_of_a_dit_leaves_out_adaln_and_time():
+def test_transformer_selection_of_a_dit_leaves_out_adaln_and_time():
     denoiser = _tiny_dit()
     linears = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear)]
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.tensor([3, 47])
     with torch.no_grad():
         before = denoiser(x, t, class_labels=y).sample
-    # The UNet rule matches nothing in a DiT: that is what the per-kind default is for.
+    # The UNet rule matches nothing in a DiT: that is what the family's selection is for.
     with pytest.raises(ValueError, match="model.bayesian_include"):
         convert_to_bayesian(denoiser, OLD_INCLUDE, OLD_EXCLUDE)
-    names = convert_to_bayesian(denoiser)
+    assert tiny_module(model="tiny_dit").family.bnn_exclude == TRANSFORMER_BNN_EXCLUDE
+    names = convert_to_bayesian(denoiser, TRANSFORMER_BNN_INCLUDE, TRANSFORMER_BNN_EXCLUDE)
     block = "transformer_blocks.0."
     assert names == [block + n for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")] + [
         block + n for n in ("ff.net.0.proj", "ff.net.2")
@@ -230,14 +231,14 @@ def test_default_selection_of_a_dit_leaves_out_adaln_and_time():
         assert torch.equal(denoiser(x, t, class_labels=y).sample, before)  # eval: the means, i.e. the model
 
 
-def test_default_selection_of_pixart_and_flux_leaves_out_the_text_paths():
+def test_transformer_selection_of_pixart_and_flux_leaves_out_the_text_paths():
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
     pixart = PixArtTransformer2DModel(
         sample_size=16, patch_size=4, in_channels=4, out_channels=8, num_layers=1, num_attention_heads=2,
         attention_head_dim=8, cross_attention_dim=16, caption_channels=16, norm_num_groups=4,
     )  # fmt: skip
-    names = convert_to_bayesian(pixart)
+    names = convert_to_bayesian(pixart, TRANSFORMER_BNN_INCLUDE, TRANSFORMER_BNN_EXCLUDE)
     assert sorted(names) == sorted(
         f"transformer_blocks.0.{n}" for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                                               "ff.net.0.proj", "ff.net.2")
@@ -246,7 +247,7 @@ def test_default_selection_of_pixart_and_flux_leaves_out_the_text_paths():
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[2, 2, 4],
     )  # fmt: skip
-    names = set(convert_to_bayesian(flux))
+    names = set(convert_to_bayesian(flux, TRANSFORMER_BNN_INCLUDE, TRANSFORMER_BNN_EXCLUDE))
     assert names == {
         *(f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")),
         "transformer_blocks.0.ff.net.0.proj",

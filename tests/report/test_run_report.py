@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from report_fixtures import DIP, make_run
 
-from lightning_ft.callbacks.stage_rules import classify_stages
 from lightning_ft.report import figures
 from lightning_ft.report.cost import CostMeter, describe
 from lightning_ft.report.run_folder import find_runs, read_run
 from lightning_ft.report.run_report import build_run_report, write_run_report
+from lightning_ft.report.stage_rules import classify_stages
 from lightning_ft.report.verdict import stage_report
 
 

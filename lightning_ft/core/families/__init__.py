@@ -1,134 +1,124 @@
-"""Model families: one small adapter per kind of pipeline, chosen from the folder's ``model_index.json``.
+"""Model families: one file per family, each registering itself (``ModelFamily.__init_subclass__``).
 
-| family              | pipelines                                   | condition                                  |
-|---------------------|---------------------------------------------|--------------------------------------------|
-| ``stable_diffusion``| StableDiffusionPipeline (SD1.x, SD2.x)      | CLIP last hidden state                     |
-| ``sdxl``            | StableDiffusionXLPipeline                   | 2 CLIP penultimate states, pooled, time ids|
-| ``class_conditional``| DiTPipeline, class-conditional UNets       | class labels (null class for guidance)     |
-| ``unconditional``   | DDIMPipeline, DDPMPipeline                  | none                                       |
-| ``pixart_sigma``    | PixArtSigmaPipeline                         | T5 last hidden state and its attention mask|
-| ``sd3``             | StableDiffusion3Pipeline (SD3, SD3.5)       | 2 CLIP penultimate + T5, pooled (flow)     |
-| ``flux``            | FluxPipeline (Flux.1 dev, schnell)          | T5 context, CLIP pooled, ids, guidance (flow)|
-| ``sana``            | SanaPipeline                                | Gemma2 states (+ instruction) and mask (flow)|
+A family is chosen from the folder's ``model_index.json`` (the pipeline classes it declares in ``pipelines``), else
+recognised from the components of a model built from configs (its ``matches``, tried in ``detect_order``);
+``model.family`` names one explicitly. A pipeline a family declares in ``refused`` (an editing, inpainting or other
+variant it does not train yet) is refused naming the pipeline; a pipeline no family knows is trained as the family
+its components match, with a warning naming both, or refused naming it when none matches. The families' own files
+hold everything model-specific; this module only imports them (``FAMILY_MODULES``) and looks them up.
 
-A model built from component configs (no ``model_index.json``) is recognised from its parts; ``model.family``
-names one explicitly. PixArt-Alpha and Sana-Sprint are refused, naming the pipeline; an unknown pipeline is recognised
-from its parts with a warning.
+To add a family: write ``<name>.py`` here with a ``ModelFamily`` subclass, and add its module to ``FAMILY_MODULES``.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 from lightning_ft.core.components import Components
-from lightning_ft.core.families.base import CLASS, NONE, TEXT, ModelFamily
-from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional, denoise_loop, guided
-from lightning_ft.core.families.flow import Flux, StableDiffusion3
-from lightning_ft.core.families.pixart import PixArtSigma
-from lightning_ft.core.families.sana import Sana
-from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL
+from lightning_ft.core.families.base import REGISTRY, ModelFamily
+from lightning_ft.core.families.inputs import SampleInputs
 
-FAMILIES: dict[str, type[ModelFamily]] = {
-    cls.name: cls
-    for cls in (
-        StableDiffusion,
-        StableDiffusionXL,
-        StableDiffusion3,
-        Flux,
-        ClassConditional,
-        Unconditional,
-        PixArtSigma,
-        Sana,
-    )
-}
-#: model_index.json ``_class_name`` -> family.
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "stable_diffusion",
-    "StableDiffusionXLPipeline": "sdxl",
-    "DiTPipeline": "class_conditional",
-    "DDIMPipeline": "unconditional",
-    "DDPMPipeline": "unconditional",
-    "PixArtSigmaPipeline": "pixart_sigma",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "SanaPipeline": "sana",
-}
-#: Pipelines users fine-tune that this version does not train yet, and why.
-NOT_YET = {
-    # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
-    "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
-    "SanaSprintPipeline": "the guidance-distilled Sana-Sprint is not implemented yet (SanaPipeline is)",
-}
+#: The modules whose families are registered, in the order ``matches`` ties are broken.
+FAMILY_MODULES = (
+    "stable_diffusion",
+    "joint_transformer",
+    "class_conditional",
+    "pixart",
+    "sana",
+)
+for _module in FAMILY_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
+
+from lightning_ft.core.families.class_conditional import ClassConditional, Unconditional  # noqa: E402
+from lightning_ft.core.families.joint_transformer import Flux, StableDiffusion3  # noqa: E402
+from lightning_ft.core.families.pixart import PixArtSigma  # noqa: E402
+from lightning_ft.core.families.sana import Sana  # noqa: E402
+from lightning_ft.core.families.stable_diffusion import StableDiffusion, StableDiffusionXL  # noqa: E402
+from lightning_ft.core.sampling_loop import denoise_loop, guided  # noqa: E402
+
+#: Family name -> class (every registered family).
+FAMILIES = REGISTRY
+
+
+def supported_pipelines() -> list[str]:
+    return sorted(p for cls in REGISTRY.values() for p in cls.pipelines)
+
+
+def family_for_pipeline(pipeline_class: str | None) -> type[ModelFamily] | None:
+    """The family that trains ``pipeline_class`` (None: no family declares it). Raises NotImplementedError, naming
+    the pipeline and why, for a pipeline a family refuses."""
+    if pipeline_class is None:
+        return None
+    for cls in REGISTRY.values():
+        if pipeline_class in cls.pipelines:
+            return cls
+    for cls in REGISTRY.values():
+        if pipeline_class in cls.refused:
+            raise NotImplementedError(
+                f"model.pretrained: {pipeline_class} is not supported by this version of lightning-ft "
+                f"({cls.refused[pipeline_class]}); the {cls.name} family trains {', '.join(cls.pipelines)}"
+            )
+    return None
 
 
 def detect_family(parts: Components) -> str:
     """The family name of these components: from the pipeline class, else from the parts themselves."""
-    if parts.pipeline_class in PIPELINE_FAMILIES:
-        return PIPELINE_FAMILIES[parts.pipeline_class]
-    if parts.pipeline_class in NOT_YET:
-        raise NotImplementedError(
-            f"model.pretrained: {parts.pipeline_class} ({NOT_YET[parts.pipeline_class]}) is not supported by this "
-            f"version of lightning-ft; supported pipelines: {', '.join(sorted(PIPELINE_FAMILIES))}"
-        )
-    family = _family_from_parts(parts)
-    if parts.pipeline_class is not None:
-        warnings.warn(
-            f"model.pretrained: pipeline {parts.pipeline_class} is not one lightning-ft knows; it is trained as the "
-            f"{family!r} family, recognised from its components (set model.family to choose)",
-            stacklevel=2,
-        )
-    return family
+    known = family_for_pipeline(parts.pipeline_class)
+    if known is not None:
+        return known.name
+    for cls in sorted(REGISTRY.values(), key=lambda c: c.detect_order):
+        if cls.matches(parts):
+            if parts.pipeline_class is not None:
+                warnings.warn(
+                    f"model.pretrained: pipeline {parts.pipeline_class} is not one lightning-ft knows; it is trained "
+                    f"as the {cls.name!r} family ({', '.join(cls.pipelines)}), recognised from its components (set "
+                    "model.family to choose)",
+                    stacklevel=2,
+                )
+            return cls.name
+    encoders = ", ".join(type(e).__name__ for e in parts.encoders) or "none"
+    what = f"pipeline {parts.pipeline_class}" if parts.pipeline_class else "a model built from components"
+    raise NotImplementedError(
+        f"model: {what} (denoiser {type(parts.denoiser).__name__}, text encoders: {encoders}) is not one "
+        f"lightning-ft supports; supported pipelines: {', '.join(supported_pipelines())}"
+    )
 
 
-def _family_from_parts(parts: Components) -> str:
-    config = parts.denoiser.config
-    if type(parts.denoiser).__name__ == "SD3Transformer2DModel":
-        return "sd3"
-    if type(parts.denoiser).__name__ == "FluxTransformer2DModel":
-        return "flux"
-    if type(parts.denoiser).__name__ == "SanaTransformer2DModel":
-        return "sana"
-    if type(parts.denoiser).__name__ == "PixArtTransformer2DModel":
-        # Its adaLN timestep table (num_embeds_ada_norm) must not pass it for a class-conditional model.
-        if type(parts.text_encoder).__name__ != "T5EncoderModel":
-            raise NotImplementedError(
-                "a PixArtTransformer2DModel is supported as PixArt-Sigma, with its T5EncoderModel text encoder and "
-                f"tokenizer (this model's text encoder: {type(parts.text_encoder).__name__})"
-            )
-        return "pixart_sigma"
-    if parts.text_encoder_2 is not None and getattr(config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    if parts.text_encoder is not None:
-        if type(parts.denoiser).__name__ != "UNet2DConditionModel":
-            raise NotImplementedError(
-                f"a text-conditioned {type(parts.denoiser).__name__} is not supported by this version of "
-                f"lightning-ft (supported text families: UNet2DConditionModel as SD1.x/2.x or SDXL)"
-            )
-        return "stable_diffusion"
-    if getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None):
-        return "class_conditional"
-    return "unconditional"
+def family_class(name: str) -> type[ModelFamily]:
+    if name not in REGISTRY:
+        raise ValueError(f"model.family={name!r} is not one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def make_family(parts: Components, name: str | None = None, null_class: int | None = None) -> ModelFamily:
     """The family adapter of ``parts`` (``name``: the ``model.family`` setting, None = detect)."""
-    name = name or detect_family(parts)
-    if name not in FAMILIES:
-        raise ValueError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
-    cls = FAMILIES[name]
-    if cls.kind != CLASS and null_class is not None:
-        raise ValueError(f"model.null_class={null_class} is only for class-conditional models, not {name}")
+    cls = family_class(name or detect_family(parts))
     try:
-        return cls(parts, null_class=null_class) if cls.kind == CLASS else cls(parts)
+        return cls(parts, null_class=null_class)
     except (AttributeError, TypeError, KeyError) as error:
         raise ValueError(
-            f"model.family={name!r} does not fit this model (denoiser {type(parts.denoiser).__name__}: {error}); "
+            f"model.family={cls.name!r} does not fit this model (denoiser {type(parts.denoiser).__name__}: {error}); "
             f"leave it unset to detect the family ({detect_family(parts)!r} here)"
         ) from None
 
 
+def fsdp_block_classes() -> set[type]:
+    """The block classes every registered family makes FSDP units (those missing from the installed diffusers are
+    skipped)."""
+    found = set()
+    for cls in REGISTRY.values():
+        for spec in cls.fsdp_blocks:
+            module, _, name = spec.partition(":")
+            try:
+                found.add(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                continue
+    return found
+
+
 __all__ = [
-    "CLASS", "FAMILIES", "NONE", "TEXT", "ClassConditional", "Flux", "ModelFamily", "PixArtSigma", "Sana",
-    "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "Unconditional", "denoise_loop", "detect_family",
-    "guided", "make_family",
+    "FAMILIES", "FAMILY_MODULES", "REGISTRY", "ClassConditional", "Flux", "ModelFamily", "PixArtSigma", "SampleInputs",
+    "Sana", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "Unconditional", "denoise_loop",
+    "detect_family", "family_class", "family_for_pipeline", "fsdp_block_classes", "guided", "make_family",
 ]  # fmt: skip

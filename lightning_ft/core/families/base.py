@@ -1,14 +1,16 @@
-"""``ModelFamily``: what differs between model families, behind one small interface.
+"""``ModelFamily``: everything model-specific, behind one small interface; each family registers itself.
 
-A family knows its components and how to turn a batch's inputs (prompts, class labels, image sizes) into a
-``Condition``, how to call its denoiser with one, which diffusers pipeline samples and exports it, and how its LoRA
-weights are saved. ``DiffusionBase`` and the methods speak only to this interface (and to the noise process), so a
-new family is one small subclass registered in ``lightning_ft.core.families``.
+A family knows the pipeline classes it serves and how to recognise a model built from configs (``matches``); its
+components (text encoders and tokenizers by key); how what a sample is asked with (``sample_inputs``: prompts,
+labels, nothing) and a batch's inputs become a ``Condition``; the denoiser call; the VAE's latent space; the noise
+process its pipelines sample; the pipeline that samples and exports; its LoRA targets and file layout; BNN's layer
+selection and the FSDP blocks. ``DiffusionBase``, the methods, callbacks, data module and report speak only to this
+interface, so a new family is one file: a subclass that sets ``name`` is registered (``REGISTRY``) when its module is
+imported (``lightning_ft.core.families.FAMILY_MODULES``).
 
-Inputs are the raw, per-sample conditions a user writes: a list of prompts for text families, a tensor of class
-labels for class-conditional ones, ``None`` for unconditional models. ``null_inputs(n)`` are the inputs of the
-unconditional branch (the empty prompt, the null class); they are encoded like any others, so the null condition
-is built in one place.
+Raw inputs are what a family encodes: a list of prompts (text families), a tensor of class labels (class-conditional)
+or ``None`` (unconditional). ``null_inputs(n)`` are the inputs of the unconditional branch (the empty prompt, the null
+class); they are encoded like any others, so the null condition is built in one place.
 """
 
 from __future__ import annotations
@@ -18,10 +20,57 @@ from pathlib import Path
 
 import torch
 
-from lightning_ft.core.components import Components
+from lightning_ft.core.components import Components, tokenizer_key
 from lightning_ft.core.conditions import Condition
+from lightning_ft.core.families.inputs import SampleInputs
+from lightning_ft.core.sampling_loop import unit_images
 
-TEXT, CLASS, NONE = "text", "class", "none"
+#: Every registered family by name, in registration order (``ModelFamily.__init_subclass__``).
+REGISTRY: dict[str, type[ModelFamily]] = {}
+
+#: BNN's selection carried over to transformer denoisers (INFERRED: the released BNN code covers UNets only). Every
+#: linear of the blocks except the conditioning paths, as the UNet rule keeps out ``attn2`` and ``time_emb_proj``:
+#: text cross-attention, adaLN linears (every linear inside a ``norm*`` module: modulation and per-block timestep /
+#: class embedders), timestep embedders and the text stream of joint attention. What stays: the self-attention
+#: q/k/v/out and the feed-forward of every block.
+TRANSFORMER_BNN_INCLUDE = ("transformer_blocks.*", "single_transformer_blocks.*")
+TRANSFORMER_BNN_EXCLUDE = (
+    "*.attn2.*",  # cross-attention to the text (PixArt)
+    "*.time_emb_proj",
+    r"re:.*\.norm[^.]*\..*",  # adaLN: linears inside norm1 / norm1_context / norm
+    "*.timestep_embedder.*",
+    "*.attn.add_q_proj",  # the text stream of joint attention (SD3, Flux)
+    "*.attn.add_k_proj",
+    "*.attn.add_v_proj",
+    "*.attn.to_add_out",
+    "*.ff_context.*",
+)
+
+
+#: The processes of flow-matching families.
+FLOW = ("flow_matching",)
+
+
+def pipeline_max_sequence_length(pipeline_class: str) -> int:
+    """The ``max_sequence_length`` default of a pipeline's ``__call__`` (e.g. 300 for PixArtSigmaPipeline)."""
+    import inspect
+
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters["max_sequence_length"].default
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token (``FluxPipeline._pack_latents``, the layout of
+    Flux.1 and Qwen-Image)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``pack_2x2`` for latents of side ``h`` x ``w``."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
 def batch_timesteps(t, noisy: torch.Tensor) -> torch.Tensor:
@@ -30,53 +79,113 @@ def batch_timesteps(t, noisy: torch.Tensor) -> torch.Tensor:
     return (t[None] if t.ndim == 0 else t).expand(noisy.shape[0])
 
 
-def unit_images(images: torch.Tensor) -> torch.Tensor:
-    """Decoded images in [-1, 1] to [0, 1] floats."""
-    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 class ModelFamily:
-    """The interface of a model family (module docstring); subclasses set ``name`` and ``kind``.
+    """The interface of a model family (module docstring). The base is the unconditional case; subclasses set
+    ``name`` (which registers them) and what differs.
 
     Args:
         parts: the model's components (read for settings only; modules are passed to each call).
+        null_class: ``model.null_class``, for families that take one (``uses_null_class``).
     """
 
     name: str = ""
-    #: ``text`` (prompts), ``class`` (integer labels) or ``none`` (unconditional).
-    kind: str = NONE
+    #: The model_index.json ``_class_name``s this family trains.
+    pipelines: tuple[str, ...] = ()
+    #: Pipelines of this family's models that it does not train yet -> why (refused by name, never trained as another).
+    refused: dict[str, str] = {}
     #: The diffusers pipeline class that samples and exports this family (None: no pipeline fits).
     pipeline_class: str | None = None
+    #: Component keys of the text encoders it reads (tokenizers pair by suffix: ``text_encoder_2`` / ``tokenizer_2``).
+    text_encoders: tuple[str, ...] = ()
+    #: Other components its folders may list (kept aside, not trained); None: the pipeline's ``_optional_components``.
+    extra_components: tuple[str, ...] | None = None
+    #: What it does, in words (model cards' tags, ``describe``).
+    task: str = "unconditional image generation"
+    #: ``matches`` is tried in this order (lower first) for a model without a known pipeline.
+    detect_order: int = 100
     #: The key prefix of the pipeline's LoRA files (``unet``, ``transformer``); None: the pipeline has no LoRA loader.
     lora_prefix: str | None = None
+    #: Default ``model.lora_target_modules``; None: the q/k/v/out projections of every attention module.
+    lora_targets: tuple[str, ...] | None = None
+    #: BNN's layer selection (patterns over module names, see ``lightning_ft.nn.bayesian``); None: the released rule.
+    bnn_include: tuple[str, ...] | None = None
+    bnn_exclude: tuple[str, ...] | None = None
+    #: The denoiser's blocks that FSDP wraps one unit each, as ``module:Class``.
+    fsdp_blocks: tuple[str, ...] = ()
     #: The noise processes this family's pipelines sample (``ddpm``, ``flow_matching``).
     processes: tuple[str, ...] = ("ddpm",)
+    #: Flow matching: the loss on the implied x0 (``model.precondition_outputs`` unset: its script's default).
+    precondition_outputs: bool = False
     #: Training timestep density when ``model.timestep_density`` is not set (diffusers' script default).
     default_timestep_density: str = "uniform"
     #: The attention modules A3FTA adapts by default, by the last part of their name (self- and cross-attention).
     attention_names: tuple[str, ...] = ("attn1", "attn2")
+    #: The denoiser's module whose output is its time embedding, which A3FTA's adapters read (None: the first
+    #: diffusers ``TimestepEmbedding``).
+    time_embedding: str | None = None
     #: Latent pixels per image token of the denoiser (2x2 patches: 4), for a resolution-dependent flow shift.
     tokens_per_latent: int = 4
-    #: The pipeline's argument that takes the denoiser (``unet``, ``transformer``) and how many text encoders (with
-    #: their tokenizers: ``text_encoder``, ``text_encoder_2``, ...) it takes; ``pipeline_kwargs`` builds from them.
+    #: The pipeline's argument that takes the denoiser (``unet``, ``transformer``).
     denoiser_argument: str = "transformer"
-    pipeline_text_encoders: int = 1
+    #: True for families whose condition has a null class (``model.null_class``).
+    uses_null_class: bool = False
+    #: Settings a VAE of another family may lack that this family's pipelines read -> the value that means "none".
+    vae_defaults: dict = {}
+    #: The Hub's pipeline tag of the exports (model cards; None: no tag fits).
+    hub_task: str | None = "unconditional-image-generation"
 
-    def __init__(self, parts: Components):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name:
+            if name in REGISTRY and REGISTRY[name] is not cls:
+                raise TypeError(f"model family {name!r} registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+            REGISTRY[name] = cls
+
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        """True when ``parts`` (a model built from configs, or a folder of an unknown pipeline) is of this family."""
+        return False
+
+    @classmethod
+    def accepted_components(cls) -> tuple[str, ...]:
+        """Component keys besides denoiser, scheduler, VAE, text encoders and tokenizers that its folders may list."""
+        if cls.extra_components is not None:
+            return cls.extra_components
+        import diffusers
+
+        pipeline = getattr(diffusers, cls.pipeline_class or "", None)
+        optional = getattr(pipeline, "_optional_components", None) or []
+        return tuple(k for k in optional if not k.startswith(("text_encoder", "tokenizer")))
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        if null_class is not None and not self.uses_null_class:
+            raise ValueError(f"model.null_class={null_class} is only for class-conditional models, not {self.name}")
         self.settings = dict(parts.pipeline_config)
 
     # ----------------------------------------------------------------------------------------------- inputs
-    @property
-    def input_key(self) -> str | None:
-        """The ``generate`` argument that carries this family's inputs: ``prompts``, ``labels`` or None."""
-        return {TEXT: "prompts", CLASS: "labels"}.get(self.kind)
+    def sample_inputs(
+        self, prompts=None, labels=None, n: int | None = None, where: str = "generate", required: bool = True
+    ) -> SampleInputs:
+        """What samples of this model are asked with, from what the caller offers (prompts, labels, a count). A
+        family keeps what its model reads; when that is missing it raises ValueError naming ``where``, or with
+        ``required=False`` returns ``n`` samples asked with nothing (``conditional`` False: the null condition).
+        The base (unconditional) takes a count: ``n``, or the number of prompts / labels offered."""
+        if n is None:
+            offered = prompts if prompts is not None else labels
+            if offered is None:
+                raise ValueError(f"{where}: give the number of samples (seeds) of this {self.describe()} model")
+            n = len(offered)
+        return SampleInputs(int(n))
 
     def batch_inputs(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
         """The raw inputs of a training batch (prompts, labels, or None)."""
-        if self.kind == TEXT:
-            return list(batch[prompts_key])
-        if self.kind == CLASS:
-            return torch.as_tensor(batch[labels_key])
+        return None
+
+    def raw_inputs(self, inputs: SampleInputs):
+        """The raw inputs ``encode`` takes for these sample inputs."""
         return None
 
     def null_inputs(self, n: int):
@@ -87,18 +196,50 @@ class ModelFamily:
         """``inputs`` with the samples where ``drop`` is True replaced by the null input."""
         return inputs
 
+    def needs_labels(self) -> bool:
+        """True when its training data must carry integer labels."""
+        return False
+
+    def retention_inputs(self, count: int, prompts: Sequence[str] | None = None) -> SampleInputs:
+        """What ``count`` source-domain images (Diff-Tuning's memory bank) are sampled with: ``prompts`` (the
+        ``memory_prompts`` setting) cycled, else the unconditional branch's input; a family whose model is asked with
+        something else refuses ``prompts``."""
+        if prompts is not None:
+            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.describe()}")
+        return SampleInputs(count)
+
     # --------------------------------------------------------------------------------------------- encoding
     def encode(self, module, inputs, n: int, geometry: dict[str, torch.Tensor]) -> Condition:
         """The condition of ``n`` samples. ``module`` is the ``DiffusionBase`` (its encoders and caches);
         ``geometry`` holds ``original_size``, ``crop_top_left`` and ``target_size`` (n, 2) of the images. Text
         families: the per-sample features of ``tokenize`` / ``encode_ids``, through the module's text cache."""
-        if self.kind == TEXT:
-            return Condition(module.text_features(inputs), n)
         return Condition({}, n)
 
     def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition):
         """The denoiser's raw output (``.sample``) for ``noisy`` at model timesteps ``t`` under ``cond``."""
         return denoiser(noisy, t).sample
+
+    # ------------------------------------------------------------------------------------------- latent space
+    def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior of images in [-1, 1] as (N, 2, ...): mean and std (a deterministic autoencoder such as
+        Sana's ``AutoencoderDC``: its latent with zero spread). ``model_latents`` turns a draw into model space."""
+        encoded = vae.encode(pixels)
+        dist = getattr(encoded, "latent_dist", None)
+        if dist is None:
+            return torch.stack([encoded.latent, torch.zeros_like(encoded.latent)], dim=1)
+        return torch.stack([dist.mean, dist.std], dim=1)
+
+    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE latent in the denoiser's space: ``(latent - shift_factor) * scaling_factor``, as the pipelines
+        undo it before decoding."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def round_trip(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] encoded (posterior mode) and decoded, in [-1, 1]."""
+        encoded = vae.encode(pixels)
+        dist = getattr(encoded, "latent_dist", None)
+        return vae.decode(dist.mode() if dist is not None else encoded.latent).sample
 
     # ---------------------------------------------------------------------------------------- sizes, classes
     def latent_size(self, parts: Components) -> int:
@@ -120,12 +261,13 @@ class ModelFamily:
     # ------------------------------------------------------------------------------------- sampling, export
     def pipeline_kwargs(self, parts: Components, scheduler) -> dict:
         """The arguments of ``pipeline_class`` built from the components: the denoiser (``denoiser_argument``), the
-        scheduler, the VAE, ``pipeline_text_encoders`` text encoders and tokenizers, and ``pipeline_options``."""
+        scheduler, the VAE, the ``text_encoders`` with their tokenizers (None where the model has none), the extra
+        components the folder had, and ``pipeline_options``."""
         kwargs = {self.denoiser_argument: parts.denoiser, "scheduler": scheduler, "vae": parts.vae}
-        for suffix in ["", *(f"_{i}" for i in range(2, self.pipeline_text_encoders + 1))]:
-            kwargs[f"text_encoder{suffix}"] = getattr(parts, f"text_encoder{suffix}")
-            kwargs[f"tokenizer{suffix}"] = getattr(parts, f"tokenizer{suffix}")
-        return {**kwargs, **self.pipeline_options()}
+        for key in self.text_encoders:
+            kwargs[key] = parts.text_encoders.get(key)
+            kwargs[tokenizer_key(key)] = parts.tokenizers.get(tokenizer_key(key))
+        return {**kwargs, **parts.extras, **self.pipeline_options()}
 
     def pipeline_options(self) -> dict:
         """Pipeline arguments that are settings, not components (default: none)."""
@@ -139,13 +281,16 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_class)(**self.pipeline_kwargs(parts, scheduler))
 
-    def sample(self, module, pipe, inputs, seeds: Sequence[int], steps: int, guidance: float, negative_prompt=None):
+    def sample(
+        self, module, pipe, inputs: SampleInputs, seeds: Sequence[int], steps: int, guidance: float,
+        negative_prompt: str | None = None,
+    ):
         """Images in [0, 1] (N, C, H, W) for one chunk of inputs; image i from a generator seeded by ``seeds[i]``.
         Default: a text pipeline called with the prompts, ``negative_inputs`` and ``pipeline_call_kwargs``."""
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         pixel_space = pipe.vae is None
         out = pipe(
-            list(inputs),
+            list(inputs.prompts),
             num_inference_steps=steps,
             guidance_scale=guidance,
             negative_prompt=self.negative_inputs(negative_prompt, len(inputs)),
@@ -205,9 +350,15 @@ class ModelFamily:
 
     # ------------------------------------------------------------------------------------------- defaults
     def default_lora_targets(self, denoiser: torch.nn.Module) -> tuple[str, ...]:
+        if self.lora_targets is not None:
+            return self.lora_targets
         from lightning_ft.core.trainable import default_lora_targets
 
         return default_lora_targets(denoiser)
 
+    def usage_example(self, prompt: str, settings: str) -> str | None:
+        """The line of a model card's example that samples the exported pipeline (None: the card shows none)."""
+        return None
+
     def describe(self) -> str:
-        return f"{self.name} ({self.kind}-conditioned)"
+        return f"{self.name} ({self.task})"

@@ -9,56 +9,14 @@ records the real class count and null class, which this family reads back.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-
 import torch
 
 from lightning_ft.core.class_labels import resolve_null_class
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import CLASS, NONE, ModelFamily, unit_images
-
-
-@torch.no_grad()
-def denoise_loop(parts: Components, scheduler, seeds: Sequence[int], steps: int, model_output) -> torch.Tensor:
-    """The sampling loop over a diffusers scheduler, for models no diffusers pipeline drives; images in [0, 1].
-
-    ``model_output(x, t)`` returns the (guided) model output for the batch ``x`` at timesteps ``t``. Image i starts
-    from noise drawn by a generator seeded with ``seeds[i]``; the VAE, if any, decodes the result."""
-    device = next(parts.denoiser.parameters()).device
-    config = parts.denoiser.config
-    channels = config.in_channels
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators])
-    x = x.to(device) * scheduler.init_noise_sigma
-    # Stochastic samplers (DDPM, ancestral) draw fresh noise every step: from image i's own generator, as the
-    # diffusers pipelines do, so that a sample depends on its seed only and not on the batch or the global RNG.
-    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
-        t_batch = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        x = scheduler.step(model_output(x_in, t_batch), t, x, **step_kwargs).prev_sample
-    if parts.vae is not None:
-        shift = getattr(parts.vae.config, "shift_factor", None) or 0.0
-        x = parts.vae.decode(x / parts.vae.config.scaling_factor + shift).sample
-    return unit_images(x)
-
-
-def guided(module, cond: Condition, uncond: Condition | None, guidance: float):
-    """``model_output(x, t)`` for ``denoise_loop``: the module's prediction, with classifier-free guidance against
-    ``uncond`` when it is given and ``guidance != 1`` (both branches in one batch)."""
-
-    def model_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if uncond is None or guidance == 1.0:
-            return module.predict(x, t, cond)
-        both = module.predict(torch.cat([x, x]), torch.cat([t, t]), Condition.cat([cond, uncond]))
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance * (conditional - unconditional)
-
-    return model_output
+from lightning_ft.core.families.base import TRANSFORMER_BNN_EXCLUDE, TRANSFORMER_BNN_INCLUDE, ModelFamily
+from lightning_ft.core.families.inputs import SampleInputs
+from lightning_ft.core.sampling_loop import denoise_loop, guided
 
 
 class ClassConditional(ModelFamily):
@@ -66,16 +24,53 @@ class ClassConditional(ModelFamily):
     guidance and condition dropout (the model's own null row, or ``model.null_class``)."""
 
     name = "class_conditional"
-    kind = CLASS
+    pipelines = ("DiTPipeline",)
+    task = "class-conditional"
+    hub_task = None
+    uses_null_class = True
+    detect_order = 80
+    fsdp_blocks = ("diffusers.models.attention:BasicTransformerBlock",)
+
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        config = getattr(parts.denoiser, "config", None)
+        return not parts.text_encoders and bool(
+            getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None)
+        )
 
     def __init__(self, parts: Components, null_class: int | None = None):
-        super().__init__(parts)
         record = parts.declared.get("class_labels") or {}
         given = null_class if null_class is not None else record.get("null_class")
+        super().__init__(parts)
         self.null_class = resolve_null_class(parts.denoiser, given)
         self.num_classes = record.get("num_classes") or self._table_classes(parts.denoiser)
         self.is_dit = type(parts.denoiser).__name__ == "DiTTransformer2DModel"
         self.pipeline_class = "DiTPipeline" if self.is_dit and parts.vae is not None else None
+        if self.is_dit:  # BNN's transformer selection (inferred, see TRANSFORMER_BNN_EXCLUDE)
+            self.bnn_include, self.bnn_exclude = TRANSFORMER_BNN_INCLUDE, TRANSFORMER_BNN_EXCLUDE
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    def sample_inputs(self, prompts=None, labels=None, n=None, where="generate", required=True) -> SampleInputs:
+        if labels is None or len(labels) == 0:
+            if not required:
+                return SampleInputs(int(n or 0))
+            raise ValueError(f"{where}: this class-conditional model is asked with class labels, and none were given")
+        return SampleInputs.of(labels=labels)
+
+    def retention_inputs(self, count: int, prompts=None) -> SampleInputs:
+        """Every real class in turn (the source domain is all of them)."""
+        if prompts is not None:
+            raise ValueError(f"model.memory_prompts needs a text-conditioned model, not a {self.describe()}")
+        return SampleInputs.of(labels=self.classes()).cycle(count)
+
+    def batch_inputs(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
+        return torch.as_tensor(batch[labels_key])
+
+    def raw_inputs(self, inputs: SampleInputs):
+        return torch.as_tensor(list(inputs.labels))
+
+    def needs_labels(self) -> bool:
+        return True
 
     @staticmethod
     def _table_classes(denoiser) -> int | None:
@@ -112,7 +107,7 @@ class ClassConditional(ModelFamily):
         return DiTPipeline(transformer=parts.denoiser, vae=parts.vae, scheduler=scheduler)
 
     def sample(self, module, pipe, inputs, seeds, steps, guidance, negative_prompt=None):
-        labels = torch.as_tensor(list(inputs))
+        labels = torch.as_tensor(list(inputs.labels))
         cond = module.encode_inputs(labels)
         uncond = module.encode_inputs(self.null_inputs(len(labels))) if self.null_class is not None else None
         scheduler = module.sampling_scheduler()
@@ -136,10 +131,15 @@ class Unconditional(ModelFamily):
     """Unconditional denoisers: a pixel-space UNet samples through ``DDIMPipeline``; a latent one through the loop."""
 
     name = "unconditional"
-    kind = NONE
+    pipelines = ("DDIMPipeline", "DDPMPipeline")
+    detect_order = 90
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return not parts.text_encoders and type(parts.denoiser).__name__ in ("UNet2DModel", "UNet2DConditionModel")
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
         self.pipeline_class = "DDIMPipeline" if parts.vae is None else None
 
     def build_pipeline(self, parts, scheduler):

@@ -27,37 +27,52 @@ conditions trained on are the ones the pipeline samples with, and PixArt's own L
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily, batch_timesteps
+from lightning_ft.core.families.base import (
+    TRANSFORMER_BNN_EXCLUDE,
+    TRANSFORMER_BNN_INCLUDE,
+    batch_timesteps,
+    pipeline_max_sequence_length,
+)
+from lightning_ft.core.families.text import TextFamily
 
 #: PixArt's micro-conditions, none for Sigma (``added_cond_kwargs`` of PixArtSigmaPipeline.__call__).
 NO_MICRO_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
 
-def pipeline_max_sequence_length(pipeline_class: str) -> int:
-    """The ``max_sequence_length`` default of the pipeline's ``__call__`` (300 for PixArtSigmaPipeline)."""
-    import diffusers
-
-    return inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters["max_sequence_length"].default
-
-
-class PixArtSigma(ModelFamily):
+class PixArtSigma(TextFamily):
     """PixArt-Sigma (module docstring): T5 states and mask, the encoded empty prompt, learned sigma, DDPM."""
 
     name = "pixart_sigma"
-    kind = TEXT
+    pipelines = ("PixArtSigmaPipeline",)
+    refused = {
+        # Not the same as Sigma: 120 tokens, and its 1024 models take resolution / aspect-ratio micro-conditions.
+        "PixArtAlphaPipeline": "PixArt-Alpha's micro-conditions are not implemented yet (PixArtSigmaPipeline is)",
+        "PixArtSigmaPAGPipeline": "perturbed-attention guidance sampling is not implemented yet",
+    }
     pipeline_class = "PixArtSigmaPipeline"
+    bnn_include = TRANSFORMER_BNN_INCLUDE
+    bnn_exclude = TRANSFORMER_BNN_EXCLUDE
+    fsdp_blocks = ("diffusers.models.attention:BasicTransformerBlock",)
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return type(parts.denoiser).__name__ == "PixArtTransformer2DModel"
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
         if parts.text_encoder is None or parts.tokenizer is None:
             raise ValueError("PixArt-Sigma needs its T5 text encoder and tokenizer (model.components.text_encoder)")
+        if type(parts.text_encoder).__name__ != "T5EncoderModel":
+            raise NotImplementedError(
+                "a PixArtTransformer2DModel is supported as PixArt-Sigma, with its T5EncoderModel text encoder and "
+                f"tokenizer (this model's text encoder: {type(parts.text_encoder).__name__})"
+            )
         if getattr(parts.denoiser, "use_additional_conditions", False):
             raise ValueError(
                 f"this {type(parts.denoiser).__name__} uses resolution/aspect-ratio micro-conditions "
@@ -65,13 +80,6 @@ class PixArtSigma(ModelFamily):
             )
         default = pipeline_max_sequence_length(self.pipeline_class)
         self.max_sequence_length = min(default, parts.tokenizer.model_max_length)
-
-    # ----------------------------------------------------------------------------------------------- inputs
-    def null_inputs(self, n: int) -> list[str]:
-        return [""] * n
-
-    def with_null(self, inputs: list[str], drop: torch.Tensor) -> list[str]:
-        return ["" if d else s for s, d in zip(inputs, drop.tolist())]
 
     # --------------------------------------------------------------------------------------------- encoding
     def tokenize(self, parts: Components, prompts: Sequence[str]) -> list[torch.Tensor]:
@@ -121,4 +129,4 @@ class PixArtSigma(ModelFamily):
         }
 
     def describe(self) -> str:
-        return f"{self.name} ({self.kind}-conditioned, T5, {self.max_sequence_length} tokens)"
+        return f"{self.name} (text-to-image, T5, {self.max_sequence_length} tokens)"

@@ -56,9 +56,14 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily, batch_timesteps
-from lightning_ft.core.families.flow import FLOW
-from lightning_ft.core.families.pixart import pipeline_max_sequence_length
+from lightning_ft.core.families.base import (
+    FLOW,
+    TRANSFORMER_BNN_EXCLUDE,
+    TRANSFORMER_BNN_INCLUDE,
+    batch_timesteps,
+    pipeline_max_sequence_length,
+)
+from lightning_ft.core.families.text import TextFamily
 
 #: ``SanaPipeline.check_inputs``: height and width must be multiples of 32.
 PIXEL_MULTIPLE = 32
@@ -72,21 +77,35 @@ def pipeline_complex_human_instruction(pipeline_class: str = "SanaPipeline") -> 
     return list(signature.parameters["complex_human_instruction"].default)
 
 
-class Sana(ModelFamily):
+class Sana(TextFamily):
     """Sana (module docstring): Gemma2 states and mask with the complex human instruction, DC-AE, flow matching."""
 
     name = "sana"
-    kind = TEXT
+    pipelines = ("SanaPipeline",)
+    refused = {
+        "SanaSprintPipeline": "the guidance-distilled Sana-Sprint is not implemented yet (SanaPipeline is)",
+        "SanaPAGPipeline": "perturbed-attention guidance sampling is not implemented yet (SanaPipeline is)",
+        "SanaControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+    }
     pipeline_class = "SanaPipeline"
     lora_prefix = "transformer"
+    # diffusers' Sana DreamBooth-LoRA default (--lora_layers unset): q/k/v of self- and cross-attention.
+    lora_targets = ("to_k", "to_q", "to_v")
+    bnn_include = TRANSFORMER_BNN_INCLUDE
+    bnn_exclude = TRANSFORMER_BNN_EXCLUDE
+    fsdp_blocks = ("diffusers.models.transformers.sana_transformer:SanaTransformerBlock",)
     processes = FLOW
     #: diffusers' Sana DreamBooth-LoRA script: ``--weighting_scheme none`` (uniform timesteps, unweighted loss).
     default_timestep_density = "uniform"
     #: Linear self-attention ``attn1`` and the text cross-attention ``attn2`` of every block.
     attention_names = ("attn1", "attn2")
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return type(parts.denoiser).__name__ == "SanaTransformer2DModel"
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
         if parts.text_encoder is None or parts.tokenizer is None:
             raise ValueError("Sana needs its Gemma2 text encoder and tokenizer (model.components.text_encoder)")
         config = parts.denoiser.config
@@ -103,13 +122,6 @@ class Sana(ModelFamily):
         chi = call.get("complex_human_instruction", pipeline_complex_human_instruction(self.pipeline_class))
         #: The instruction prepended to prompts in training and sampling (None or []: none).
         self.complex_human_instruction: list[str] | None = list(chi) if chi else None
-
-    # ----------------------------------------------------------------------------------------------- inputs
-    def null_inputs(self, n: int) -> list[str]:
-        return [""] * n
-
-    def with_null(self, inputs: list[str], drop: torch.Tensor) -> list[str]:
-        return ["" if d else s for s, d in zip(inputs, drop.tolist())]
 
     # --------------------------------------------------------------------------------------------- encoding
     def _tokens(self, tokenizer, text: list[str], length: int):
@@ -214,10 +226,6 @@ class Sana(ModelFamily):
             record = {**record, "pipeline_call": {"complex_human_instruction": self.complex_human_instruction}}
         return record
 
-    def default_lora_targets(self, denoiser):
-        # diffusers' Sana DreamBooth-LoRA default (--lora_layers unset): q/k/v of self- and cross-attention.
-        return ("to_k", "to_q", "to_v")
-
     def describe(self) -> str:
         chi = "with" if self.complex_human_instruction else "without"
-        return f"{self.name} ({self.kind}-conditioned, Gemma2, {self.max_sequence_length} tokens, {chi} CHI)"
+        return f"{self.name} (text-to-image, Gemma2, {self.max_sequence_length} tokens, {chi} CHI)"

@@ -14,70 +14,95 @@ SDXL (as ``StableDiffusionXLPipeline`` and diffusers' SDXL training scripts):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.conditions import Condition
-from lightning_ft.core.families.base import TEXT, ModelFamily
+from lightning_ft.core.families.text import TextFamily
+
+#: Image-to-image variants of these families: same weights, another task; refused until that task is supported.
+_IMAGE_TASK = "it conditions on an input image, which lightning-ft does not train yet"
 
 
-class StableDiffusion(ModelFamily):
-    """SD1.x / SD2.x (epsilon or v-prediction): one text encoder, last hidden state."""
+class ClipUNetFamily(TextFamily):
+    """What SD1.x/2.x and SDXL share: a ``UNet2DConditionModel`` with CLIP text features as cross-attention context,
+    LoRA in diffusers' ``unet`` layout. A UNet whose input has other channels than its output (an inpainting UNet's
+    latents + mask + masked image, a depth-to-image UNet) is refused: it needs an input image."""
 
-    name = "stable_diffusion"
-    kind = TEXT
-    pipeline_class = "StableDiffusionPipeline"
     denoiser_argument = "unet"
     lora_prefix = "unet"
-    tokenizer_keys = ("tokenizer",)
-    encoder_keys = ("text_encoder",)
+    fsdp_blocks = ("diffusers.models.attention:BasicTransformerBlock",)
 
-    def null_inputs(self, n: int) -> list[str]:
-        return [""] * n
-
-    def with_null(self, inputs: list[str], drop: torch.Tensor) -> list[str]:
-        return ["" if d else s for s, d in zip(inputs, drop.tolist())]
-
-    def tokenize(self, parts: Components, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Token ids (B, L) per tokenizer, padded and truncated to the tokenizer's length as the pipeline does."""
-        ids = []
-        for key in self.tokenizer_keys:
-            tokenizer = getattr(parts, key)
-            ids.append(
-                tokenizer(
-                    list(prompts),
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
+        config = parts.denoiser.config
+        if config.in_channels != config.out_channels:
+            raise NotImplementedError(
+                f"model: this {type(parts.denoiser).__name__} takes {config.in_channels} input channels for "
+                f"{config.out_channels} output channels: an inpainting or image-conditioned UNet, which {self.name} "
+                "does not train yet"
             )
-        return ids
-
-    def encode_ids(self, parts: Components, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-sample text features from token ids (one tensor per tokenizer, on the encoders' device)."""
-        return {"encoder_hidden_states": parts.text_encoder(ids[0])[0]}
 
     def denoise(self, denoiser, noisy, t, cond: Condition):
         return denoiser(noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"]).sample
+
+
+class StableDiffusion(ClipUNetFamily):
+    """SD1.x / SD2.x (epsilon or v-prediction): one text encoder, last hidden state."""
+
+    name = "stable_diffusion"
+    pipelines = ("StableDiffusionPipeline",)
+    pipeline_class = "StableDiffusionPipeline"
+    refused = {
+        "StableDiffusionInpaintPipeline": "inpainting (a 9-channel UNet) is not trained by lightning-ft yet",
+        "StableDiffusionImg2ImgPipeline": _IMAGE_TASK,
+        "StableDiffusionDepth2ImgPipeline": _IMAGE_TASK,
+        "StableDiffusionInstructPix2PixPipeline": _IMAGE_TASK,
+        "StableDiffusionUpscalePipeline": _IMAGE_TASK,
+        "StableDiffusionControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+    }
+    detect_order = 60
+
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return (
+            type(parts.denoiser).__name__ == "UNet2DConditionModel"
+            and parts.text_encoder is not None
+            and getattr(parts.denoiser.config, "addition_embed_type", None) != "text_time"
+        )
+
+    def encode_ids(self, parts: Components, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": parts.text_encoder(ids[0])[0]}
 
     def pipeline_options(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-class StableDiffusionXL(StableDiffusion):
+class StableDiffusionXL(ClipUNetFamily):
     """SDXL: two CLIP encoders (penultimate states, pooled projection), size and crop conditioning."""
 
     name = "sdxl"
+    pipelines = ("StableDiffusionXLPipeline",)
     pipeline_class = "StableDiffusionXLPipeline"
-    pipeline_text_encoders = 2
-    tokenizer_keys = ("tokenizer", "tokenizer_2")
-    encoder_keys = ("text_encoder", "text_encoder_2")
+    refused = {
+        "StableDiffusionXLInpaintPipeline": "inpainting is not trained by lightning-ft yet",
+        "StableDiffusionXLImg2ImgPipeline": _IMAGE_TASK,
+        "StableDiffusionXLInstructPix2PixPipeline": _IMAGE_TASK,
+        "StableDiffusionXLControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+    }
+    text_encoders = ("text_encoder", "text_encoder_2")
+    detect_order = 50
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return (
+            type(parts.denoiser).__name__ == "UNet2DConditionModel"
+            and parts.text_encoder_2 is not None
+            and getattr(parts.denoiser.config, "addition_embed_type", None) == "text_time"
+        )
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
         self.zeros_for_empty_prompt = bool(self.settings.get("force_zeros_for_empty_prompt", True))
 
     def encode_ids(self, parts, ids):

@@ -1,4 +1,4 @@
-"""Flow-matching transformer families: Stable Diffusion 3 / 3.5 and Flux.1 (trained by ``FlowMatchingProcess``).
+"""Joint-attention (MMDiT) flow-matching families: Stable Diffusion 3 / 3.5 and Flux.1, siblings under one base.
 
 SD3 / 3.5 (as ``StableDiffusion3Pipeline`` and diffusers' SD3 training scripts):
 - two CLIP encoders with projection: penultimate hidden states concatenated on the feature axis and zero-padded to
@@ -22,47 +22,65 @@ from __future__ import annotations
 import torch
 
 from lightning_ft.core.components import Components
-from lightning_ft.core.families.stable_diffusion import StableDiffusion
+from lightning_ft.core.families.base import FLOW, TRANSFORMER_BNN_EXCLUDE, TRANSFORMER_BNN_INCLUDE, pack_2x2, unpack_2x2
+from lightning_ft.core.families.text import TextFamily
 
-FLOW = ("flow_matching",)
+_EDIT = "it conditions on a reference or control image, which lightning-ft does not train yet"
 
 
-class StableDiffusion3(StableDiffusion):
+class JointTransformerFamily(TextFamily):
+    """What SD3 and Flux.1 share: a joint-attention transformer on the flow-matching process, CLIP tokenizers padded
+    to the first one's length and a T5 context of ``max_sequence_length`` tokens, LoRA in the ``transformer``
+    layout, the transformer blocks as BNN's and FSDP's units. Their pipelines decode with ``shift_factor``, so a VAE
+    made for another family (SD's, which has none) gets the 0 it means (``vae_defaults``)."""
+
+    denoiser_argument = "transformer"
+    lora_prefix = "transformer"
+    processes = FLOW
+    bnn_include = TRANSFORMER_BNN_INCLUDE
+    bnn_exclude = TRANSFORMER_BNN_EXCLUDE
+    vae_defaults = {"shift_factor": 0.0}
+    #: Joint attention (``attn``; SD3.5's extra self-attention ``attn2``).
+    attention_names = ("attn", "attn2")
+    #: The tokenizer of the T5 context and its length (the pipeline's default ``max_sequence_length``).
+    t5_tokenizer: str = ""
+    max_sequence_length: int = 256
+
+    def token_length(self, parts: Components, key: str) -> int:
+        # The CLIP tokenizers pad to the first one's length (the pipelines' tokenizer_max_length); T5 to its own.
+        return self.max_sequence_length if key == self.t5_tokenizer else parts.tokenizer.model_max_length
+
+    def pipeline_call_kwargs(self, module) -> dict:
+        side = module.native_resolution()
+        return {"max_sequence_length": self.max_sequence_length, "height": side, "width": side}
+
+
+class StableDiffusion3(JointTransformerFamily):
     """SD3 / SD3.5: two CLIP encoders with projection and an optional T5, joint-attention transformer."""
 
     name = "sd3"
+    pipelines = ("StableDiffusion3Pipeline",)
     pipeline_class = "StableDiffusion3Pipeline"
-    denoiser_argument = "transformer"
-    pipeline_text_encoders = 3
-    lora_prefix = "transformer"
-    processes = FLOW
+    refused = {
+        "StableDiffusion3Img2ImgPipeline": _EDIT,
+        "StableDiffusion3InpaintPipeline": _EDIT,
+        "StableDiffusion3ControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+    }
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_tokenizer = "tokenizer_3"
     default_timestep_density = "logit_normal"
-    #: Joint attention (``attn``; SD3.5's extra self-attention ``attn2``).
-    attention_names = ("attn", "attn2")
-    #: T5 tokens of the context (the pipeline's default ``max_sequence_length``).
-    max_sequence_length = 256
+    # diffusers' SD3 DreamBooth scripts default to --precondition_outputs 1 (the loss on the implied x0).
+    precondition_outputs = True
+    fsdp_blocks = ("diffusers.models.attention:JointTransformerBlock",)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
-        self.tokenizer_keys = ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if parts.tokenizer_3 else ())
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return type(parts.denoiser).__name__ == "SD3Transformer2DModel"
+
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
         self.joint_dim = parts.denoiser.config.joint_attention_dim
-        if parts.vae is not None and parts.vae.config.get("shift_factor") is None:
-            # The SD3 / Flux pipelines decode with (latents / scale) + shift_factor and fail on None; a VAE made
-            # for another family (e.g. SD's) has no shift: 0 is what it means, and what encode_images used.
-            parts.vae.register_to_config(shift_factor=0.0)
-
-    def tokenize(self, parts, prompts):
-        # Both CLIP tokenizers pad to the first one's length (the pipeline's tokenizer_max_length); T5 to its own.
-        ids = []
-        for key in self.tokenizer_keys:
-            tokenizer = getattr(parts, key)
-            length = self.max_sequence_length if key == "tokenizer_3" else parts.tokenizer.model_max_length
-            ids.append(
-                tokenizer(
-                    list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-                ).input_ids
-            )
-        return ids
 
     def encode_ids(self, parts, ids):
         states, pooled = [], []
@@ -73,7 +91,7 @@ class StableDiffusion3(StableDiffusion):
         clip = torch.cat(states, dim=-1)
         if parts.text_encoder_3 is not None:
             t5 = parts.text_encoder_3(ids[2])[0]
-        else:
+        else:  # the pipeline's zeros when T5 is dropped
             t5 = clip.new_zeros(clip.shape[0], self.max_sequence_length, self.joint_dim)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {
@@ -92,67 +110,70 @@ class StableDiffusion3(StableDiffusion):
     def resolution_multiple(self, parts):
         return self.vae_scale_factor(parts) * parts.denoiser.config.patch_size
 
-    def pipeline_options(self) -> dict:
-        return {}  # none of Stable Diffusion's safety-checker arguments
-
     def export(self, parts, scheduler, path) -> dict:
         record = super().export(parts, scheduler, path)
-        if parts.text_encoder_3 is None and self.name == "sd3":
+        if parts.text_encoder_3 is None:
             # StableDiffusion3Pipeline requires its T5 slots: a model without T5 loads with them set to None
             # (diffusers' documented way of dropping T5), which the record tells the loader.
             record["pipeline_load"] = {"text_encoder_3": None, "tokenizer_3": None}
         return record
 
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"max_sequence_length": self.max_sequence_length, "height": side, "width": side}
 
-    def default_lora_targets(self, denoiser):
-        # diffusers' SD3 DreamBooth-LoRA default: both streams of the joint attention.
-        return ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-class Flux(StableDiffusion3):
+class Flux(JointTransformerFamily):
     """Flux.1 (dev / schnell): CLIP pooled + T5 context, 2x2 packed latents with image and text ids."""
 
     name = "flux"
+    pipelines = ("FluxPipeline",)
     pipeline_class = "FluxPipeline"
-    pipeline_text_encoders = 2
-    default_timestep_density = "uniform"
+    refused = {
+        "FluxKontextPipeline": "FLUX.1 Kontext is an editing model (reference-image latents beside the target's); "
+        + _EDIT,
+        "FluxFillPipeline": _EDIT,
+        "FluxControlPipeline": _EDIT,
+        "FluxImg2ImgPipeline": _EDIT,
+        "FluxInpaintPipeline": _EDIT,
+        "FluxControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+        "FluxPriorReduxPipeline": _EDIT,
+    }
+    text_encoders = ("text_encoder", "text_encoder_2")
+    t5_tokenizer = "tokenizer_2"
     max_sequence_length = 512
+    fsdp_blocks = (
+        "diffusers.models.transformers.transformer_flux:FluxTransformerBlock",
+        "diffusers.models.transformers.transformer_flux:FluxSingleTransformerBlock",
+    )
+    # diffusers' Flux DreamBooth-LoRA targets (both attention streams, both feed-forwards) and the single blocks'
+    # attention and MLP input (their q/k/v match the same names; proj_mlp exists only there).
+    lora_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+    )  # fmt: skip
     #: The guidance value a distilled (``guidance_embeds``) model is trained with (diffusers' Flux scripts: 3.5).
     guidance = 3.5
     #: The pipeline's default latent side (``FluxPipeline.default_sample_size``): Flux's config has no sample size.
     default_sample_size = 128
 
-    def __init__(self, parts: Components):
-        super().__init__(parts)
-        self.tokenizer_keys = ("tokenizer", "tokenizer_2")
-        self.guidance_embeds = bool(getattr(parts.denoiser.config, "guidance_embeds", False))
+    @classmethod
+    def matches(cls, parts: Components) -> bool:
+        return type(parts.denoiser).__name__ == "FluxTransformer2DModel"
 
-    def tokenize(self, parts, prompts):
-        lengths = (parts.tokenizer.model_max_length, self.max_sequence_length)
-        return [
-            getattr(parts, key)(
-                list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            ).input_ids
-            for key, length in zip(self.tokenizer_keys, lengths)
-        ]
+    def __init__(self, parts: Components, null_class: int | None = None):
+        super().__init__(parts, null_class)
+        config = parts.denoiser.config
+        if config.get("out_channels") not in (None, config.in_channels):
+            raise NotImplementedError(
+                f"model: this FluxTransformer2DModel takes {config.in_channels} input channels for "
+                f"{config.out_channels} output channels: a Fill / Control (image-conditioned) Flux, "
+                "which lightning-ft does not train yet"
+            )
+        self.guidance_embeds = bool(getattr(parts.denoiser.config, "guidance_embeds", False))
 
     def encode_ids(self, parts, ids):
         pooled = parts.text_encoder(ids[0], output_hidden_states=False).pooler_output
         return {"encoder_hidden_states": parts.text_encoder_2(ids[1])[0], "text_embeds": pooled}
 
-    @staticmethod
-    def pack(latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token (``FluxPipeline._pack_latents``)."""
-        b, c, h, w = latents.shape
-        return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-    @staticmethod
-    def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        b, _, c4 = tokens.shape
-        return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+    pack = staticmethod(pack_2x2)
+    unpack = staticmethod(unpack_2x2)
 
     @staticmethod
     def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -181,11 +202,3 @@ class Flux(StableDiffusion3):
 
     def resolution_multiple(self, parts):
         return self.vae_scale_factor(parts) * 2
-
-    def default_lora_targets(self, denoiser):
-        # diffusers' Flux DreamBooth-LoRA targets (both attention streams, both feed-forwards) and the single
-        # blocks' attention and MLP input (their q/k/v match the same names; proj_mlp exists only there).
-        return (
-            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-        )  # fmt: skip

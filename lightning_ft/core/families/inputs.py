@@ -1,0 +1,96 @@
+"""``SampleInputs``: what a set of samples is asked with, as one small value the model's family builds.
+
+A text-to-image model is asked with prompts, a class-conditional one with labels, an unconditional one with nothing
+but a count (and, for control and editing models, images beside the prompts). Callbacks, the report, the data module
+and the methods offer what they have (``family.sample_inputs(prompts=..., labels=..., n=...)``); the family keeps
+what its model reads and refuses what is missing, so nothing outside the families asks which kind a model is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    """The inputs of ``count`` samples: ``prompts`` (one per sample), ``labels`` (one per sample), or neither."""
+
+    count: int
+    prompts: tuple[str, ...] | None = None
+    labels: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("prompts", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.count:
+                raise ValueError(f"SampleInputs: {len(values)} {name} for {self.count} samples")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _map(self, pick) -> SampleInputs:
+        prompts = tuple(pick(self.prompts)) if self.prompts is not None else None
+        labels = tuple(pick(self.labels)) if self.labels is not None else None
+        return SampleInputs(len(pick(range(self.count))), prompts, labels)
+
+    def __getitem__(self, index: slice) -> SampleInputs:
+        return self._map(lambda values: values[index])
+
+    def take(self, indices: Sequence[int]) -> SampleInputs:
+        """The inputs of samples ``indices``, in that order."""
+        return self._map(lambda values: [values[i] for i in indices])
+
+    def cycle(self, n: int) -> SampleInputs:
+        """``n`` samples that go round these inputs (sample i asks what input i mod count asks)."""
+        return self._map(lambda values: [values[i % self.count] for i in range(n)])
+
+    def each(self, times: int) -> SampleInputs:
+        """Every input ``times`` times in a row (a grid row per input)."""
+        return self._map(lambda values: [v for v in values for _ in range(times)])
+
+    def distinct(self) -> SampleInputs:
+        """The inputs without repeats, in order."""
+        return self._map(lambda values: list(dict.fromkeys(values)))
+
+    @property
+    def conditional(self) -> bool:
+        """True when the samples are asked with something (prompts or labels), not only a count."""
+        return self.prompts is not None or self.labels is not None
+
+    def values(self) -> list:
+        """Per sample: its prompt, its label, or None."""
+        if self.prompts is not None:
+            return list(self.prompts)
+        if self.labels is not None:
+            return list(self.labels)
+        return [None] * self.count
+
+    def texts(self) -> list[str]:
+        """Per sample, the words a grid, a card or a report shows beside it."""
+        if self.prompts is not None:
+            return list(self.prompts)
+        if self.labels is not None:
+            return [f"class {label}" for label in self.labels]
+        return [""] * self.count
+
+    def generate_kwargs(self) -> dict:
+        """The arguments of ``DiffusionBase.generate`` that ask for these samples (without seeds)."""
+        if self.prompts is not None:
+            return {"prompts": list(self.prompts)}
+        if self.labels is not None:
+            return {"labels": list(self.labels)}
+        return {}
+
+    def meta(self) -> dict:
+        """The inputs as JSON-ready values (a sampled folder's record)."""
+        return self.generate_kwargs()
+
+    @staticmethod
+    def of(prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None, n: int | None = None):
+        """Inputs from whichever is given (prompts first); ``n`` alone: that many unconditional samples."""
+        if prompts is not None:
+            return SampleInputs(len(prompts), prompts=tuple(prompts))
+        if labels is not None:
+            return SampleInputs(len(labels), labels=tuple(int(label) for label in labels))
+        return SampleInputs(int(n or 0))
