@@ -26,6 +26,7 @@ FAMILIES = {
     "flux": ["--config", str(REPO / "configs/model/tiny_flux.yaml")],
     "pixart": ["--config", str(REPO / "configs/model/tiny_pixart.yaml")],
     "sana": ["--config", str(REPO / "configs/model/tiny_sana.yaml")],
+    "z_image": ["--config", str(REPO / "configs/model/tiny_z_image.yaml")],
 }
 METHODS = {
     "dreambooth": "dreambooth.yaml",
@@ -46,6 +47,8 @@ NOT_APPLICABLE = {
     ("flux", "anl"): "no diffusers ResnetBlock2D",
     # Sana's blocks: linear attention, cross-attention and GLUMBConv feed-forwards, no resnets.
     ("sana", "anl"): "no diffusers ResnetBlock2D",
+    # Z-Image: single-stream and refiner transformer blocks, no resnets.
+    ("z_image", "anl"): "no diffusers ResnetBlock2D",
 }
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}

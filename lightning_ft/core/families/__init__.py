@@ -26,6 +26,7 @@ FAMILY_MODULES = (
     "class_conditional",
     "pixart",
     "sana",
+    "z_image",
 )
 for _module in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
