@@ -27,6 +27,8 @@ FAMILIES = {
     "pixart": ["--config", str(REPO / "configs/model/tiny_pixart.yaml")],
     "sana": ["--config", str(REPO / "configs/model/tiny_sana.yaml")],
     "z_image": ["--config", str(REPO / "configs/model/tiny_z_image.yaml")],
+    "flux2": ["--config", str(REPO / "configs/model/tiny_flux2.yaml")],
+    "flux2_klein": ["--config", str(REPO / "configs/model/tiny_flux2_klein.yaml")],
 }
 METHODS = {
     "dreambooth": "dreambooth.yaml",
@@ -49,6 +51,9 @@ NOT_APPLICABLE = {
     ("sana", "anl"): "no diffusers ResnetBlock2D",
     # Z-Image: single-stream and refiner transformer blocks, no resnets.
     ("z_image", "anl"): "no diffusers ResnetBlock2D",
+    # FLUX.2: double- and single-stream transformer blocks, no resnets.
+    ("flux2", "anl"): "no diffusers ResnetBlock2D",
+    ("flux2_klein", "anl"): "no diffusers ResnetBlock2D",
 }
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}

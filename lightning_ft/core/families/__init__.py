@@ -27,6 +27,7 @@ FAMILY_MODULES = (
     "pixart",
     "sana",
     "z_image",
+    "flux2",
 )
 for _module in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
