@@ -29,6 +29,7 @@ FAMILIES = {
     "z_image": ["--config", str(REPO / "configs/model/tiny_z_image.yaml")],
     "flux2": ["--config", str(REPO / "configs/model/tiny_flux2.yaml")],
     "flux2_klein": ["--config", str(REPO / "configs/model/tiny_flux2_klein.yaml")],
+    "qwen_image": ["--config", str(REPO / "configs/model/tiny_qwen_image.yaml")],
 }
 METHODS = {
     "dreambooth": "dreambooth.yaml",
@@ -54,6 +55,8 @@ NOT_APPLICABLE = {
     # FLUX.2: double- and single-stream transformer blocks, no resnets.
     ("flux2", "anl"): "no diffusers ResnetBlock2D",
     ("flux2_klein", "anl"): "no diffusers ResnetBlock2D",
+    # Qwen-Image: double-stream transformer blocks, no resnets.
+    ("qwen_image", "anl"): "no diffusers ResnetBlock2D",
 }
 #: Methods whose export holds inserted modules: reloaded through the method, not plain diffusers.
 WITH_MODULES = {"a3fta", "anl"}

@@ -28,6 +28,7 @@ FAMILY_MODULES = (
     "sana",
     "z_image",
     "flux2",
+    "qwen_image",
 )
 for _module in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
