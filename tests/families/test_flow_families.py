@@ -209,3 +209,43 @@ def test_diff_tuning_samples_its_memory_bank_at_the_training_resolution(tmp_path
     bank = module.prepare_memory_bank()
     assert tuple(bank.shape[-2:]) == (32, 32)
     assert module.native_resolution() == 256  # the block restored it
+
+
+def test_flux_loss_is_the_scripts_with_flow_shift_1_and_the_default_shift_is_the_pipelines():
+    """diffusers' train_dreambooth_lora_flux.py: sigma from its scheduler copy's table (unshifted: Flux's scheduler
+    has ``use_dynamic_shifting``), x_t = (1 - sigma) x0 + sigma eps, the transformer on packed latents at sigma with
+    guidance 3.5, unpacked, target eps - x0, weighting ``none``. lightning-ft gives that loss with
+    ``model.flow_shift 1.0``; its default trains at the resolution-dependent shift the pipeline samples with."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 16, 16)
+    noise = torch.randn_like(x0)
+    index = torch.tensor([100, 700])  # the script's floor(u * T)
+    losses = {}
+    for shift in (1.0, None):
+        torch.manual_seed(0)
+        module = tiny_module(DreamBooth, "tiny_flux", flow_shift=shift)
+        perturb(module)
+        t = module.noise_process.num_train_timesteps - 1 - index
+        cond = module.encode_prompts(PROMPTS)
+        losses[shift] = module.diffusion_loss(x0, cond, t, noise).mean()
+    pipe = module.build_pipeline()
+    table = type(module.noise_scheduler).from_config(module.noise_scheduler.config)
+    timesteps = table.timesteps[index]
+    sigmas = table.sigmas[index].view(-1, 1, 1, 1)
+    noisy = (1 - sigmas) * x0 + sigmas * noise
+    embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=512)
+    image_ids = FluxPipeline._prepare_latent_image_ids(2, 8, 8, x0.device, x0.dtype)
+    with torch.no_grad():
+        pred = module.denoiser(
+            hidden_states=FluxPipeline._pack_latents(noisy, 2, 4, 16, 16), timestep=timesteps / 1000,
+            guidance=torch.tensor([3.5]).expand(2), pooled_projections=pooled, encoder_hidden_states=embeds,
+            txt_ids=text_ids, img_ids=image_ids,
+        ).sample  # fmt: skip
+    side = 16 * pipe.vae_scale_factor
+    pred = FluxPipeline._unpack_latents(pred, side, side, pipe.vae_scale_factor)
+    weighting = compute_loss_weighting_for_sd3("none", sigmas)
+    script = (weighting * (pred - (noise - x0)) ** 2).reshape(2, -1).mean(1).mean()
+    torch.testing.assert_close(losses[1.0].detach(), script, rtol=1e-6, atol=1e-6)
+    assert abs(losses[None].item() - script.item()) > 1e-4  # the default is another objective, on purpose
