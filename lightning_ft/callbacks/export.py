@@ -20,10 +20,30 @@ class DiffusersExport(L.Callback):
             images in ``images/``), the method's settings, the data and the monitors' final metrics
             (``lightning_ft.report.model_card``; default True). ``huggingface_hub.upload_folder`` publishes the
             folder as it is.
+        lora_format: the layout of the LoRA file of a ``lora_only`` export: ``diffusers`` (default: the pipeline's
+            ``load_lora_weights`` layout) or ``kohya`` (``lora_kohya.safetensors``, the single file ComfyUI and
+            AUTOMATIC1111 / Forge load; SD1.x/2.x, SDXL and Flux.1, plain LoRA; ``lightning_ft.core.lora_formats``).
+            Recorded in the folder's ``lightning_ft.json`` and model card. A family, adapter or method that cannot
+            be written as kohya is refused when the fit starts, not after it.
     """
 
-    def __init__(self, dirpath: str | None = None, lora_only: bool = False, model_card: bool = True):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        lora_only: bool = False,
+        model_card: bool = True,
+        lora_format: str = "diffusers",
+    ):
+        from lightning_ft.core.lora_formats import check_lora_format
+
+        check_lora_format(lora_format)
+        if lora_format != "diffusers" and not lora_only:
+            raise ValueError(
+                f"DiffusersExport(lora_format={lora_format!r}) writes a LoRA file: it needs lora_only=True (a full "
+                "export is a diffusers pipeline with the LoRA merged in)"
+            )
         self.dirpath, self.lora_only, self.model_card = dirpath, lora_only, model_card
+        self.lora_format = lora_format
         self.exported_to: Path | None = None
         self.card_path: Path | None = None
 
@@ -39,14 +59,41 @@ class DiffusersExport(L.Callback):
                 "trainer.max_steps=0: fit would train nothing, and this callback would export the unchanged "
                 "pretrained model as the run's result"
             )
+        if self.lora_format != "diffusers":
+            self._check_lora_format(pl_module)
+
+    def _check_lora_format(self, pl_module: L.LightningModule) -> None:
+        """What would make the export fail after the whole fit: a family without a kohya layout, a model without a
+        plain LoRA, a method whose export is more than its LoRA."""
+        import inspect
+
+        from lightning_ft.core.lora_formats import check_kohya_adapter, check_lora_format
+        from lightning_ft.core.trainable import has_lora
+
+        check_lora_format(self.lora_format, pl_module.family)
+        if not has_lora(pl_module.denoiser):
+            raise ValueError(
+                f"DiffusersExport(lora_format={self.lora_format!r}) exports LoRA weights; this model trains none "
+                f"(model.trainable={pl_module.hparams.get('trainable')!r}, not 'lora')"
+            )
+        check_kohya_adapter(pl_module.denoiser)
+        if "lora_format" not in inspect.signature(pl_module.save_pretrained).parameters:
+            raise NotImplementedError(
+                f"DiffusersExport(lora_format={self.lora_format!r}): {type(pl_module).__name__}'s export writes "
+                "modules of its own beside the LoRA, which a kohya file cannot hold; export it with "
+                "lora_format='diffusers'"
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
         path = self.resolve_dir(trainer)
         with full_weights(trainer):
             if trainer.is_global_zero:
-                self.exported_to = pl_module.save_pretrained(path, lora_only=self.lora_only)
-                print(f"lightning-ft: exported diffusers model to {self.exported_to}")
+                # lora_format goes only when set: methods whose export adds modules take no such argument.
+                kwargs = {"lora_format": self.lora_format} if self.lora_format != "diffusers" else {}
+                self.exported_to = pl_module.save_pretrained(path, lora_only=self.lora_only, **kwargs)
+                what = f"{self.lora_format} LoRA" if self.lora_format != "diffusers" else "diffusers model"
+                print(f"lightning-ft: exported {what} to {self.exported_to}")
                 if self.model_card:
                     self.card_path = self._write_card(trainer, pl_module)
 
@@ -57,7 +104,10 @@ class DiffusersExport(L.Callback):
 
         sharded = isinstance(getattr(trainer, "strategy", None), FSDPStrategy)  # no sampling on gathered weights
         try:
-            facts = facts_from_fit(trainer, pl_module, self.exported_to, self.lora_only, samples=not sharded)
+            # A quantised base exports its LoRA only (nothing is merged into quantised weights): the card says so.
+            hparams = getattr(pl_module, "hparams", {})
+            lora_only = self.lora_only or hparams.get("quantize", "none") not in (None, "none")
+            facts = facts_from_fit(trainer, pl_module, self.exported_to, lora_only, samples=not sharded)
             return write_model_card(self.exported_to, facts)
         except Exception as error:  # the weights are written: a card that fails must not fail the run
             rank_zero_warn(f"lightning-ft: no model card in {self.exported_to} ({type(error).__name__}: {error})")

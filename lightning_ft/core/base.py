@@ -42,6 +42,8 @@ from lightning_ft.core.families import family_class, family_for_pipeline, make_f
 from lightning_ft.core.noise_process import noise_process_for, process_kind
 from lightning_ft.core.objective import ObjectiveMixin
 from lightning_ft.core.optimization import OptimizationMixin
+from lightning_ft.core.quantize import check_fit as check_quantized_fit
+from lightning_ft.core.quantize import lora_over_quantized, quantize_frozen_parts
 from lightning_ft.core.sampling_export import SamplingExportMixin
 from lightning_ft.core.speed import apply_speed_options
 from lightning_ft.core.trainable import apply_trainable
@@ -64,6 +66,10 @@ class DiffusionBase(
         lora_rank, lora_alpha, lora_target_modules, lora_dropout: PEFT LoRA settings for ``trainable='lora'``
             (defaults 4, None = rank, None = the family's default targets (the attention q/k/v/out projections of
             UNets and DiTs), 0.0).
+        lora_variant: the PEFT method that ``trainable='lora'`` trains: ``lora`` | ``dora`` | ``loha`` | ``lokr`` |
+            ``oft`` (default ``lora``), built from the settings above as ``lightning_ft.core.trainable.adapter_config``
+            maps them (OFT: ``lora_rank`` = blocks per layer, no ``lora_alpha``). The LoRA-only export of ``loha``,
+            ``lokr`` and ``oft`` is a PEFT adapter folder (diffusers' ``load_lora_weights`` reads LoRA and DoRA only).
         train_text_encoder: also train the text encoders (every one: SDXL's two) (default False).
         lr, betas, weight_decay, adam_eps: AdamW settings (defaults 5e-6, (0.9, 0.999), 1e-2, 1e-8).
         lr_scheduler: diffusers schedule name, ``constant`` | ``constant_with_warmup`` | ``cosine`` | ``linear``
@@ -86,6 +92,10 @@ class DiffusionBase(
         frozen_dtype: ``bfloat16`` | ``float16``: hold the frozen parts (VAE, text encoders, a method's frozen
             teacher) in that dtype, as diffusers' scripts hold them under ``--mixed_precision`` (default None: as
             loaded). Their outputs are cast to the denoiser's dtype; exports write them in that dtype.
+        quantize: ``none`` | ``int8`` | ``nf4`` | ``fp8``: hold the frozen base's linear weights (the denoiser under
+            the LoRA, a method's frozen teacher, the frozen text encoders) quantised with torchao, QLoRA-style; needs
+            ``trainable='lora'`` and the ``quant`` extra. Exports write the LoRA only (``core/quantize.py``)
+            (default ``none``).
         sample_scheduler, sample_scheduler_kwargs: diffusers scheduler class used for sampling and written with the
             export, built from the training scheduler's config (default None: ``DDIMScheduler`` for DDPM models,
             the model's own scheduler for flow-matching models; no overrides).
@@ -146,6 +156,7 @@ class DiffusionBase(
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = None,
         lora_dropout: float = 0.0,
+        lora_variant: str = "lora",
         train_text_encoder: bool = False,
         lr: float = 5e-6,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -166,6 +177,7 @@ class DiffusionBase(
         ema_decay: float | None = None,
         ema_offload: bool = False,
         frozen_dtype: str | None = None,
+        quantize: str = "none",
         sample_scheduler: str | None = None,
         sample_scheduler_kwargs: dict | None = None,
         sample_steps: int = 25,
@@ -187,7 +199,7 @@ class DiffusionBase(
         super().__init__()
         self.save_hyperparameters()
         # Before any component is loaded: a nonsense value fails in a second, naming its key.
-        check_model_settings(self.hparams)
+        check_model_settings(self.hparams, type(self).__name__)
         for folder, owner in EXPORT_FOLDERS.items():
             if pretrained and (Path(pretrained) / folder).is_dir() and folder != self.export_folder:
                 raise ValueError(
@@ -253,7 +265,13 @@ class DiffusionBase(
             for frozen in (self.vae, self.frozen_denoiser, *([] if train_text_encoder else parts.encoders)):
                 if frozen is not None:
                     frozen.to(dtype)
-        self.configure_trainable()
+        # A quantised base is made before the LoRA is inserted: PEFT picks its adapter layer by the weight's type.
+        self.quantized_base = None
+        if quantize != "none":
+            encoders = {} if train_text_encoder else {key: getattr(self, key) for key in self.text_encoder_keys}
+            self.quantized_base = quantize_frozen_parts(quantize, self.denoiser, self.frozen_denoiser, encoders)
+        with lora_over_quantized(quantize):
+            self.configure_trainable()
         apply_speed_options(
             self.denoiser,
             self.parts.encoders if train_text_encoder else None,
@@ -349,6 +367,7 @@ class DiffusionBase(
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        check_quantized_fit(self.hparams.quantize, self.device, self.trainer.precision)
         if self.hparams.cache_latents is None and self.latent_cache is None and self.vae is not None:
             decide_latent_cache(self, getattr(self.trainer, "datamodule", None))
 
@@ -356,7 +375,8 @@ class DiffusionBase(
         """Choose the trainable parameters; methods that insert modules override this and call ``super()``."""
         h = self.hparams
         targets = h.lora_target_modules or self.family.default_lora_targets(self.denoiser)
-        apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, targets, h.lora_dropout)
+        apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, targets, h.lora_dropout,
+                        h.lora_variant)
         if h.train_text_encoder:
             for encoder in self.parts.encoders:  # every one: SDXL trains both, as diffusers' SDXL scripts
                 encoder.requires_grad_(True)

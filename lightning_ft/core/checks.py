@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers.optimization import get_scheduler as get_lr_scheduler
 
+from lightning_ft.core.quantize import check_quantize_setting
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -30,10 +32,32 @@ def check_lr_scheduler(name: str, warmup_steps: int) -> None:
         _fail("lr_scheduler", name, f"not a schedule this module can build ({error}); diffusers knows {known}")
 
 
-def check_model_settings(h) -> None:
-    """Reject settings that cannot mean anything: ``h`` holds ``DiffusionBase``'s arguments (its hparams)."""
+def check_lora_variant(h, method: str) -> None:
+    """``model.lora_variant`` must name a PEFT method this code trains, and only with ``trainable='lora'``, which
+    ``method`` (the class's name, for the message) trains; OFT has no scale and PEFT never applies its OFT dropout,
+    so ``lora_alpha`` / ``lora_dropout`` there are refused rather than silently ignored."""
+    from lightning_ft.core.trainable import LORA_VARIANTS
+
+    variant = h.lora_variant
+    if variant not in LORA_VARIANTS:
+        _fail("lora_variant", variant, f"must be one of {LORA_VARIANTS}")
+    if variant != "lora" and h.trainable != "lora":
+        _fail("lora_variant", variant, f"{method} with model.trainable={h.trainable!r} trains no LoRA; a LoRA variant "
+                                       "needs model.trainable='lora'")  # fmt: skip
+    if variant == "oft" and h.lora_alpha is not None:
+        _fail("lora_alpha", h.lora_alpha, "model.lora_variant='oft' rotates the weights and has no scale: leave it "
+                                          "null")  # fmt: skip
+    if variant == "oft" and h.lora_dropout:
+        _fail("lora_dropout", h.lora_dropout, "PEFT's OFT layer never applies its dropout: with "
+                                              "model.lora_variant='oft' it must be 0")  # fmt: skip
+
+
+def check_model_settings(h, method: str = "DiffusionBase") -> None:
+    """Reject settings that cannot mean anything: ``h`` holds ``DiffusionBase``'s arguments (its hparams); ``method``
+    is the class being built (named in the messages of settings that depend on it)."""
     if not h.lr > 0:
         _fail("lr", h.lr, "the learning rate must be > 0")
+    check_lora_variant(h, method)
     if h.trainable == "lora" and not h.lora_rank >= 1:
         _fail("lora_rank", h.lora_rank, "model.trainable='lora' needs a LoRA rank >= 1")
     if h.lora_alpha is not None and not h.lora_alpha > 0:
@@ -48,6 +72,7 @@ def check_model_settings(h) -> None:
         _fail("condition_dropout", h.condition_dropout, "a probability must be in [0, 1]")
     if h.frozen_dtype not in (None, "bfloat16", "float16"):
         _fail("frozen_dtype", h.frozen_dtype, "must be bfloat16, float16 or null (as loaded)")
+    check_quantize_setting(h.quantize, h.trainable, method, h.get("lora_variant", "lora"))
     if h.ema_decay is not None and not 0 <= h.ema_decay < 1:
         _fail("ema_decay", h.ema_decay, "an EMA decay must be in [0, 1) (or null: no EMA)")
     if not h.warmup_steps >= 0:

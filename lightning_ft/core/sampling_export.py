@@ -6,14 +6,16 @@ Kept apart from the training logic of ``base.py``; both read the same components
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from lightning_ft.core import lora_formats
 from lightning_ft.core import pipeline as pipe_utils
 from lightning_ft.core.trainable import has_lora, lora_state_dict, merged_copy
-from lightning_ft.metrics.backbones import model_backbones, write_declaration
+from lightning_ft.metrics.backbones import DECLARATION, model_backbones, write_declaration
 
 
 class SamplingExportMixin:
@@ -89,18 +91,56 @@ class SamplingExportMixin:
             out.append(((self.family.round_trip(self.vae, x).float() + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
-    def save_pretrained(self, path: str | Path, lora_only: bool = False) -> Path:
+    def save_pretrained(self, path: str | Path, lora_only: bool = False, lora_format: str = "diffusers") -> Path:
         """Write a diffusers folder (full pipeline) or, with ``lora_only``, LoRA weights for ``load_lora_weights``.
 
-        A full export of a LoRA model writes the merged weights: the folder has exactly the base architecture."""
+        ``lora_format`` is the layout of the LoRA-only file (``lightning_ft.core.lora_formats``): ``diffusers`` (the
+        family's ``save_lora``) or ``kohya`` (one ``lora_kohya.safetensors`` in kohya-ss' layout, which ComfyUI and
+        AUTOMATIC1111 load; SD1.x/2.x, SDXL and Flux.1, plain LoRA only). The folder's ``lightning_ft.json`` records
+        it (``lora`` record: format, file).
+
+        A full export of a LoRA model writes the merged weights: the folder has exactly the base architecture. A
+        model with a quantised base (``model.quantize``) writes the LoRA only, whatever ``lora_only`` says, with a
+        warning and a record in the folder's ``lightning_ft.json``: nothing is merged into a quantised base."""
+        quantize = self.hparams.get("quantize", "none")
+        if quantize != "none" and not lora_only:
+            warnings.warn(
+                f"save_pretrained({str(path)!r}): model.quantize={quantize!r}: the base is quantised, so the export "
+                "writes the LoRA weights only (as lora_only=True) and merges nothing; load them on the pretrained "
+                f"base {self.hparams.get('pretrained')!r}. A full pipeline needs a run with model.quantize='none'",
+                stacklevel=2,
+            )
+            lora_only = True
+        # Refused before anything is written: a format the family has no layout for, a kohya file of a full export.
+        lora_formats.check_lora_format(lora_format, self.family)
+        if lora_format != "diffusers" and not lora_only:
+            raise ValueError(
+                f"save_pretrained(lora_format={lora_format!r}) writes a LoRA file: it needs lora_only=True (a full "
+                "export is a diffusers pipeline with the LoRA merged in)"
+            )
+        if lora_only and not has_lora(self.denoiser):
+            raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
+        if lora_format == "kohya":
+            lora_formats.check_kohya_adapter(self.denoiser)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with self.sampling_weights():
             if lora_only:
-                if not has_lora(self.denoiser):
-                    raise ValueError("save_pretrained(lora_only=True) needs model.trainable='lora'")
-                metadata = next(iter(self.denoiser.peft_config.values())).to_dict()
-                self.family.save_lora(path, self.denoiser, self.exportable_lora_state(), metadata)
+                state = self.exportable_lora_state()
+                (path / DECLARATION).unlink(missing_ok=True)  # a record of an earlier export there is not this one's
+                if lora_format == "kohya":
+                    file = lora_formats.save_kohya_lora(path, self.family, state, self.denoiser)
+                    record = {"lora": lora_formats.kohya_record(file.name)}
+                else:
+                    metadata = next(iter(self.denoiser.peft_config.values())).to_dict()
+                    self.family.save_lora(path, self.denoiser, state, metadata)
+                    # A family that writes another file (a PEFT folder) records it itself, which stays.
+                    record = {"lora": {"format": "diffusers"}, **lora_formats.read_record(path)}
+                if quantize != "none":  # what the folder is and is not, for whoever loads it
+                    from lightning_ft.core.quantize import export_record
+
+                    record.update(export_record(quantize, self.hparams.get("pretrained"), self.quantized_base))
+                write_declaration(model_backbones(self), path, record)
                 return path
             parts = self.parts
             parts.denoiser = self.exportable_denoiser()
@@ -120,4 +160,8 @@ class SamplingExportMixin:
     def exportable_denoiser(self) -> torch.nn.Module:
         """The denoiser as plain diffusers weights (LoRA merged into a copy). Must not change ``self``: training
         and sampling go on after an export. Methods that insert or reparameterise layers override it."""
+        quantize = self.hparams.get("quantize", "none")
+        if quantize != "none":  # PEFT would add the LoRA to packed int8/fp8/nf4 data, or refuse to
+            raise ValueError(f"model.quantize={quantize!r}: a LoRA is never merged into a quantised base; export "
+                             "the LoRA (save_pretrained writes it alone)")  # fmt: skip
         return merged_copy(self.denoiser) if has_lora(self.denoiser) else self.denoiser

@@ -9,9 +9,17 @@ From the released code:
   Bayesian (mu = pretrained, sigma = sigma_init, prior N(pretrained, prior_sigma^2)); the rest of the U-Net trains
   as plain full fine-tuning;
 - ``trainable='lora'``: only the LoRA up matrix (PEFT ``lora_B``) is Bayesian (mu = 0, prior N(0, prior_sigma^2));
+- ``trainable='lora'`` with ``lora_variant='oft'`` (the released OFT recipe, ``OFTRandLinearLayer``): the OFT
+  generator R of every adapted projection is Bayesian (mu = 0, the identity rotation; prior N(0, prior_sigma^2)),
+  R's full blocks x b x b matrix as released, of which the rotation uses the skew part (``BayesianOFTRotation``);
+  the released OFT uses r = 4 blocks (``lora_rank`` 4, the default) and no COFT constraint. DoRA, LoHa and LoKr
+  have no released Bayesian form and are refused at construction (``lora_variants``);
 - one weight sample per forward; raw sigma clamped to >= 1e-7; sampling and export use the means;
 - sigma_init = prior_sigma = 0.01 and **kl_weight = 0 (KL off)** in every released script; the KL the code computes
   is KL(prior || q), summed over all Bayesian elements, negatives zeroed (``kl_form='released'``, ``'sum'``).
+
+Not as released: BNN-OFT rotates with PEFT's OFT (its Cayley-Neumann series, PEFT's default, where the released layer
+inverts exactly: the same rotation to fourth order in the generator, which starts at 0).
 
 Inferred (not in the released scripts): ``kl_form='textbook'`` (the ELBO's KL(q || prior)) and
 ``kl_reduction='mean'`` (per-element mean, the scale at which a sweep of kl_weight in {1e-4, 1e-3} makes sense).
@@ -29,6 +37,7 @@ from lightning_ft.nn.bayesian import (
     bayesian_kl,
     bayesian_layers,
     convert_lora_to_bayesian,
+    convert_oft_to_bayesian,
     convert_to_bayesian,
     plain_copy,
     plain_layers,
@@ -50,8 +59,13 @@ class BayesianFineTuning(DreamBooth):
         bayesian_include, bayesian_exclude: module-name patterns selecting the Bayesian linears for
             ``trainable='full'`` (fnmatch globs, or regexes prefixed ``re:``; see ``lightning_ft.nn.bayesian``)
             (default None = released selection: down/mid/up blocks minus ``attn2`` and ``time_emb_proj``).
-        **kwargs: see ``DreamBooth`` and ``DiffusionBase``; ``trainable`` must be ``full`` or ``lora``.
+        **kwargs: see ``DreamBooth`` and ``DiffusionBase``; ``trainable`` must be ``full`` or ``lora``, and with
+            ``lora`` ``lora_variant`` must be ``lora`` (Bayesian up matrices) or ``oft`` (Bayesian OFT generators),
+            the two forms the released code has.
     """
+
+    #: The ``model.lora_variant`` values with a released Bayesian form (LoRA's up matrix, OFT's generator R).
+    lora_variants = ("lora", "oft")
 
     def __init__(
         self,
@@ -69,6 +83,14 @@ class BayesianFineTuning(DreamBooth):
             raise ValueError(f"model.kl_form={kl_form!r} is not one of {KL_FORMS}")
         if kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"model.kl_reduction={kl_reduction!r} is not one of {KL_REDUCTIONS}")
+        variant = kwargs.get("lora_variant", "lora")
+        if kwargs.get("trainable") == "lora" and variant not in self.lora_variants:
+            # Before any component loads. DoRA would run (its lora_B is a linear) but wrongly: PEFT's DoRA norm reads
+            # lora_B.weight, the mean, while the output uses a sample.
+            raise ValueError(
+                f"model.lora_variant={variant!r}: {type(self).__name__} (BNN) has a Bayesian form only for "
+                f"{self.lora_variants} (the released code's LoRA up matrix and OFT generator)"
+            )
         super().__init__(*args, **kwargs)
 
     def configure_trainable(self) -> None:
@@ -86,9 +108,10 @@ class BayesianFineTuning(DreamBooth):
             if h.bayesian_include is not None or h.bayesian_exclude is not None:
                 raise ValueError(
                     "model.bayesian_include/bayesian_exclude select layers for trainable='full'; with 'lora' every "
-                    "LoRA up matrix is Bayesian (choose the LoRA layers with model.lora_target_modules)"
+                    "LoRA up matrix (OFT: generator) is Bayesian (choose the layers with model.lora_target_modules)"
                 )
-            self.bayesian_names = convert_lora_to_bayesian(self.denoiser, h.sigma_init, h.prior_sigma)
+            convert = convert_oft_to_bayesian if h.lora_variant == "oft" else convert_lora_to_bayesian
+            self.bayesian_names = convert(self.denoiser, h.sigma_init, h.prior_sigma)
         else:
             raise ValueError(f"BayesianFineTuning needs model.trainable='full' or 'lora', not {h.trainable!r}")
         for layer in bayesian_layers(self.denoiser).values():
@@ -115,12 +138,13 @@ class BayesianFineTuning(DreamBooth):
     # --------------------------------------------------------------------------------------------------- export
     def exportable_denoiser(self) -> torch.nn.Module:
         """A plain diffusers denoiser with weights = means: a copy of ``self.denoiser`` with every Bayesian layer
-        turned into ``nn.Linear`` (and, for LoRA, the LoRA merged into the copy). The training module keeps its
-        Bayesian layers, so training and sampling can go on after an export."""
+        turned into its plain version (and, for LoRA / OFT, the adapter merged into the copy). The training module
+        keeps its Bayesian layers, so training and sampling can go on after an export."""
         plain = plain_copy(self.denoiser)
         return merged_copy(plain) if has_lora(plain) else plain
 
     def exportable_lora_state(self) -> dict[str, torch.Tensor]:
-        """Plain LoRA weights with up = mu: the Bayesian ``lora_B`` layers are swapped for plain ones meanwhile."""
+        """Plain adapter weights holding the means (LoRA up = mu; OFT generator = the skew part of mu): the
+        Bayesian layers are swapped for plain ones meanwhile, as the released code writes its checkpoints back."""
         with plain_layers(self.denoiser):
             return {k: v.clone() for k, v in super().exportable_lora_state().items()}

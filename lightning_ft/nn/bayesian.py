@@ -11,9 +11,13 @@ released code:
 - mu starts at the pretrained weight and sigma at a constant ``sigma_init``; the prior is N(prior_mean, prior_sigma^2)
   with prior_mean the pretrained weight (full-weight BNN) or zero (Bayesian LoRA up matrix).
 
+OFT (``convert_oft_to_bayesian``): the released code makes the OFT generator R Bayesian (``BayesianOFTRotation``,
+docs/methods.md, BNN: "OFT recipe").
+
 Layer selection (``convert_to_bayesian``) takes patterns over dotted module names: a plain pattern is an
 ``fnmatch`` glob (``*`` also crosses dots), a pattern starting with ``re:`` is a Python regex that must match the
-whole name. ``convert_to_plain`` and ``plain_copy`` turn Bayesian layers back into ``nn.Linear`` holding the means.
+whole name. ``convert_to_plain`` and ``plain_copy`` turn Bayesian layers back into plain ones holding the means
+(``nn.Linear``; PEFT's ``OFTRotationModule`` for OFT).
 """
 
 from __future__ import annotations
@@ -35,7 +39,70 @@ KL_REDUCTIONS = ("sum", "mean")
 #: Released DreamBooth-BNN selection: every linear of the U-Net blocks except cross-attention and time projections.
 DEFAULT_INCLUDE = ("down_blocks.*", "mid_block.*", "up_blocks.*")
 DEFAULT_EXCLUDE = ("*.attn2.*", "*.time_emb_proj")
-class BayesianLinear(nn.Module):
+
+
+class BayesianModule(nn.Module):
+    """What every Bayesian layer shares: Gaussian (mu, sigma) pairs with a N(prior mean, ``prior_sigma``^2) prior
+    (``pairs``), the sigma clamp, the KL; a subclass says how it samples and what plain layer it turns into
+    (``to_plain``)."""
+
+    #: Its weight is sampled in training (read by code that must not treat it as a plain layer).
+    stochastic = True
+    prior_sigma: float
+
+    def pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor | None]]:
+        """(mu, sigma, prior mean or None for zero) of every Bayesian tensor."""
+        raise NotImplementedError
+
+    def to_plain(self) -> nn.Module:
+        """The deterministic layer holding the means (a copy)."""
+        raise NotImplementedError
+
+    @property
+    def num_bayesian(self) -> int:
+        """Number of Bayesian elements (weight and bias entries)."""
+        return sum(mu.numel() for mu, _, _ in self.pairs())
+
+    def clamp_sigma_(self) -> None:
+        """sigma <- max(sigma, SIGMA_MIN) in place, as the released code does before each use.
+
+        Through ``.data``: autograd's version counter is not bumped, so a graph already holding sigma (the KL term,
+        gradient-checkpoint recomputation) stays valid; values only change right after an optimizer step."""
+        for _, sigma, _ in self.pairs():
+            sigma.data.clamp_(min=SIGMA_MIN)
+
+    def kl_terms(self, form: str = "released") -> list[torch.Tensor]:
+        """Elementwise closed-form KL between q = N(mu, sigma^2) and the prior p = N(m, prior_sigma^2), one tensor
+        per parameter (weight, bias), in float32.
+
+        ``released``: KL(p || q) = log(sigma/sp) + sp^2/(2 sigma^2) + (m - mu)^2/(2 sigma^2) - 1/2 with negative
+        entries zeroed, as the released code computes it (arguments swapped vs. the ELBO). ``textbook``:
+        KL(q || p) = log(sp/sigma) + (sigma^2 + (mu - m)^2)/(2 sp^2) - 1/2. Both are 0 iff q equals the prior."""
+        if form not in KL_FORMS:
+            raise ValueError(f"kl form={form!r} is not one of {KL_FORMS}")
+        self.clamp_sigma_()
+        sp = self.prior_sigma
+        terms = []
+        for mu, sigma, prior in self.pairs():
+            mu, sigma = mu.float(), sigma.float()
+            diff2 = (mu - prior.float()) ** 2 if prior is not None else mu**2
+            if form == "released":
+                kl = torch.log(sigma) - math.log(sp) + (sp**2 + diff2) / (2 * sigma**2) - 0.5
+                terms.append(kl.clamp(min=0.0))
+            else:
+                terms.append(math.log(sp) - torch.log(sigma) + (sigma**2 + diff2) / (2 * sp**2) - 0.5)
+        return terms
+
+    def kl(self, form: str = "released", reduction: str = "sum") -> torch.Tensor:
+        """KL of this layer, summed or averaged over its Bayesian elements (see ``kl_terms``; defaults
+        ``released``, ``sum``)."""
+        if reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl reduction={reduction!r} is not one of {KL_REDUCTIONS}")
+        total = sum(t.sum() for t in self.kl_terms(form))
+        return total / self.num_bayesian if reduction == "mean" else total
+
+
+class BayesianLinear(BayesianModule):
     """A linear layer with a Gaussian variational posterior over weight and bias.
 
     Build it with ``BayesianLinear.from_linear``. Parameters: ``weight_mu``, ``weight_sigma`` and, when the source
@@ -43,9 +110,6 @@ class BayesianLinear(nn.Module):
     non-persistent buffers ``weight_prior_mu`` / ``bias_prior_mu`` (they come from the pretrained model, so
     checkpoints need not hold them); with ``'zero'`` nothing is stored.
     """
-
-    #: Its weight is sampled in training (read by code that must not treat it as a plain linear).
-    stochastic = True
 
     def __init__(
         self,
@@ -113,19 +177,6 @@ class BayesianLinear(nn.Module):
             out.append((self.bias_mu, self.bias_sigma, self.bias_prior_mu if pretrained else None))
         return out
 
-    @property
-    def num_bayesian(self) -> int:
-        """Number of Bayesian elements (weight and bias entries)."""
-        return sum(mu.numel() for mu, _, _ in self.pairs())
-
-    def clamp_sigma_(self) -> None:
-        """sigma <- max(sigma, SIGMA_MIN) in place, as the released code does before each use.
-
-        Through ``.data``: autograd's version counter is not bumped, so a graph already holding sigma (the KL term,
-        gradient-checkpoint recomputation) stays valid; values only change right after an optimizer step."""
-        for _, sigma, _ in self.pairs():
-            sigma.data.clamp_(min=SIGMA_MIN)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.linear(x, self.weight_mu, self.bias_mu)
@@ -134,36 +185,6 @@ class BayesianLinear(nn.Module):
         # addcmul: one pass instead of a multiply and an add; autograd gives d/dmu = g and d/dsigma = g * eps.
         sampled = [torch.addcmul(mu, sigma, torch.randn_like(mu)) for mu, sigma, _ in self.pairs()]
         return F.linear(x, sampled[0], sampled[1] if len(sampled) > 1 else None)
-
-    def kl_terms(self, form: str = "released") -> list[torch.Tensor]:
-        """Elementwise closed-form KL between q = N(mu, sigma^2) and the prior p = N(m, prior_sigma^2), one tensor
-        per parameter (weight, bias), in float32.
-
-        ``released``: KL(p || q) = log(sigma/sp) + sp^2/(2 sigma^2) + (m - mu)^2/(2 sigma^2) - 1/2 with negative
-        entries zeroed, as the released code computes it (arguments swapped vs. the ELBO). ``textbook``:
-        KL(q || p) = log(sp/sigma) + (sigma^2 + (mu - m)^2)/(2 sp^2) - 1/2. Both are 0 iff q equals the prior."""
-        if form not in KL_FORMS:
-            raise ValueError(f"kl form={form!r} is not one of {KL_FORMS}")
-        self.clamp_sigma_()
-        sp = self.prior_sigma
-        terms = []
-        for mu, sigma, prior in self.pairs():
-            mu, sigma = mu.float(), sigma.float()
-            diff2 = (mu - prior.float()) ** 2 if prior is not None else mu**2
-            if form == "released":
-                kl = torch.log(sigma) - math.log(sp) + (sp**2 + diff2) / (2 * sigma**2) - 0.5
-                terms.append(kl.clamp(min=0.0))
-            else:
-                terms.append(math.log(sp) - torch.log(sigma) + (sigma**2 + diff2) / (2 * sp**2) - 0.5)
-        return terms
-
-    def kl(self, form: str = "released", reduction: str = "sum") -> torch.Tensor:
-        """KL of this layer, summed or averaged over its Bayesian elements (see ``kl_terms``; defaults
-        ``released``, ``sum``)."""
-        if reduction not in KL_REDUCTIONS:
-            raise ValueError(f"kl reduction={reduction!r} is not one of {KL_REDUCTIONS}")
-        total = sum(t.sum() for t in self.kl_terms(form))
-        return total / self.num_bayesian if reduction == "mean" else total
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the means (a copy; ``requires_grad`` follows mu)."""
@@ -175,11 +196,102 @@ class BayesianLinear(nn.Module):
                 linear.bias.copy_(self.bias_mu)
         return linear.requires_grad_(mu.requires_grad)
 
+    def to_plain(self) -> nn.Linear:
+        return self.to_linear()
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}, "
             f"prior_mean={self.prior_mean}, prior_sigma={self.prior_sigma}"
         )
+
+
+class BayesianOFTRotation(BayesianModule):
+    """The OFT generator of one PEFT OFT layer as a Gaussian variational posterior, as the released BNN-OFT layer
+    (``OFTRandLinearLayer``) holds it.
+
+    The released layer keeps a full matrix R (blocks x b x b) with mu = 0 (the identity rotation), sigma =
+    ``sigma_init`` and prior N(0, ``prior_sigma``^2) on every entry; each forward in training draws
+    R = mu + sigma * eps and rotates with the Cayley transform of its skew part 0.5 (R - R^T). PEFT's
+    ``OFTRotationModule`` stores only that skew part, as the b(b-1)/2 entries above the diagonal (``weight``). So
+    mu and sigma here have the released full shape, and the vector PEFT's rotation receives is the upper triangle of
+    0.5 (R - R^T): the rotation, its noise at init (std sigma / sqrt 2 per skew entry) and the KL (summed over every
+    entry of R, diagonal included) are the released ones. The rotation itself is PEFT's (its Cayley-Neumann series,
+    PEFT's default, where the released code inverts exactly; the same map to fourth order in the generator).
+
+    ``weight`` (read by PEFT's OFT layer for its dtype, and by its merge) is the mean's skew vector; in eval mode the
+    rotation uses the mean. ``to_plain`` gives PEFT's ``OFTRotationModule`` holding it, which merges and saves as
+    any OFT adapter.
+    """
+
+    def __init__(self, rotation: nn.Module, sigma_init: float = 0.01, prior_sigma: float = 0.01):
+        super().__init__()
+        if sigma_init <= 0 or prior_sigma <= 0:
+            raise ValueError(f"sigma_init={sigma_init} and prior_sigma={prior_sigma} must be positive")
+        vector = rotation.weight
+        blocks, size = vector.shape[0], rotation.block_size
+        self.prior_sigma = float(prior_sigma)
+        factory = {"device": vector.device, "dtype": vector.dtype}
+        self.weight_mu = nn.Parameter(torch.zeros(blocks, size, size, **factory))
+        self.weight_sigma = nn.Parameter(torch.full((blocks, size, size), float(sigma_init), **factory))
+        rows, cols = torch.triu_indices(size, size, 1, device=vector.device)
+        with torch.no_grad():  # mu's skew part is the generator PEFT held (zero when fresh: the released init)
+            self.weight_mu[:, rows, cols] = vector
+            self.weight_mu[:, cols, rows] = -vector
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        # PEFT's rotation, without its own generator: each call gets the vector of this layer's R (``_generator``).
+        self.rotation = copy.deepcopy(rotation)
+        del self.rotation._parameters["weight"]
+        self.requires_grad_(vector.requires_grad)
+        self.train(rotation.training)
+
+    def skew_vector(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The upper triangle of 0.5 (R - R^T), the layout of PEFT's OFT ``weight``."""
+        return 0.5 * (matrix[:, self.rows, self.cols] - matrix[:, self.cols, self.rows])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.skew_vector(self.weight_mu)
+
+    def pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor | None]]:
+        return [(self.weight_mu, self.weight_sigma, None)]
+
+    @contextlib.contextmanager
+    def _generator(self, vector: torch.Tensor):
+        # PEFT's rotation reads ``self.weight``: lend it this vector (a graph tensor: gradients reach mu and sigma).
+        self.rotation.weight = vector
+        try:
+            yield self.rotation
+        finally:
+            del self.rotation.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.clamp_sigma_()
+            # One sample of R per call, shared by the batch, as the released layer (and BayesianLinear).
+            matrix = torch.addcmul(self.weight_mu, self.weight_sigma, torch.randn_like(self.weight_mu))
+        else:
+            matrix = self.weight_mu
+        with self._generator(self.skew_vector(matrix)) as rotation:
+            return rotation(x)
+
+    def get_weight(self) -> torch.Tensor:
+        """The block-diagonal rotation of the mean (PEFT's ``get_weight``; what a merge multiplies in)."""
+        with self._generator(self.weight) as rotation:
+            return rotation.get_weight()
+
+    def to_plain(self) -> nn.Module:
+        """PEFT's ``OFTRotationModule`` with ``weight`` = the mean's skew vector (a copy; ``requires_grad``
+        follows mu)."""
+        plain = copy.deepcopy(self.rotation)
+        mu = self.weight_mu
+        plain.weight = nn.Parameter(self.skew_vector(mu).detach().clone(), requires_grad=mu.requires_grad)
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        blocks, size, _ = self.weight_mu.shape
+        return f"blocks={blocks}, block_size={size}, prior_sigma={self.prior_sigma}"
 
 
 # ------------------------------------------------------------------------------------------------ model-level
@@ -257,26 +369,47 @@ def convert_lora_to_bayesian(denoiser: nn.Module, sigma_init: float = 0.01, prio
     return names
 
 
-def bayesian_layers(module: nn.Module) -> dict[str, BayesianLinear]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, BayesianLinear)}
+def convert_oft_to_bayesian(denoiser: nn.Module, sigma_init: float = 0.01, prior_sigma: float = 0.01) -> list[str]:
+    """Make the generator of every PEFT OFT adapter Bayesian (``BayesianOFTRotation``), in place: mu = 0 (the
+    identity rotation; the generator PEFT held, if it was not fresh), sigma = ``sigma_init``, prior
+    N(0, ``prior_sigma``^2), as the released BNN-OFT. PEFT's OFT layer calls ``self.oft_R[adapter](x)``, so the
+    replacement slots in unchanged; convert back (``convert_to_plain`` / ``plain_copy``) before saving adapter
+    weights. Returns the converted names."""
+    from peft.tuners.oft.layer import OFTLayer, OFTRotationModule
+
+    names = []
+    for prefix, module in list(denoiser.named_modules()):
+        if isinstance(module, OFTLayer):
+            for adapter, rotation in module.oft_R.items():
+                if isinstance(rotation, OFTRotationModule):
+                    module.oft_R[adapter] = BayesianOFTRotation(rotation, sigma_init, prior_sigma)
+                    names.append(f"{prefix}.oft_R.{adapter}")
+    if not names:
+        raise ValueError("convert_oft_to_bayesian: the denoiser has no PEFT OFT layer (model.lora_variant='oft')")
+    return names
+
+
+def bayesian_layers(module: nn.Module) -> dict[str, BayesianModule]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, BayesianModule)}
 
 
 def convert_to_plain(module: nn.Module) -> list[str]:
-    """Replace, in place, every ``BayesianLinear`` by ``nn.Linear`` holding its means; returns the names."""
+    """Replace, in place, every Bayesian layer by its plain version holding the means (``nn.Linear``, or PEFT's
+    OFT rotation); returns the names."""
     layers = bayesian_layers(module)
     for name, layer in layers.items():
-        _replace(module, name, layer.to_linear())
+        _replace(module, name, layer.to_plain())
     return list(layers)
 
 
 @contextlib.contextmanager
 def plain_layers(module: nn.Module):
-    """Within this block every ``BayesianLinear`` of ``module`` is swapped for ``nn.Linear`` holding its means;
+    """Within this block every Bayesian layer of ``module`` is swapped for its plain version holding the means;
     the Bayesian layers (same objects, untouched) are put back on exit. For reading plain weights in place."""
     layers = bayesian_layers(module)
     try:
         for name, layer in layers.items():
-            _replace(module, name, layer.to_linear())
+            _replace(module, name, layer.to_plain())
         yield module
     finally:
         for name, layer in layers.items():
@@ -284,10 +417,10 @@ def plain_layers(module: nn.Module):
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every Bayesian layer as ``nn.Linear`` (means); ``module`` is untouched.
+    """A deep copy of ``module`` with every Bayesian layer in its plain version (means); ``module`` is untouched.
 
     sigma and the prior buffers are not copied: each Bayesian layer maps to its plain version in the deepcopy memo."""
-    memo = {id(layer): layer.to_linear() for layer in bayesian_layers(module).values()}
+    memo = {id(layer): layer.to_plain() for layer in bayesian_layers(module).values()}
     return copy.deepcopy(module, memo)
 
 

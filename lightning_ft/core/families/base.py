@@ -320,15 +320,29 @@ class ModelFamily:
 
     def save_lora(self, path: Path, denoiser: torch.nn.Module, state: dict, metadata: dict) -> None:
         """Write LoRA weights in the layout this family's users load them with: the pipeline's own
-        ``save_lora_weights`` (read by its ``load_lora_weights``) when it has a LoRA loader (``lora_prefix`` set),
-        else PEFT's adapter folder, which ``lightning_ft.core.trainable.load_peft_lora`` or PEFT puts back on a
-        plain denoiser (diffusers has no LoRA loader for DiT- or PixArt-style pipelines). The adapter config (rank,
-        alpha, targets) goes with the weights: without it ``load_lora_weights`` assumes alpha = rank, and a model
-        trained with another alpha would load at the wrong scale."""
-        if self.lora_prefix is None:
+        ``save_lora_weights`` (read by its ``load_lora_weights``) when it has a LoRA loader (``lora_prefix`` set) and
+        the variant is one diffusers reads (LoRA, DoRA), else PEFT's adapter folder, which
+        ``lightning_ft.core.trainable.load_peft_lora`` or PEFT (``set_peft_model_state_dict``) puts back on a plain
+        denoiser: diffusers has no LoRA loader for DiT- or PixArt-style pipelines, nor for LoHa, LoKr or OFT. A PEFT
+        folder gets a ``lightning_ft.json`` saying so (``lora`` record: format, variant, loader), since
+        ``load_lora_weights`` would not read it. The adapter config (rank, alpha, targets, DoRA) goes with the weights
+        either way: without it ``load_lora_weights`` assumes alpha = rank and plain LoRA, and a model trained with
+        another alpha would load at the wrong scale."""
+        from lightning_ft.core.trainable import DIFFUSERS_LORA_VARIANTS, lora_variant_of
+
+        variant = lora_variant_of(next(iter(denoiser.peft_config.values())))
+        if self.lora_prefix is None or variant not in DIFFUSERS_LORA_VARIANTS:
             from lightning_ft.core.trainable import save_peft_lora
+            from lightning_ft.metrics.backbones import write_declaration
 
             save_peft_lora(denoiser, path, state)
+            why = (f"diffusers has no loader for {variant}" if self.lora_prefix else
+                   f"diffusers' {self.pipeline_class} has no LoRA loader")  # fmt: skip
+            record = {"format": "peft", "variant": variant, "denoiser": self.denoiser_argument,
+                      "loader": "lightning_ft.core.trainable.load_peft_lora(denoiser, folder), or PEFT's "
+                                "set_peft_model_state_dict with the adapter_config.json config inserted "
+                                f"(not load_lora_weights: {why})"}  # fmt: skip
+            write_declaration({}, path, {"lora": record})
             return
         import diffusers
 
@@ -337,10 +351,11 @@ class ModelFamily:
         )
 
     def load_lora(self, denoiser: torch.nn.Module, path: Path) -> torch.nn.Module:
-        """Put the LoRA that ``save_lora`` wrote back on a plain denoiser (in place; returned)."""
-        if self.lora_prefix is None:
-            from lightning_ft.core.trainable import load_peft_lora
+        """Put the LoRA that ``save_lora`` wrote back on a plain denoiser (in place; returned): a PEFT adapter folder
+        (it holds ``adapter_config.json``) through ``load_peft_lora``, else diffusers' own loader."""
+        from lightning_ft.core.trainable import PEFT_CONFIG_FILE, load_peft_lora
 
+        if self.lora_prefix is None or (Path(path) / PEFT_CONFIG_FILE).is_file():
             return load_peft_lora(denoiser, path)
         # diffusers' own loader of the files save_lora_weights writes (keys prefixed, adapter metadata).
         denoiser.load_lora_adapter(

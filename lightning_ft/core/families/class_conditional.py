@@ -132,6 +132,7 @@ class Unconditional(ModelFamily):
 
     name = "unconditional"
     pipelines = ("DDIMPipeline", "DDPMPipeline")
+    denoiser_argument = "unet"
     detect_order = 90
 
     @classmethod

@@ -148,6 +148,9 @@ class Flux(JointTransformerFamily):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
     )  # fmt: skip
+    #: ``save_pretrained(lora_format="kohya")`` writes sd-scripts' Flux layout: BFL layer names, q/k/v fused
+    #: (``lightning_ft.core.lora_formats.flux_to_kohya``), which ComfyUI and Forge read.
+    kohya_lora = "flux"
     #: The guidance value a distilled (``guidance_embeds``) model is trained with (diffusers' Flux scripts: 3.5).
     guidance = 3.5
     #: The pipeline's default latent side (``FluxPipeline.default_sample_size``): Flux's config has no sample size.

@@ -31,6 +31,9 @@ class ClipUNetFamily(TextFamily):
 
     denoiser_argument = "unet"
     lora_prefix = "unet"
+    #: ``save_pretrained(lora_format="kohya")`` writes its LoRA under the UNet's diffusers names
+    #: (``lightning_ft.core.lora_formats.unet_to_kohya``), as sd-scripts does and ComfyUI / A1111 read.
+    kohya_lora = "unet"
     fsdp_blocks = ("diffusers.models.attention:BasicTransformerBlock",)
 
     def __init__(self, parts: Components, null_class: int | None = None):
