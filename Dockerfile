@@ -1,7 +1,8 @@
 # lightning-ft on a CUDA machine.
 #   docker build -t lightning-ft .
 #   docker run --gpus all --rm -v "$PWD/runs:/app/runs" -v "$HOME/.cache/huggingface:/root/.cache/huggingface" \
-#     lightning-ft fit --config experiments/dreambooth_bnn.yaml --config configs/trainer/gpu_ddp.yaml
+#     lightning-ft fit --config experiments/dreambooth_bnn.yaml --config configs/data/embedded_subject.yaml \
+#     --config configs/trainer/gpu_ddp.yaml
 # The entrypoint is the project's CLI (python -m lightning_ft.run); any subcommand and override can follow.
 # The performance suite on the GPU, one report in runs/performance/performance_suite.md:
 #   docker run --gpus all --rm -v "$PWD/runs:/app/runs" --entrypoint python lightning-ft \

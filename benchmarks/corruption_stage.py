@@ -9,13 +9,14 @@ Three arms, each a baseline and its BNN variant, several seeds each:
 - ``lora``: ``experiments/dreambooth_lora.yaml`` vs ``experiments/dreambooth_lora_bnn.yaml`` as they are.
 
 Each run is the real CLI (``python -m lightning_ft.run fit``) in its own single-threaded process, on a copy of the
-experiment file written under ``--root`` in which the ``CorruptionStageMonitor`` evaluates every ``--every`` steps
-with ``--sample-seeds`` fixed sampling seeds and also saves the images it scored (``SampleSavingMonitor``, below:
-the monitor unchanged plus one PNG per evaluation); ``ModelCheckpoint`` and ``DiffusersExport`` are dropped (nothing
-here reads them) and the ``SampleGridLogger`` is kept. From each run's ``corruption_stage.csv`` (with the class
-prior and ceiling the monitor measured) the benchmark reads the stage under the monitor's rule and under the
-fidelity-only rule (``require_noise=False``), the dip (deepest drop of identity below its running max: depth,
-step, and how long each rule flags it), and copies the monitor's samples at the dip and at the end into
+experiment file merged with its data config (``configs/data/embedded_subject.yaml``: the subject's images, prompts
+and held-out images) written under ``--root``, in which the ``CorruptionStageMonitor`` evaluates every ``--every``
+steps with ``--sample-seeds`` fixed sampling seeds and also saves the images it scored (``SampleSavingMonitor``,
+below: the monitor unchanged plus one PNG per evaluation); ``ModelCheckpoint`` and ``DiffusersExport`` are
+dropped (nothing here reads them) and the ``SampleGridLogger`` is kept. From each run's ``corruption_stage.csv``
+(with the class prior and ceiling the monitor measured) the benchmark reads the stage under the monitor's rule and
+under the fidelity-only rule (``require_noise=False``), the dip (deepest drop of identity below its running max:
+depth, step, and how long each rule flags it), and copies the monitor's samples at the dip and at the end into
 ``<out>_grids/``. The BNN effect per arm is the mean dip depth of BNN minus the baseline's, with a seeded
 percentile bootstrap over seeds.
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.launch import REPO
+from benchmarks.launch import REPO, data_config
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
@@ -152,9 +153,15 @@ def estimate_seconds(arm: str, bnn: bool, steps: int, every: int, grid_every: in
 
 # ------------------------------------------------------------------------------------------------- runs
 def bench_config(method: str, every: int, sample_seeds: int, grid_every: int) -> dict:
-    """The experiment file with the monitor evaluating every ``every`` steps on ``sample_seeds`` seeds (and
-    saving its samples), the sample grid every ``grid_every`` steps, and checkpoints, exports and FID dropped."""
-    config = yaml.safe_load((REPO / "experiments" / f"{method}.yaml").read_text())
+    """The experiment file merged with its data config (the embedded subject: images, prompts, held-out images),
+    with the monitor evaluating every ``every`` steps on ``sample_seeds`` seeds (and saving its samples), the
+    sample grid every ``grid_every`` steps, and checkpoints, exports and FID dropped."""
+    experiment = f"experiments/{method}.yaml"
+    config = yaml.safe_load((REPO / experiment).read_text())
+    # The experiment holds no data. Merged as `--config EXPERIMENT --config DATA` merges them (the data config's
+    # init args win), so the copy alone runs the fit and the settings that decide reuse include the data.
+    data = yaml.safe_load((REPO / data_config(experiment)).read_text())["data"]
+    config["data"] = {**config["data"], **data, "init_args": {**config["data"]["init_args"], **data["init_args"]}}
     callbacks = []
     for callback in config["trainer"].get("callbacks", []):
         path = callback["class_path"]

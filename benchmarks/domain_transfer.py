@@ -7,10 +7,10 @@ run time of what is left to do is printed before anything starts):
     python -m benchmarks.domain_transfer --table peft         # full vs LoRA vs A3FTA vs ANL (mask rates)
 
 For each method (experiment files ``experiments/*.yaml`` with ``--model t2i``, ``experiments/dit/*.yaml`` with
-``--model dit``) and each seed, the experiment is fitted through the CLI in a fresh single-threaded process (the
-experiment's monitors replaced by the export alone, validation off: the fit time is the fit's), then its export is
-scored in another fresh process with the embedded feature network (torchmetrics FID/KID; diversity = mean pairwise
-1 - cosine of the features):
+``--model dit``, each with the data config its header names: ``configs/data/embedded_domain.yaml``) and each seed,
+the experiment is fitted through the CLI in a fresh single-threaded process (the experiment's monitors replaced by
+the export alone, validation off: the fit time is the fit's), then its export is scored in another fresh process
+with the embedded feature network (torchmetrics FID/KID; diversity = mean pairwise 1 - cosine of the features):
 
 - target: ``--samples`` images drawn with the captions (or class labels) of the first held-out domain rows, FID/KID
   against the 2,000 held-out domain images (outlined shapes): the distribution, not the 32 training images;
@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.launch import REPO, fit_run
+from benchmarks.launch import REPO, config_args, fit_run
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import saved_figure, write_csv
 
@@ -268,7 +268,7 @@ def count_trainable(config: str, extra: list[str]) -> int:
     """Trainable parameters of the module the fit builds (LoRA and adapters included, frozen weights not)."""
     from lightning_ft.run import main
 
-    cli = main(["--config", str(REPO / config), *extra, "--trainer.logger=false"], run=False)
+    cli = main([*config_args(config), *extra, "--trainer.logger=false"], run=False)  # as fit_run builds it
     return sum(p.numel() for p in cli.model.trainable_parameters())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def data_config(experiment: str | Path) -> str | None:
+    """The data config (``configs/data/....yaml``, relative to the repository) that the experiment's header
+    ``# To run:`` command names, or None when it names none (the pretraining recipes, whose data module is the
+    shapes world itself). The experiments hold no data: run without it, a fine-tuning experiment has no images."""
+    lines = [line[1:].strip() for line in (REPO / experiment).read_text().splitlines() if line.startswith("#")]
+    start = next((i for i, line in enumerate(lines) if line.startswith("To run:")), None)
+    if start is None:
+        return None
+    command = [lines[start]]
+    while command[-1].endswith("\\") and start + len(command) < len(lines):  # the command's continuation lines
+        command.append(lines[start + len(command)])
+    match = re.search(r"--config\s+(configs/data/\S+\.yaml)", " ".join(command))
+    return match.group(1) if match else None
+
+
+def config_args(experiment: str | Path) -> list[str]:
+    """``--config`` arguments that run an experiment as its header says: the experiment, then its data config."""
+    data = data_config(experiment)
+    return ["--config", str(REPO / experiment), *(["--config", str(REPO / data)] if data else [])]
+
+
 def fit_run(config: str, seed: int, steps: int, root: Path, extra: list[str] = ()) -> Path:
-    """``python -m lightning_ft.run fit --config CONFIG`` with seed, steps and output folder set; returns the log dir.
+    """``python -m lightning_ft.run fit --config CONFIG`` (and its data config) with seed, steps and output folder
+    set; returns the log dir.
 
     One thread per process, so that ``--jobs 2`` on a 2-core machine runs two fits without oversubscription."""
     root.mkdir(parents=True, exist_ok=True)
     args = [
-        sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(REPO / config),
+        sys.executable, "-m", "lightning_ft.run", "fit", *config_args(config),
         "--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.max_steps", str(steps),
         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
         *extra,

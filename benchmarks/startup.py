@@ -2,10 +2,11 @@
 a plain training script on the same model, data and batch (``benchmarks/plain_loop.py``'s ``main``: torch, diffusers
 and transformers only, as diffusers' ``train_dreambooth.py``).
 
-The framework arm is ``python -m lightning_ft.run fit --config experiments/dreambooth.yaml`` with its CSV logger and
-progress bar, its callbacks replaced by a clock (the experiment's monitors sample images before the first step: work
-the user asked for, not start-up). Both read the same class images (sampled once beforehand, the data module's cache).
-Arms alternate over ``--rounds`` rounds, each in a fresh single-threaded process; the table has the medians.
+The framework arm is ``python -m lightning_ft.run fit --config experiments/dreambooth.yaml --config
+configs/data/embedded_subject.yaml`` with its CSV logger and progress bar, its callbacks replaced by a clock (the
+experiment's monitors sample images before the first step: work the user asked for, not start-up). Both read the
+same class images (sampled once beforehand, the data module's cache). Arms alternate over ``--rounds`` rounds, each
+in a fresh single-threaded process; the table has the medians.
 
     python -m benchmarks.startup                   # writes benchmarks/results/startup.{md,csv}
     python -m benchmarks.startup --device cuda
@@ -24,6 +25,7 @@ import time
 
 import lightning as L
 
+from benchmarks.launch import config_args
 from benchmarks.perf import REPO, add_device_arguments, trainer_overrides
 from benchmarks.tables import write_table
 
@@ -72,7 +74,8 @@ def command(arm: str, args, data: dict, class_dir: str, pretrained: str, root: s
                 "--instance-prompt", data["instance_prompt"], "--class-prompt", data["class_prompt"],
                 "--resolution", str(data["resolution"]), "--batch-size", str(data["batch_size"]),
                 "--device", args.device]  # fmt: skip
-    return [sys.executable, "-m", "lightning_ft.run", "fit", "--config", "experiments/dreambooth.yaml",
+    # With the data config its header names: the same images, prompts and class images as class_folder_and_data.
+    return [sys.executable, "-m", "lightning_ft.run", "fit", *config_args("experiments/dreambooth.yaml"),
             "--trainer.max_steps", "1", *trainer_overrides(args),
             "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
             "--trainer.callbacks", json.dumps([{"class_path": "benchmarks.startup.FirstStepClock"}])]  # fmt: skip

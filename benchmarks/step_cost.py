@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.cli import instantiate_class
 from omegaconf import OmegaConf
 
+from benchmarks.launch import data_config
 from benchmarks.perf import now, peak_mb, reset_peak, rss_mb, run_worker, summary_ms
 from lightning_ft.core.base import EXPORT_FOLDERS
 from lightning_ft.data import LimitedDataModule
@@ -35,9 +36,15 @@ BASELINE_MB = rss_mb()  # after the imports: the floor that peak memory is repor
 
 
 def load_experiment(path: str | Path) -> tuple[dict, dict]:
-    """(model, data init args) of an experiment file, with ``${asset:}`` / ``${embedded:}`` resolved."""
+    """(model, data init args) of an experiment file merged with the data config its header names (as the CLI
+    merges ``--config EXPERIMENT --config DATA``: the data config's keys win), with ``${asset:}`` / ``${embedded:}``
+    resolved."""
     register_resolvers()
-    config = OmegaConf.to_container(OmegaConf.load(REPO / path), resolve=True)
+    config = OmegaConf.load(REPO / path)
+    data = data_config(path)
+    if data is not None:  # the experiments hold no images or prompts: their data config does
+        config = OmegaConf.merge(config, OmegaConf.load(REPO / data))
+    config = OmegaConf.to_container(config, resolve=True)
     return config["model"], config["data"]["init_args"]
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.suite --device cuda --precision bf16-mixed     # on a GPU box
     python -m benchmarks.suite --quick                                  # a short CPU pass (minutes), to try it
-    python -m benchmarks.suite --cpu 1 --out benchmarks/results       # the CPU tables of the README
+    python -m benchmarks.suite --cpu 1 --out benchmarks/results       # the CPU tables of docs/performance.md
 
 Runs ``overhead`` (framework overhead and the fast defaults' speed-up), ``startup``, ``method_cost``,
 ``speed_options`` and ``scaling`` with the same ``--device`` and ``--precision``, each writing its own tables into

@@ -9,11 +9,20 @@ Differences from ``LightningCLI``, each for a way a run could otherwise silently
   ``--ckpt_path last`` is the newest ``last.ckpt`` of any earlier run under ``trainer.default_root_dir`` (Lightning
   looks in the new run's own, empty, folder); a missing file or one that is not a checkpoint fails at once.
 - Checks before anything is written: ``fit`` with ``trainer.max_steps 0`` (nothing trained, the pretrained model
-  exported as the result) or nothing left to train after the checkpoint's step; the data folder and every image.
+  exported as the result) or nothing left to train after the checkpoint's step; the data folder and every image;
+  no ``data.instance_dir`` (an experiment run without its data config: the message names them), before the model
+  loads.
 - A run that fails before it wrote a checkpoint removes what it created (version folder, ``config.yaml``,
   ``hparams.yaml``, ``metrics.csv``); files of earlier runs are never touched.
 - Every ``fit`` writes a run report (``lightning_ft.callbacks.RunReport``: ``report.html`` in the run folder, and
   what the fit cost); ``--report false`` leaves it out, and a config that lists a ``RunReport`` keeps its settings.
+- Every ``fit`` stops on SIGTERM or SIGINT at the next step boundary with a ``last.ckpt`` that ``--ckpt_path last``
+  resumes bitwise (``lightning_ft.callbacks.GracefulStop``), and the process exits with 128 + the signal's number
+  (143, 130), not Lightning's 0; the run report marks the run interrupted and nothing is exported.
+- Negative numbers are values: ``--model.lr -1e-4`` (argparse takes ``-1e-4`` for an option, which only
+  ``--model.lr=-1e-4`` avoided).
+- The precision Lightning runs is checked against the config's: ``16-mixed`` on a CPU runs as ``bf16-mixed``; a
+  warning names both and ``run_cost.json`` records the one that ran (``config.yaml`` keeps what was asked).
 - ``--checkpoint_every N`` sets ``every_n_train_steps`` of the config's ``ModelCheckpoint``: the dotted form
   ``--trainer.callbacks.every_n_train_steps`` reaches only the last callback of the list.
 - The project's methods, data modules and callbacks are imported, so short names work: ``--model.help DreamBooth``,
@@ -24,16 +33,22 @@ Differences from ``LightningCLI``, each for a way a run could otherwise silently
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_ft.callbacks.export import DiffusersExport
+from lightning_ft.callbacks.graceful_stop import GracefulStop
 from lightning_ft.callbacks.run_report import RunReport
 from lightning_ft.core.resume import check_checkpoint_fits, describe_changes, read_checkpoint
+from lightning_ft.data.datamodule import MISSING_INSTANCE_DIR
+from lightning_ft.report.cost import precision_name
 
 #: How jsonargparse's wrapping of an exception raised in a constructor starts.
 JSONARGPARSE_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
@@ -41,12 +56,34 @@ JSONARGPARSE_WRAPPERS = ("Does not validate against any of the Union subtypes", 
 LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class FineTuneArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, with negative numbers read as values.
+
+    argparse decides whether a word starting with ``-`` is an option with a pattern that knows ``-1`` and ``-0.5``
+    but not ``-1e-4`` (Python 3.11's ``_negative_number_matcher``): ``--model.lr -1e-4`` failed with "argument
+    --model: expected one argument". A word that Python reads as a number is a value here (no option of these
+    parsers looks like a number); jsonargparse overrides the same method to map ``--model.lr`` to ``--model``."""
+
+    def _parse_optional(self, arg_string):
+        if arg_string.startswith("-") and arg_string not in self._option_string_actions and _is_number(arg_string):
+            return None  # positional: the value of the option before it
+        return super()._parse_optional(arg_string)
+
+
 class StepsProgressBar(RichProgressBar):
     """Lightning's rich bar, whose epoch count reads ``Epoch 2/-2`` when ``max_epochs`` is -1 (a run bounded by
     ``max_steps``): show the total only when there is one. It shows the latest step's training loss from the
     module's ``last_loss_parts`` (the module logs ``train/loss`` only on the logger's steps), and redraws during
     training at most every ``redraw_seconds`` (and on the last step): Lightning's redraws the whole display twice
-    on every batch, about 1 ms a step (README, Performance), for more frames than a terminal shows."""
+    on every batch, about 1 ms a step (docs/performance.md), for more frames than a terminal shows."""
 
     def __init__(self, redraw_seconds: float = 0.2, **kwargs):
         super().__init__(**kwargs)
@@ -156,6 +193,7 @@ class FineTuneCLI(LightningCLI):
         # Only the subcommand given is built (each one's parser describes the trainer, model and data anew: the
         # three others cost ~0.1-0.2 s of start-up); with none (e.g. --help) every one is.
         self._requested = next((a for a in given if isinstance(a, str) and a in LightningCLI.subcommands()), None)
+        kwargs.setdefault("parser_class", FineTuneArgumentParser)
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:
@@ -214,6 +252,12 @@ class FineTuneCLI(LightningCLI):
     # -------------------------------------------------------------------------------------- checks, settings
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        data = config.get("data")
+        # The data module's own check fires only after the model has loaded (minutes for a hub model): an
+        # experiment run without its data config is told what to add at once.
+        if data is not None and str(data.get("class_path")).endswith(".LimitedDataModule"):
+            if (data.get("init_args") or {}).get("instance_dir") is None:
+                raise ValueError(MISSING_INSTANCE_DIR)
         if self.subcommand == "fit":
             steps, epochs = config.trainer.get("max_steps"), config.trainer.get("max_epochs")
             if steps == 0 or (steps in (None, -1) and epochs == 0):
@@ -267,11 +311,16 @@ class FineTuneCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         subcommand = self.config.get(self.subcommand) if self.subcommand else None
-        if self.subcommand == "fit" and subcommand is not None and subcommand.get("report", True):
+        if self.subcommand == "fit" and subcommand is not None:
             listed = config.get("callbacks") or []
-            listed = listed if isinstance(listed, list) else [listed]
-            if not any(isinstance(c, RunReport) for c in [*listed, *callbacks]):
+            listed = [*(listed if isinstance(listed, list) else [listed]), *callbacks]
+            if subcommand.get("report", True) and not any(isinstance(c, RunReport) for c in listed):
                 callbacks = [*callbacks, RunReport()]
+            # Last of the callbacks that are not checkpoints (Lightning runs those after all others): its
+            # checkpoint at a signal holds the state after every other callback's work of that step, as
+            # ModelCheckpoint's do.
+            if not any(isinstance(c, GracefulStop) for c in listed):
+                callbacks = [*callbacks, GracefulStop()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
@@ -279,7 +328,20 @@ class FineTuneCLI(LightningCLI):
         bar = trainer.progress_bar_callback
         if type(bar) is RichProgressBar:  # Lightning's default bar: the same with the epoch count fixed
             trainer.callbacks[trainer.callbacks.index(bar)] = StepsProgressBar()
+        self._check_precision(trainer)
         return trainer
+
+    def _check_precision(self, trainer) -> None:
+        """Warn when Lightning runs another precision than the config asks (e.g. ``16-mixed`` on a CPU runs as
+        ``bf16-mixed``): config.yaml keeps what was asked, the run's run_cost.json records what ran."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        asked, ran = config.trainer.get("precision"), str(trainer.precision)
+        if precision_name(asked) != ran:
+            rank_zero_warn(
+                f"lightning-ft: trainer.precision={asked} runs as {ran} on {type(trainer.accelerator).__name__} "
+                "(Lightning's choice); config.yaml keeps the value asked, run_cost.json and the run report record "
+                f"precision: {ran}"
+            )
 
     # --------------------------------------------------------------------------------------------------- run
     def _output_roots(self) -> list[Path]:
@@ -301,6 +363,15 @@ class FineTuneCLI(LightningCLI):
         files = RunFiles(self._output_roots())
         try:
             super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # Lightning's stop on a signal, a SystemExit without a code (exit status 0, as if the run had finished).
+            stop = next((c.stopped for c in self.trainer.callbacks if isinstance(c, GracefulStop) and c.stopped), {})
+            name, code = stop.get("signal", "SIGTERM"), 128 + int(stop.get("signum", signal.SIGTERM))
+            where = (f"{stop['checkpoint']} holds step {stop['step']}; --ckpt_path last resumes it" if stop.get(
+                "checkpoint") else "no checkpoint written by lightning-ft")  # fmt: skip
+            if self.trainer.is_global_zero:
+                print(f"lightning-ft: {subcommand} interrupted by {name}: {where}; exit status {code}", flush=True)
+            raise SystemExit(code) from None  # 128 + n: what a shell reports for a process signal n killed
         except Exception:
             created = files.created()
             # A run that wrote checkpoints keeps everything: they resume it. Before that, its files are debris.

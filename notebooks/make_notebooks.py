@@ -30,15 +30,17 @@ QUICKSTART = [
     new_markdown_cell("""# 01 Quickstart: fine-tune on the embedded subject
 
 The README's main job from Python: BNN DreamBooth (`experiments/dreambooth_bnn.yaml`) on the embedded few-shot subject
-(5 images of an orange star with blue stripes, bound to the token `sks`), with the corruption-stage monitor. Then we
-look at samples and at the monitor's curves. About 2 minutes on 2 CPU cores (seconds with `QUICK`)."""),
+(`configs/data/embedded_subject.yaml`: 5 images of an orange star with blue stripes, bound to the token `sks`), with the
+corruption-stage monitor. Then we look at samples and at the monitor's curves. About 2 minutes on 2 CPU cores
+(seconds with `QUICK`)."""),
     new_code_cell(SETUP),
     new_code_cell("""from lightning_ft.run import main
 
 steps = 10 if QUICK else 300
 root = "runs/notebook_quickstart"
 cli = main([
-    "fit", "--config", "experiments/dreambooth_bnn.yaml", PROGRESS,
+    # The experiment holds the method; the data config, the subject's images, prompts and held-out renders.
+    "fit", "--config", "experiments/dreambooth_bnn.yaml", "--config", "configs/data/embedded_subject.yaml", PROGRESS,
     f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
     *(["--data.num_class_images=4", "--model.sample_steps=5"] if QUICK else []),
 ])
@@ -181,7 +183,8 @@ if not runs or not all(runs.values()):
     root = REPO / "runs" / "notebook_compare"
     for method in ("dreambooth", "dreambooth_bnn"):
         out = root / method / "seed0"
-        main(["fit", "--config", f"experiments/{method}.yaml", PROGRESS, f"--trainer.max_steps={6 if QUICK else 200}",
+        main(["fit", "--config", f"experiments/{method}.yaml", "--config", "configs/data/embedded_subject.yaml",
+              PROGRESS, f"--trainer.max_steps={6 if QUICK else 200}",
               f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
               "--data.num_class_images=4", "--model.sample_steps=5"])
     runs = runs_of(root)

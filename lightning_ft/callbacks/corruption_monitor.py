@@ -69,7 +69,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             BNN paper), a name for
             ``make_backbone`` (``dino``, ``dinov2``, ``clip``, ``package.module:function``) or a module.
         backbone_path: folder or hub id of the backbone's weights (default None: the declared or paper default).
-        instance_dir: folder of the instance images (default None: the datamodule's ``dataset.images``).
+        instance_dir: folder of the instance images (default None: the datamodule's ``dataset.images``, those of
+            ``data.instance_dir``).
         csv_path: CSV of the curves (default ``<log dir>/corruption_stage.csv``).
         keep_best_checkpoint: save ``<log dir>/best_before_corruption.ckpt`` (``trainer.save_checkpoint``)
             whenever the best step before corruption moves to the step just measured (default False).
@@ -82,12 +83,15 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         levels: measure the two levels the fidelity curve is read against, at the start of a fit, and write the
             stage rules against them (default True): ``class_prior``, the fidelity of the pretrained model's
             samples of ``class_prompt`` (what it draws for the class before it has seen the subject), and
-            ``ceiling``, the fidelity of the autoencoder round trips of ``heldout_dir`` (or of the instance images
-            themselves: a perfect copy), which no sample can beat. ``progress`` = (fidelity - prior) / (ceiling -
-            prior) is logged beside the fidelity.
+            ``ceiling``, the fidelity of the autoencoder round trips of the held-out images (or of the instance
+            images themselves: a perfect copy), which no sample can beat. ``progress`` = (fidelity - prior) /
+            (ceiling - prior) is logged beside the fidelity. The printed levels line names the images the ceiling
+            was measured on (``ceiling 0.956 (64 autoencoder round trips of data.heldout_dir)``).
         class_prompt: prompt of the class prior (default None: the datamodule's ``class_prompt``; without one, no
             class prior is measured).
-        heldout_dir: held-out images of the subject for the ceiling (default None: the instance images).
+        heldout_dir: held-out images of the subject for the ceiling (default None: the datamodule's
+            ``heldout_dir``, so that the data config that names the subject names its held-out images too; without
+            one, the instance images).
         verbose: print the one-line verdict at the end of training (default True).
     """
 
@@ -120,6 +124,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         self.every_n_steps, self.steps, self.guidance_scale = every_n_steps, steps, guidance_scale
         self.backbone_spec, self.backbone_path = backbone, backbone_path
         self.instance_dir, self.csv_path = instance_dir, csv_path
+        self.instance_key = "data.instance_dir"  # the config key of the instance images, named in messages
         self.keep_best_checkpoint, self.verbose = keep_best_checkpoint, verbose
         self.rules = dict(
             dip=dip,
@@ -133,6 +138,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         self.effective_memorisation_threshold = memorisation_threshold  # set at fit start when None
         self.measure_levels, self.class_prompt, self.heldout_dir = levels, class_prompt, heldout_dir
         self.levels: dict[str, float] = {}  # class_prior, ceiling, ceiling_memorisation; kept across resumes
+        self.ceiling_source: str | None = None  # what the ceiling was measured on, e.g. "5 ... of data.instance_dir"
         self.history: list[dict] = []
         self.report: StageReport | None = None
         self.saved_step: int | None = None  # step held by the best-before-corruption checkpoint
@@ -161,8 +167,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         size = pl_module.native_resolution() if hasattr(pl_module, "native_resolution") else 512
         ref, _ = self.reference(size)
         if self.measure_levels and not self.levels:  # a resumed run keeps the levels measured at its start
-            levels = self._measure_levels(trainer, pl_module, size) if trainer.is_global_zero else None
-            self.levels = trainer.strategy.broadcast(levels, src=0)
+            measured = self._measure_levels(trainer, pl_module, size) if trainer.is_global_zero else None
+            self.levels, self.ceiling_source = trainer.strategy.broadcast(measured, src=0)
         if self.memorisation_threshold is not None:
             self.effective_memorisation_threshold = self.memorisation_threshold
         elif self.effective_memorisation_threshold is None:  # not restored from a checkpoint either
@@ -172,11 +178,21 @@ class CorruptionStageMonitor(PeriodicEvaluation):
 
     def _instance_images(self, trainer: L.Trainer) -> list:
         if self.instance_dir:
-            return [load_image(f) for f in list_images(self.instance_dir, "CorruptionStageMonitor.instance_dir")]
+            self.instance_key = "CorruptionStageMonitor.instance_dir"
+            return [load_image(f) for f in list_images(self.instance_dir, self.instance_key)]
         dataset = getattr(trainer.datamodule, "dataset", None)
         if dataset is None or not getattr(dataset, "images", None):
             raise ValueError("CorruptionStageMonitor: no instance images; pass instance_dir or use LimitedDataModule")
+        self.instance_key = "data.instance_dir"
         return list(dataset.images)
+
+    def _heldout_dir(self, trainer: L.Trainer) -> tuple[str | None, str | None]:
+        """The folder of held-out subject images for the ceiling and the config key that named it: the monitor's
+        own ``heldout_dir``, else the data module's (None, None when neither is set)."""
+        if self.heldout_dir:
+            return self.heldout_dir, "CorruptionStageMonitor.heldout_dir"
+        folder = dict(getattr(trainer.datamodule, "hparams", None) or {}).get("heldout_dir")
+        return (folder, "data.heldout_dir") if folder else (None, None)
 
     def _conditions(self, trainer: L.Trainer, pl_module):
         """What the monitor's samples are asked with (``SampleInputs``): its own prompts or labels, else the data's
@@ -208,22 +224,24 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         # other leaves no room in between: then only a sample as close as a perfect copy counts (up to rounding).
         return loo + 0.5 * (ceiling - loo) if ceiling > loo else ceiling - 1e-4
 
-    def _measure_levels(self, trainer: L.Trainer, pl_module, size: int) -> dict[str, float]:
+    def _measure_levels(self, trainer: L.Trainer, pl_module, size: int) -> tuple[dict[str, float], str]:
         """The class prior (the model's class-prompt samples, measured before any update) and the ceiling (the
-        autoencoder round trips of the held-out or instance images), both scored like every history point."""
+        autoencoder round trips of the held-out or instance images), both scored like every history point; with
+        the description of what the ceiling was measured on."""
         ref, _ = self.reference(size)
         levels = {"class_prior": float("nan")}
         # Perfect copies of the instance images: the memorisation ceiling, and the fidelity ceiling too unless
         # held-out renders of the subject are given (a perfect generalisation rather than a perfect copy).
         own = features(pl_module.round_trip(unit_pixels(self.instance_images, size)), self.backbone)
         levels["ceiling_memorisation"] = memorisation(own, ref)
-        images = self.instance_images
-        if self.heldout_dir:
-            images = [load_image(f) for f in list_images(self.heldout_dir, "CorruptionStageMonitor.heldout_dir")]
+        folder, key = self._heldout_dir(trainer)
+        if folder:
+            images = [load_image(f) for f in list_images(folder, key)]
             copies = features(pl_module.round_trip(unit_pixels(images, size)), self.backbone)
-        else:
-            copies = own
+        else:  # no held-out images: the ceiling is a perfect copy of the training images, and the line says so
+            images, copies, key = self.instance_images, own, self.instance_key
         levels["ceiling"] = subject_fidelity(copies, ref)
+        source = f"{len(images)} autoencoder round trips of {key}"
         class_prompt = self.class_prompt or dict(getattr(trainer.datamodule, "hparams", {})).get("class_prompt")
         if class_prompt and self.conditions.prompts is not None:
             with torch.random.fork_rng(devices=[]):
@@ -236,9 +254,9 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             levels["class_prior"] = subject_fidelity(features(prior, self.backbone), ref)
         rank_zero_info(
             f"lightning-ft: fidelity levels: class prior {levels['class_prior']:.3f} ({class_prompt!r}, "
-            f"{len(self.seeds)} samples), ceiling {levels['ceiling']:.3f} ({len(images)} autoencoder round trips)"
+            f"{len(self.seeds)} samples), ceiling {levels['ceiling']:.3f} ({source})"
         )
-        return levels
+        return levels, source
 
     def progress(self, fidelity: float) -> float:
         """(fidelity - class prior) / (ceiling - class prior): 0 = what the model drew for the class before
@@ -258,8 +276,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
                     f"mean cosine similarity of the monitor's samples to the instance images, step {step}")]
         progress = last.get("progress")
         if progress is not None and progress == progress:
-            metrics.append(("progress", f"{progress:.2f}",
-                            "0 = the class prior, 1 = the ceiling (autoencoder round trips of the subject)"))
+            ceiling = self.ceiling_source or "autoencoder round trips of the subject"
+            metrics.append(("progress", f"{progress:.2f}", f"0 = the class prior, 1 = the ceiling ({ceiling})"))
         metrics.append(("memorisation", f"{last['memorisation']:.3f}", "mean nearest-instance similarity"))
         metrics.append(("diversity", f"{last['diversity']:.3f}", "mean pairwise feature distance of samples"))
         return metrics  # fmt: skip
@@ -373,6 +391,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             "saved_step": self.saved_step,
             "memorisation_threshold": self.effective_memorisation_threshold,
             "levels": dict(self.levels),
+            "ceiling_source": self.ceiling_source,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -382,4 +401,5 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         if self.memorisation_threshold is None:
             self.effective_memorisation_threshold = state_dict.get("memorisation_threshold")
         self.levels = dict(state_dict.get("levels", {}))
+        self.ceiling_source = state_dict.get("ceiling_source")
         self.report = self.classify() if self.history else None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ft.callbacks.periodic import PeriodicEvaluation
 from lightning_ft.data.folder import list_images, load_image, to_tensor
@@ -30,8 +31,9 @@ class FIDMonitor(PeriodicEvaluation):
     """FID/KID of ``num_samples`` samples against ``reference_dir`` every ``every_n_steps`` steps (and at the end).
 
     Args:
-        reference_dir: folder of reference images, e.g. ``${embedded:domain}/heldout`` (default None: the
-            datamodule's training images, which suits only a quick look: FID against 30 images is mostly bias).
+        reference_dir: folder of reference images (default None: the datamodule's ``heldout_dir``, held-out images
+            of the target that the data config names; without one, the training images of ``data.instance_dir``,
+            with a warning: FID against a few training images is mostly bias and rewards copying them).
         num_samples: images sampled per evaluation (default 64): the cost bound.
         max_reference: at most this many reference images, the first in sorted order (default 2000).
         every_n_steps: evaluation period (default 250; 0 = only at the end); also at step 0 when ``at_start``.
@@ -68,16 +70,35 @@ class FIDMonitor(PeriodicEvaluation):
         self.prompts, self.labels, self.steps, self.guidance_scale = prompts, labels, steps, guidance_scale
         self.backbone_name, self.backbone_path, self.resolution, self.cache = backbone, backbone_path, resolution, cache
         self.scorer: FIDScorer | None = None
+        self.reference_key: str | None = None  # the config key that named the reference images
         self.history: list[dict] = []
 
     # --------------------------------------------------------------------------------------------- reference
     def _reference_files(self, trainer: L.Trainer) -> list[Path]:
-        if self.reference_dir:
-            return list_images(self.reference_dir, "FIDMonitor.reference_dir")[: self.max_reference]
-        folder = dict(getattr(trainer.datamodule, "hparams", {})).get("instance_dir")
-        if folder is None:
-            raise ValueError("FIDMonitor: set reference_dir (the datamodule has no instance_dir to fall back on)")
-        return list_images(folder, "data.instance_dir")[: self.max_reference]
+        """The reference images: the monitor's ``reference_dir``, else the data's ``heldout_dir``, else (with one
+        warning) the training images; ``reference_key`` records which."""
+        data = dict(getattr(trainer.datamodule, "hparams", None) or {})
+        given = ((self.reference_dir, "FIDMonitor.reference_dir"), (data.get("heldout_dir"), "data.heldout_dir"))
+        for folder, key in given:
+            if folder:
+                self.reference_key = key
+                return list_images(folder, key)[: self.max_reference]
+        if data.get("instance_dir") is None:
+            raise ValueError(
+                "FIDMonitor: no reference images; set data.heldout_dir (held-out images of the target) or "
+                "FIDMonitor.reference_dir"
+            )
+        self.reference_key = "data.instance_dir"
+        files = list_images(data["instance_dir"], "data.instance_dir")[: self.max_reference]
+        # Scored anyway rather than skipped: the curve still shows the samples moving towards the target, and a
+        # ModelCheckpoint(monitor: fid/fid) keeps working; the warning says what the number is worth.
+        rank_zero_warn(
+            f"FIDMonitor: no held-out reference images (data.heldout_dir and FIDMonitor.reference_dir are unset): "
+            f"FID/KID are scored against the {len(files)} training images of data.instance_dir, which is mostly "
+            "bias with few images and rewards copying them; set data.heldout_dir to images of the target that are "
+            "not trained on"
+        )
+        return files
 
     def reference_features(self, files: list[Path], resolution: int) -> torch.Tensor:
         """Backbone features of the reference images, from the on-disk cache when the same files were seen."""
@@ -120,7 +141,8 @@ class FIDMonitor(PeriodicEvaluation):
         if not self.history:
             return []
         last = self.history[-1]
-        counts = f"{last['num_samples']} samples vs {last['num_reference']} reference images, step {last['step']}"
+        of = f" of {self.reference_key}" if self.reference_key else ""
+        counts = f"{last['num_samples']} samples vs {last['num_reference']} reference images{of}, step {last['step']}"
         return [("FID", f"{last['fid']:.2f}", counts), ("KID x 1000", f"{last['kid_x1000']:.2f}", counts)]
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> None:

@@ -6,6 +6,12 @@ sample grid, the export), it writes ``run_cost.json`` and the report (``report.h
 ``lightning_ft.report``) into the run folder, and sends the figures to W&B when a ``WandbLogger`` is among the
 loggers. A report that cannot be drawn is a warning, not a failed run: everything else is written by then, and
 ``python -m lightning_ft.report RUN_DIR`` draws it again.
+
+A fit stopped by a signal at a step boundary (``GracefulStop``, or Lightning's SIGTERM handling: the loops raise
+``SIGTERMException``) gets its report too, with ``run_cost.json`` marked ``"status": "interrupted"``, the signal and
+the checkpoint that resumes it; the page says so at the top. ``run_cost.json`` also records ``precision``: what
+Lightning ran (``trainer.precision``), which can differ from the config's (``16-mixed`` runs as ``bf16-mixed`` on a
+CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_ft.callbacks.graceful_stop import GracefulStop
 from lightning_ft.report.cost import COST_FILE, CostMeter, write_cost
 
 
@@ -47,16 +55,32 @@ class RunReport(L.Callback):
         if pl_module.device.type == "cuda" and self.meter.cuda_device is None:  # moved to the GPU after setup
             self.meter.start(trainer.global_step, pl_module.device)
 
+    def _cost(self, trainer: L.Trainer, status: str = "finished") -> dict:
+        return {**self.meter.stop(trainer.global_step, status), "precision": str(trainer.precision)}
+
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if self.folder is None or self.meter.t0 is None or not trainer.is_global_zero:
             return
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
-        write_cost(self.folder / COST_FILE, self.meter.stop(trainer.global_step, status))
+        # A SIGTERMException is an orderly stop at a step boundary: the run's files are consistent, so it gets its
+        # report. A KeyboardInterrupt (a second Ctrl+C) stops mid-step: the cost only, at once.
+        stopped = isinstance(exception, SIGTERMException)
+        record = self._cost(trainer, "interrupted" if stopped or isinstance(exception, KeyboardInterrupt) else "failed")
+        if stopped:  # GracefulStop's record, else Lightning's own SIGTERM stop (before training: no checkpoint)
+            stop = next((c.stopped for c in trainer.callbacks if isinstance(c, GracefulStop) and c.stopped), {})
+            record.update(signal=stop.get("signal", "SIGTERM"), checkpoint=stop.get("checkpoint"))
+        elif isinstance(exception, KeyboardInterrupt):
+            record.update(signal="SIGINT", checkpoint=None)
+        write_cost(self.folder / COST_FILE, record)
+        if stopped:
+            self._write_report(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.folder is None or not trainer.is_global_zero:
             return
-        write_cost(self.folder / COST_FILE, self.meter.stop(trainer.global_step))
+        write_cost(self.folder / COST_FILE, self._cost(trainer))
+        self._write_report(trainer)
+
+    def _write_report(self, trainer: L.Trainer) -> None:
         for logger in trainer.loggers:
             logger.save()  # the CSV logger keeps the last rows in memory until it is finalized, after this hook
         try:

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
+
+#: Rows a grid takes from the data's own captions or labels when no prompts are set: each row costs one sample per
+#: seed at every grid, and a captioned domain has as many distinct captions as images.
+MAX_DATA_ROWS = 4
+#: Beside the grids: their row texts (prompt, ``class N`` or empty) and seeds, as JSON.
+ROWS_FILE = "rows.json"
+
+
+def data_rows(datamodule) -> tuple[list[str] | None, list[int] | None]:
+    """The prompts and labels a grid shows when it names none: the datamodule's ``sample_prompts`` /
+    ``sample_labels``, else its first ``MAX_DATA_ROWS`` distinct instance captions (and its class prompt, so the
+    grid shows what prior preservation keeps) / labels; None for what the data does not give."""
+    hparams = dict(getattr(datamodule, "hparams", None) or {})
+    dataset = getattr(datamodule, "dataset", None)
+    prompts = hparams.get("sample_prompts")
+    if prompts is None:
+        captions = list(dict.fromkeys(getattr(dataset, "prompts", None) or []))[:MAX_DATA_ROWS]
+        class_prompt = hparams.get("class_prompt")
+        if captions and class_prompt and class_prompt not in captions:
+            captions.append(class_prompt)
+        prompts = captions or None
+    labels = hparams.get("sample_labels")
+    if labels is None:
+        labels = list(dict.fromkeys(getattr(dataset, "labels", None) or []))[:MAX_DATA_ROWS] or None
+    return (list(prompts) if prompts is not None else None, list(labels) if labels is not None else None)
 
 
 def make_grid(images: torch.Tensor, columns: int) -> np.ndarray:
@@ -35,9 +61,15 @@ class SampleGridLogger(L.Callback):
     with fixed ``seeds`` and save ``samples/step_XXXXXX.png`` under the log dir; TensorBoard and W&B loggers also
     receive the grid.
 
+    The rows are the data's unless the grid names its own: a recipe holds no data-specific prompts, the data
+    config gives them (``data.sample_prompts``), so that replacing the data replaces what the grids show.
+
     Args:
-        prompts: prompts to sample (text models); each is drawn once per seed.
-        labels: class labels to sample (class-conditional models), instead of prompts.
+        prompts: prompts to sample (text models); each is drawn once per seed (default None: the datamodule's
+            ``sample_prompts``, else its first 4 distinct instance captions and its class prompt; ``[]``: one row
+            asked with nothing, for a method that samples from its own inputs, as ANL from its reference images).
+        labels: class labels to sample (class-conditional models), instead of prompts (default None: the
+            datamodule's ``sample_labels``, else its first 4 distinct labels).
         seeds: sampling seeds (default [0, 1, 2, 3]); the same every time, so grids compare across steps.
         every_n_steps: sampling period in optimizer steps (default 100; 0 = only at the end).
         steps: sampler steps (default: the model's ``sample_steps``).
@@ -64,14 +96,18 @@ class SampleGridLogger(L.Callback):
         )
         self._last_step = -1
 
-    def grid_inputs(self, pl_module):
-        """What each row of the grid is asked with (``SampleInputs``, one per row): the model's family keeps the
-        prompts or labels it reads; with neither given, one row asked with nothing (an unconditional model, or a
-        method that samples from its own inputs, as ANL from its reference images)."""
-        return pl_module.family.sample_inputs(self.prompts, self.labels, 1, where="SampleGridLogger", required=False)
+    def grid_inputs(self, pl_module, trainer: L.Trainer | None = None):
+        """What each row of the grid is asked with (``SampleInputs``, one per row): the grid's prompts or labels,
+        else the data's (``trainer``'s datamodule, default the one ``pl_module`` is fitted with); the model's family
+        keeps the prompts or labels it reads; with neither, one row asked with nothing (an unconditional model)."""
+        trainer = trainer or getattr(pl_module, "_trainer", None)
+        prompts, labels = data_rows(getattr(trainer, "datamodule", None))
+        prompts = self.prompts if self.prompts is not None else prompts
+        labels = self.labels if self.labels is not None else labels
+        return pl_module.family.sample_inputs(prompts, labels, 1, where="SampleGridLogger", required=False)
 
-    def sample(self, pl_module) -> torch.Tensor:
-        rows = self.grid_inputs(pl_module)
+    def sample(self, pl_module, rows=None) -> torch.Tensor:
+        rows = rows if rows is not None else self.grid_inputs(pl_module)
         seeds = [s for _ in range(len(rows)) for s in self.seeds]
         kwargs = rows.each(len(self.seeds)).generate_kwargs()
         return pl_module.generate(**kwargs, seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale)
@@ -83,12 +119,15 @@ class SampleGridLogger(L.Callback):
         self._last_step = step
         # trainer.log_dir is a collective call under DDP: every rank reads it, before rank 0 goes on alone.
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        images = self.sample(pl_module)
+        rows = self.grid_inputs(pl_module, trainer)
+        images = self.sample(pl_module, rows)
         if not trainer.is_global_zero:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
         grid = save_grid(images, path, columns=len(self.seeds), upscale=self.upscale)
+        # The rows may come from the data, not the config: written beside the grids for whoever labels them.
+        (folder / ROWS_FILE).write_text(json.dumps({"rows": rows.texts(), "seeds": self.seeds}, indent=1) + "\n")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B
                 logger.log_image(key="samples", images=[grid], step=step)

@@ -77,7 +77,7 @@ class ObjectiveMixin:
             # Logged only on the steps whose logs reach the logger (``trainer.log_every_n_steps``) and on the last
             # one (so that ``callback_metrics`` end with the final values, e.g. for a sweep's ranking): each
             # ``self.log`` costs Lightning ~0.3-0.5 ms of bookkeeping a step, most of the framework's own per-step
-            # cost (README, Performance). Between them ``callback_metrics`` hold the last logged values.
+            # cost (docs/performance.md). Between them ``callback_metrics`` hold the last logged values.
             batch_size = len(batch["pixel_values"])
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)

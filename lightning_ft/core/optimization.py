@@ -37,7 +37,7 @@ class OptimizationMixin:
     def _adamw_implementation(self, groups: list[dict]) -> dict:
         """``fused=True`` when ``fused_adamw`` is on, or auto and torch has the fused kernel for every parameter;
         else {} (torch's own choice: foreach on CUDA, a per-parameter loop on the CPU). The fused kernel updates
-        every tensor in one pass; on the CPU it is several times faster than the loop (README, Performance)."""
+        every tensor in one pass; on the CPU it is several times faster than the loop (docs/performance.md)."""
         wanted = self.hparams.get("fused_adamw")
         if wanted is False:
             return {}

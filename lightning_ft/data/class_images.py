@@ -30,7 +30,7 @@ def class_cache_folder(
     guidance)."""
     key = json.dumps([prompt, model_identity, count, resolution, seed, sampler], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (root or cache_dir() / "class_images") / digest
+    return (root or cache_dir("data.class_cache_dir") / "class_images") / digest
 
 
 def generate_class_images(module, inputs, folder: Path, seed: int = 0, batch_size: int = 16, trainer=None) -> Path:
@@ -47,4 +47,5 @@ def generate_class_images(module, inputs, folder: Path, seed: int = 0, batch_siz
         meta={"condition": first, "seed": seed},
         trainer=trainer,
         batch_size=batch_size,
+        key="data.class_cache_dir",
     )

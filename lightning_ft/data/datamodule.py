@@ -7,19 +7,28 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
 from lightning_ft.data.folder import (
+    caption_sources,
     describe_folder,
     distinct_views,
     list_images,
     load_images,
     read_captions,
     read_labels,
+    skipped_files,
     to_tensor_with_geometry,
+)
+from lightning_ft.data.odd_inputs import (
+    caption_warnings,
+    duplicate_warnings,
+    image_warnings,
+    token_warnings,
+    unsupported_warnings,
 )
 from lightning_ft.data.samplers import EpochSeededRandomSampler
 
@@ -95,8 +104,19 @@ class LimitedDataset(Dataset):
         return item
 
 
+#: Why a run has no ``data.instance_dir``: the experiments hold no data, a data config gives it.
+MISSING_INSTANCE_DIR = (
+    "data.instance_dir is missing: give a data config: configs/data/embedded_subject.yaml for the embedded subject, "
+    "configs/data/embedded_domain.yaml for the embedded domain, configs/data/my_subject.yaml for your photos (or "
+    "--data.instance_dir)"
+)
+
+
 def check_data_settings(h) -> None:
     """Reject ``LimitedDataModule`` settings that cannot mean anything, naming the key and the value."""
+    # First: an experiment run without its data config lacks every data key, and this one says what to add.
+    if h.instance_dir is None:
+        raise ValueError(MISSING_INSTANCE_DIR)
     if h.instance_prompt is not None and not h.instance_prompt.strip():
         raise ValueError(f"data.instance_prompt={h.instance_prompt!r} is empty: give the prompt, or omit it (captions)")
     if h.class_prompt is not None and not h.class_prompt.strip():
@@ -121,11 +141,22 @@ def check_data_settings(h) -> None:
         raise ValueError("data.predict_seeds=[]: predict needs at least one seed")
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """In data-loader workers: leave SIGTERM and SIGINT to the main process. A scheduler that signals every process
+    (SLURM) would otherwise kill the workers, and torch would fail the run before it saves its checkpoint."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LimitedDataModule(L.LightningDataModule):
     """Few-shot training data from an image folder.
 
     Args:
-        instance_dir: folder of training images (png/jpg/jpeg/webp/bmp).
+        instance_dir: folder of training images: any format Pillow opens (PNG, JPEG, WebP, TIFF, AVIF, BMP, the
+            first frame of a GIF, ...); other files are skipped, and listed in ``skipped_files.txt`` in the run's
+            log folder. Required: a data config gives it (None fails naming the data configs).
         instance_prompt: caption for every instance image, used when there is no ``captions_file`` and no
             per-image ``.txt`` (e.g. ``"a sks orange star on a gray background"``).
         captions_file: ``.jsonl`` (``{"file": ..., "caption": ...}`` per line) or ``.csv`` (``file,caption``). Rows
@@ -152,6 +183,13 @@ class LimitedDataModule(L.LightningDataModule):
         seed: augmentation and shuffling seed (default 0).
         predict_prompts: prompts for ``predict`` (default: the instance prompts); each drawn once per seed.
         predict_seeds: seeds for ``predict`` (default [0, 1, 2, 3]).
+        heldout_dir: held-out images of the target, never trained on (default None): the corruption-stage monitor's
+            ceiling and the FID reference set, unless those callbacks name their own; without them both fall back
+            to the instance images, and say so.
+        sample_prompts: prompts the sample grids (and the export's model card) show, one row each (default None:
+            the first distinct instance captions and the class prompt).
+        sample_labels: class labels the sample grids show, for class-conditional models (default None: the first
+            distinct labels of the data).
 
     ``validate`` and ``test`` score the model on the instance images without augmentation (how well it fits the
     subject, at fixed timesteps and noise); ``predict`` generates ``predict_prompts`` x ``predict_seeds``.
@@ -159,7 +197,7 @@ class LimitedDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        instance_dir: str,
+        instance_dir: str | None = None,
         instance_prompt: str | None = None,
         captions_file: str | None = None,
         class_dir: str | None = None,
@@ -178,12 +216,19 @@ class LimitedDataModule(L.LightningDataModule):
         seed: int = 0,
         predict_prompts: list[str] | None = None,
         predict_seeds: list[int] = [0, 1, 2, 3],
+        heldout_dir: str | None = None,
+        sample_prompts: list[str] | None = None,
+        sample_labels: list[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         check_data_settings(self.hparams)
         self.dataset: LimitedDataset | None = None
         self._instances: tuple | None = None  # (files, prompts, images, labels) once read by check_inputs
+        self._class_user: tuple = ([], [])  # data.class_dir's (files, images) used, once read by check_inputs
+        #: (config key, path, why) of every entry of the data folders that is not used, once read by check_inputs.
+        self.skipped: list[tuple[str, Path, str]] = []
+        self._warned: set[str] = set()  # check_inputs runs twice under the CLI: each warning once
 
     # ----------------------------------------------------------------------------------------- class images
     def _user_class_files(self) -> list[Path]:
@@ -256,17 +301,28 @@ class LimitedDataModule(L.LightningDataModule):
             files = list_images(h.instance_dir, "data.instance_dir")
             prompts = read_captions(files, h.captions_file, h.instance_prompt, "data.instance_dir")
             images = load_images(files, "data.instance_dir")
-            self._user_class_files()  # a class_dir typo fails here too
+            # A class_dir typo fails here too, and every class image used is read now: a bad one is named before any
+            # class image is sampled or cached.
+            class_files = self._user_class_files()
+            self._class_user = (class_files, load_images(class_files, "data.class_dir") if class_files else [])
             labels = [h.class_label] * len(files) if h.class_label is not None else None
             if labels is None:
                 labels = read_labels(files, h.captions_file, "data.captions_file")
             # Caption files in the folder are used, not skipped: the per-image .txt, or a captions file kept there.
             captions = [Path(h.captions_file)] if h.captions_file else [f.with_suffix(".txt") for f in files]
             captions = [c for c in captions if c.parent.resolve() == Path(h.instance_dir).resolve() and c.exists()]
+            used = [*files, *captions]
+            self.skipped = [("data.instance_dir", p, why) for p, why in skipped_files(h.instance_dir, used)]
+            if class_files:
+                self.skipped += [("data.class_dir", p, why) for p, why in skipped_files(h.class_dir, class_files)]
             if rank_zero_only.rank == 0:
                 line = describe_folder(h.instance_dir, files, captions, "data.instance_dir")
                 print(f"lightning-ft: {line}", flush=True)
+                if class_files:
+                    line = describe_folder(h.class_dir, class_files, (), "data.class_dir")
+                    print(f"lightning-ft: {line}", flush=True)
             self._instances = (files, prompts, images, labels)
+            self._warn(self._data_warnings())
         if module is not None and hasattr(module, "check_resolution"):
             module.check_resolution(h.resolution)
         family = getattr(module, "family", None)
@@ -275,6 +331,57 @@ class LimitedDataModule(L.LightningDataModule):
                 "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
                 "whose rows carry an integer 'label'"
             )
+        if module is not None:
+            self._warn(token_warnings(module, self._prompt_sources()))
+
+    # -------------------------------------------------------------------------------------------- odd inputs
+    def _data_warnings(self) -> list[str]:
+        """What is odd in the data read (see ``odd_inputs``): skipped images Pillow cannot open, tiny or very long
+        images, duplicates, a prompt that captions override or that equals the class prompt."""
+        h = self.hparams
+        (files, prompts, images, _), (class_files, class_images) = self._instances, self._class_user
+        messages = unsupported_warnings(self.skipped)
+        messages += image_warnings(files, images, h.resolution, "data.instance_dir")
+        messages += image_warnings(class_files, class_images, h.resolution, "data.class_dir")
+        messages += duplicate_warnings(
+            [("data.instance_dir", files, images), ("data.class_dir", class_files, class_images)]
+        )
+        sources = caption_sources(files, h.captions_file)
+        messages += caption_warnings(h.instance_prompt, h.class_prompt, h.num_class_images > 0, prompts, sources,
+                                     files, h.captions_file)  # fmt: skip
+        return messages
+
+    def _prompt_sources(self) -> dict[str, str]:
+        """Every distinct prompt trained on -> where it comes from (a key or a caption file), for ``token_warnings``."""
+        h = self.hparams
+        files, prompts = self._instances[0], self._instances[1]
+        sources = caption_sources(files, h.captions_file) or ["data.instance_prompt"] * len(files)
+        found: dict[str, str] = {}
+        for prompt, source in zip(prompts, sources):
+            found.setdefault(prompt, source)
+        if h.num_class_images > 0 and h.class_prompt:
+            found.setdefault(h.class_prompt, "data.class_prompt")
+        return found
+
+    def _warn(self, messages: list[str]) -> None:
+        for message in messages:
+            if message not in self._warned:
+                self._warned.add(message)
+                rank_zero_warn(f"lightning-ft: {message}")
+
+    def _list_skipped(self) -> None:
+        """Write every skipped file (the folder line names five of each kind) to ``skipped_files.txt`` in the run's
+        log folder, and say where."""
+        if not self.skipped or self.trainer is None or not hasattr(self.trainer, "log_dir"):
+            return
+        log_dir = self.trainer.log_dir  # on every rank: under DDP the trainer broadcasts rank 0's
+        if log_dir is None or rank_zero_only.rank != 0:
+            return
+        path = Path(log_dir) / "skipped_files.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("folder key\twhy\tpath\n" + "".join(f"{k}\t{why}\t{p}\n" for k, p, why in self.skipped))
+        print(f"lightning-ft: all {len(self.skipped)} skipped entries of the data folders (files and subfolders) are "
+              f"listed in {path}", flush=True)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -287,10 +394,10 @@ class LimitedDataModule(L.LightningDataModule):
         if h.num_class_images > 0:
             folder = self._generated_class_folder()  # hashes the model's files: once per setup
             self._sample_class_images(folder)
-            class_files = self._user_class_files()
+            class_images = list(self._class_user[1])  # data.class_dir's, read by check_inputs
             if folder is not None:
-                class_files += list_images(folder, "data.class_images (generated cache)")
-            class_images = load_images(class_files, "data.class_dir")
+                key = "data.class_cache_dir (generated class images)"
+                class_images += load_images(list_images(folder, key), key)
             class_prompts = [h.class_prompt or ""] * len(class_images)
             if h.class_image_label is not None:
                 class_image_labels = [h.class_image_label] * len(class_images)
@@ -307,6 +414,7 @@ class LimitedDataModule(L.LightningDataModule):
             labels,
             class_image_labels,
         )
+        self._list_skipped()
 
     def _instances_in_order(self) -> DataLoader:
         h = self.hparams
@@ -351,4 +459,5 @@ class LimitedDataModule(L.LightningDataModule):
             persistent_workers=h.num_workers > 0,
             pin_memory=self.pin_memory(),
             drop_last=False,
+            worker_init_fn=ignore_stop_signals,
         )

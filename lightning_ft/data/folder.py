@@ -4,50 +4,89 @@ from __future__ import annotations
 
 import csv
 import json
+import mimetypes
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Modes PIL converts to RGB without losing meaning; e.g. 32-bit integer or float images are rejected.
-CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "RGBX")
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
+# The image reader lives below data and report (both read training images the same way); its names stay here too.
+from lightning_ft.images import (  # noqa: F401 - re-exported
+    CONVERTIBLE_MODES,
+    SIXTEEN_BIT_MODES,
+    classify,
+    image_files,
+    load_image,
+    readable_extensions,
+)
+
+#: Why a file of an image folder is not used, by ``classify``'s kinds (and subfolders).
+SKIP_REASONS = {
+    "subfolder": "subfolders",
+    "unsupported": "images in a format Pillow cannot open",
+    "hidden": "hidden files",
+    "other": "other files",
+}
 
 
 def list_images(folder: str | Path, key: str) -> list[Path]:
-    """Sorted image files of ``folder``; ``key`` (the config key) is named in the error if there are none."""
+    """Sorted image files of ``folder`` (whatever Pillow opens: see ``lightning_ft.images.classify``); ``key`` (the
+    config key) is named in the error if there are none."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{key}: folder {str(path)!r} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"{key}: {str(path)!r} is not a folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(path)
     if not files:
-        others = sorted(p.name for p in path.iterdir())[:5]
-        raise ValueError(
-            f"{key}: folder {str(path)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}); found {others or 'nothing'}"
-        )
+        skipped = skipped_files(path, ())
+        unsupported = [p.name for p, reason in skipped if reason.startswith("unsupported")]
+        others = sorted(p.name for p, _ in skipped)[:5]
+        hint = ""
+        if unsupported:
+            hint = (f"; {len(unsupported)} are images in a format Pillow cannot open ({', '.join(unsupported[:5])}): "
+                    "convert them to PNG or JPEG, or install a Pillow plugin for the format")  # fmt: skip
+        raise ValueError(f"{key}: folder {str(path)!r} holds no image Pillow can read; found {others or 'nothing'}"
+                         + hint)  # fmt: skip
     return files
 
 
+def skipped_files(folder: str | Path, used) -> list[tuple[Path, str]]:
+    """Every entry of ``folder`` not in ``used`` (the images and caption files read), with why it is not used:
+    ``"subfolder"``, ``"hidden"``, ``"unsupported (image/heic)"`` or ``"other"``; sorted by name."""
+    used, extensions = set(used), readable_extensions()
+    skipped = []
+    for entry in sorted(Path(folder).expanduser().iterdir()):
+        if entry in used:
+            continue
+        kind = "subfolder" if entry.is_dir() else classify(entry, extensions)
+        if kind == "unsupported":
+            kind = f"unsupported ({mimetypes.guess_type(entry.name)[0]})"
+        # An image not in ``used`` (e.g. past data.num_class_images) is not skipped: it is simply not asked for.
+        if kind != "image":
+            skipped.append((entry, kind))
+    return skipped
+
+
 def describe_folder(folder: str | Path, files: list[Path], captions: list[Path] = (), key: str = "") -> str:
-    """One line: how many images of ``folder`` are used, and what else it holds that is not (subfolders and
-    files that are neither images nor the ``captions`` sidecars), so nothing is skipped without a word."""
-    used = set(files) | set(captions)
-    others = sorted(p for p in Path(folder).expanduser().iterdir() if p not in used)
-    folders = [p.name + "/" for p in others if p.is_dir()]
-    rest = [p.name for p in others if not p.is_dir()]
+    """One line: how many images of ``folder`` are used, and what else it holds that is not (subfolders, hidden
+    files, images Pillow cannot open and other files, besides the ``captions`` sidecars), so nothing is skipped
+    without a word. The first five of each kind are named; ``skipped_files`` lists them all."""
+    skipped = skipped_files(folder, [*files, *captions])
     line = f"{key}: using {len(files)} images" + (f" and {len(captions)} caption files" if captions else "")
     line += f" from {str(folder)!r}"
-    skipped = [f"{len(group)} {what} ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})"
-               for group, what in ((folders, "subfolders"), (rest, "other files")) if group]  # fmt: skip
-    return line + ("; skipped " + " and ".join(skipped) if skipped else "; skipped nothing")
+    parts = []
+    for kind, what in SKIP_REASONS.items():
+        group = [p.name + ("/" if p.is_dir() else "") for p, reason in skipped if reason.split(" ")[0] == kind]
+        if group:
+            parts.append(f"{len(group)} {what} ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})")
+    return line + ("; skipped " + ", ".join(parts) if parts else "; skipped nothing")
 
 
 def load_images(files: list[Path], key: str) -> list[Image.Image]:
-    """``load_image`` of every file; when several cannot be used, one error lists them all (not one per run)."""
+    """``load_image`` of every file; when several cannot be used, one error lists them all (not one per run). The
+    error names ``key``, the config key of the folder."""
     images, errors = [], []
     for file in files:
         try:
@@ -55,34 +94,10 @@ def load_images(files: list[Path], key: str) -> list[Image.Image]:
         except ValueError as error:
             errors.append(str(error))
     if len(errors) == 1:
-        raise ValueError(errors[0])
+        raise ValueError(f"{key}: {errors[0]}")
     if errors:
         raise ValueError(f"{key}: {len(errors)} of {len(files)} images cannot be used:\n  " + "\n  ".join(errors))
     return images
-
-
-def load_image(file: Path) -> Image.Image:
-    """Open and fully decode an image as RGB, turned upright as its EXIF orientation says (phone photos are stored
-    sideways with a rotation tag); a truncated, unreadable or unconvertible file raises naming it."""
-    try:
-        with Image.open(file) as opened:
-            opened.load()  # decodes everything now, so a truncated file fails here and not mid-training
-            image = ImageOps.exif_transpose(opened)
-            if image.mode in SIXTEEN_BIT_MODES:
-                # 16-bit grayscale (scientific or medical PNGs): scale to 8 bits instead of clipping at 255.
-                array = np.asarray(image, dtype=np.float64)
-                array = array / 257.0 if array.max() > 255 else array
-                return Image.fromarray(array.clip(0, 255).round().astype(np.uint8), mode="L").convert("RGB")
-            if image.mode not in CONVERTIBLE_MODES:
-                raise ValueError(f"image {str(file)!r} has mode {image.mode!r}, which cannot be converted to RGB")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                # Transparent pixels become white, as most viewers show them, instead of arbitrary colour.
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"image {str(file)!r} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def read_captions(files: list[Path], captions_file: str | None, prompt: str | None, key: str) -> list[str]:
@@ -108,6 +123,17 @@ def read_captions(files: list[Path], captions_file: str | None, prompt: str | No
     if prompt is None:
         raise ValueError(f"{key}: no captions (no captions file, no .txt beside the images) and no prompt given")
     return [prompt] * len(files)
+
+
+def caption_sources(files: list[Path], captions_file: str | None) -> list[str] | None:
+    """Where ``read_captions`` took each file's caption from, to name it in a message (the same precedence): the
+    captions file's row, the ``.txt`` beside the image, or None for all when the captions are the prompt."""
+    if captions_file:
+        return [f"data.captions_file={captions_file!r} (row of {f.name!r})" for f in files]
+    sidecars = [f.with_suffix(".txt") for f in files]
+    if any(s.exists() for s in sidecars):
+        return [f"caption file {str(s)!r}" for s in sidecars]
+    return None
 
 
 def read_labels(files: list[Path], captions_file: str | None, key: str) -> list[int] | None:

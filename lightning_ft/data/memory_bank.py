@@ -37,7 +37,7 @@ def memory_bank_folder(
     conditions = list(conditions) if conditions is not None else None
     key = json.dumps([VERSION, model_identity, conditions, count, resolution, sampler, seed], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (root or cache_dir() / "memory_bank") / digest
+    return (root or cache_dir("model.memory_cache_dir") / "memory_bank") / digest
 
 
 def generate_memory_bank(
@@ -67,6 +67,7 @@ def generate_memory_bank(
         steps=steps,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
+        key="model.memory_cache_dir",
     )
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lightning_ft.paths import ensure_writable
+
 
 def sample_into_folder(
     module,
@@ -33,9 +35,11 @@ def sample_into_folder(
     steps: int | None = None,
     guidance_scale: float | None = None,
     batch_size: int = 16,
+    key: str | None = None,
 ) -> Path:
     """Sample ``len(seeds)`` images with ``module.generate`` into ``folder`` unless it exists; image i uses
-    ``seeds[i]`` and sample i of ``inputs`` (a ``SampleInputs``; None: unconditional). Returns ``folder``."""
+    ``seeds[i]`` and sample i of ``inputs`` (a ``SampleInputs``; None: unconditional). Returns ``folder``.
+    ``key``: the config key that moves the cache (``data.class_cache_dir``), named if it cannot be written."""
     rank, world = getattr(trainer, "global_rank", 0), getattr(trainer, "world_size", 1)
     strategy = trainer.strategy if world > 1 else None  # collectives only when there are other ranks
     needed = not folder.exists()
@@ -43,6 +47,9 @@ def sample_into_folder(
         needed = strategy.broadcast(needed, src=0)
     if not needed:
         return folder
+    # Before sampling, on every rank (they share the folder), so all fail alike and at once: an unwritable cache
+    # named with the setting that moves it, not a PermissionError on a temporary .partial folder after the work.
+    ensure_writable(folder.parent, key)
     # A partial folder of this job's own (its name chosen on rank 0 and shared): two jobs that need the same folder
     # at the same moment (two runs of one model sharing a cache) each write their own and the first to finish wins.
     name = f"{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}" if rank == 0 else None

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lightning_ft.embedded import shapes
-from lightning_ft.paths import cache_dir
+from lightning_ft.paths import cache_dir, ensure_writable
 
 # 3: the domain's captions carry class labels (shape x colour) for class-conditional models; 4: the subject's stripes
 # are wider (period 0.24 of the width, 7.7 px at 32 px, against 0.14), so that the 16x16 latent grid holds them.
@@ -98,6 +98,7 @@ def ensure_target(name: str, root: Path | None = None) -> Path:
     folder = (root or cache_dir() / "embedded") / f"{name}-v{VERSION}"
     if folder.exists():
         return folder
+    ensure_writable(folder.parent)  # a read-only cache: say which folder and how to move it, not a raw error
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     WRITERS[name](partial)

@@ -9,6 +9,10 @@ measure (``describe`` says the same in words):
   counted);
 - ``steps``: optimizer steps taken in this fit (a resumed fit counts from the step it resumed at);
 - ``steps_per_second``: ``steps / wall_seconds``, so also everything included, not the training step alone;
+- ``precision``: the precision Lightning ran (``trainer.precision`` once its accelerator connector resolved the
+  config's: ``16-mixed`` asked on a CPU runs as ``bf16-mixed``); ``config.yaml`` keeps what was asked;
+- ``status``: ``finished``, ``failed`` or ``interrupted``; an interrupted fit also has ``signal`` and ``checkpoint``
+  (the ``last.ckpt`` that ``--ckpt_path last`` resumes, or null when none was written);
 - ``peak_memory_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` (tensors allocated by PyTorch on the device,
   peak since the fit started; the caching allocator reserves more); else the peak resident set size of the process
   (``peak_rss_bytes``: Linux's ``VmHWM``), which counts the whole process since it started, not the fit alone. On
@@ -24,6 +28,14 @@ import time
 from pathlib import Path
 
 COST_FILE = "run_cost.json"
+#: Lightning's short precision names and the names it runs them under (lightning.fabric.connector's conversion).
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def precision_name(value) -> str:
+    """A Trainer's ``precision`` argument under Lightning's full name (None: its default, ``32-true``)."""
+    text = "32-true" if value is None else str(value)
+    return PRECISION_ALIASES.get(text, text)
 
 
 def peak_rss_bytes() -> int:
@@ -121,11 +133,19 @@ MEMORY_KINDS = {
 }
 
 
-def describe(record: dict) -> list[tuple[str, str, str]]:
-    """(what, value, what it measures) rows for the page."""
+def describe(record: dict, requested_precision: str | None = None) -> list[tuple[str, str, str]]:
+    """(what, value, what it measures) rows for the page; ``requested_precision``: what the config asks
+    (``precision_name`` of its ``trainer.precision``; None: unknown), named beside what ran when they differ."""
     resumed = f", from step {record['start_step']}" if record.get("start_step") else ""
     status = record.get("status", "finished")
-    return [
+    rows = []
+    if record.get("precision"):
+        ran = record["precision"]
+        differs = requested_precision is not None and requested_precision != ran
+        rows.append(("precision", ran, "what Lightning ran (trainer.precision)" + (
+            f"; config.yaml asks {requested_precision}, which Lightning replaced on this accelerator" if differs
+            else "")))  # fmt: skip
+    return rows + [
         ("wall time", human_seconds(record.get("wall_seconds")),
          "from the trainer's setup to the end of fit: training, the monitors' sampling, checkpoints, the export "
          "(not the data module's setup, which samples missing class images)"

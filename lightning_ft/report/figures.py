@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lightning_ft.images import load_image
 from lightning_ft.report.run_folder import RunFolder, finite
 from lightning_ft.report.verdict import stage_of
 
@@ -356,7 +357,8 @@ def samples_figure(
         columns = max(1, math.isqrt(len(instance_files)))
         instance_rows = -(-len(instance_files) // columns)
         cell = max(16, first.height // instance_rows)
-        instances = tile([Image.open(f) for f in instance_files], columns, cell)
+        # Read as the data module reads them for training: upright by EXIF, 16-bit scaled, transparency on white.
+        instances = tile([load_image(f) for f in instance_files], columns, cell)
         panels.append((f"instance images ({len(instance_files)})", instances, "#444444"))
     for step, path in grids:
         stage = stage_at.get(step)

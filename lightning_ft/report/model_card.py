@@ -84,6 +84,7 @@ class CardFacts:
     base_scheduler: str | None = None  # the base folder's scheduler class, when it differs
     pipeline_class: str | None = None
     lora_only: bool = False
+    lora: dict = field(default_factory=dict)  # a LoRA export's ``lora`` record (lightning_ft.json): format, file
     steps: int | None = None
     instance_prompt: str | None = None
     class_prompt: str | None = None
@@ -151,6 +152,8 @@ def card_text(facts: CardFacts, origin: str) -> str:
     lines = [f"# {facts.method} fine-tune" + (f" of {hub_id}" if hub_id else ""), ""]
     lines.append(f"{what} fine-tuned with lightning-ft's `{facts.method}` (`{facts.method_path}`)"
                  + (f" for {facts.steps} optimizer steps" if facts.steps else "") + ".")  # fmt: skip
+    if facts.lora_only and facts.lora.get("format"):
+        lines += ["", lora_format_line(facts.lora)]
     lines += ["", f"Base model: {base}."]
     lines += ["", "## Data", ""]
     data = []
@@ -188,9 +191,16 @@ def card_text(facts: CardFacts, origin: str) -> str:
     else:
         lines.append(facts.widget_note or "No sample images were written.")
     lines += ["", "## Use", "", "```python", "from diffusers import DiffusionPipeline", ""]
-    if facts.lora_only:
+    if facts.lora_only and facts.lora.get("format") == "peft":
+        # A PEFT adapter folder (LoHa, LoKr, OFT; DiT and PixArt LoRA): diffusers' load_lora_weights cannot read it.
+        denoiser = facts.lora.get("denoiser", "transformer")
+        lines += ["from lightning_ft.core.trainable import load_peft_lora", "",
+                  f"pipe = DiffusionPipeline.from_pretrained({(hub_id or 'BASE_MODEL')!r})",
+                  f'load_peft_lora(pipe.{denoiser}, "THIS_FOLDER")']  # fmt: skip
+    elif facts.lora_only:
+        weight_name = f", weight_name={facts.lora['file']!r}" if facts.lora.get("format") == "kohya" else ""
         lines += [f"pipe = DiffusionPipeline.from_pretrained({(hub_id or 'BASE_MODEL')!r})",
-                  'pipe.load_lora_weights("REPO_ID_OR_THIS_FOLDER")']  # fmt: skip
+                  f'pipe.load_lora_weights("REPO_ID_OR_THIS_FOLDER"{weight_name})']  # fmt: skip
     else:
         lines.append('pipe = DiffusionPipeline.from_pretrained("REPO_ID_OR_THIS_FOLDER")')
     if facts.usage:
@@ -200,6 +210,19 @@ def card_text(facts: CardFacts, origin: str) -> str:
               "(`huggingface-cli login` first; `create_repo(repo_id, exist_ok=True)` makes the repository.)", "",
               "## Base model and license", "", origin, ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def lora_format_line(record: dict) -> str:
+    """The card's line on the layout of a LoRA export's file (its ``lora`` record)."""
+    fmt = record["format"]
+    if fmt == "kohya":
+        return (
+            f"LoRA format: `kohya` (`{record.get('file')}`), the single-file layout that ComfyUI (`models/loras`, "
+            "LoraLoader node) and AUTOMATIC1111 / Forge (`models/Lora`) load; diffusers reads it too (below)."
+        )
+    if fmt == "diffusers":
+        return "LoRA format: `diffusers`, read by the pipeline's `load_lora_weights`."
+    return f"LoRA format: `{fmt}`" + (f"; load it with {record['loader']}" if record.get("loader") else "") + "."
 
 
 def build_model_card(facts: CardFacts) -> ModelCard:
@@ -276,6 +299,14 @@ def write_widget_images(pl_module, inputs, folder: Path, seed: int = 0) -> list[
     return out
 
 
+def _declared(folder: Path) -> dict:
+    """The export's ``lightning_ft.json`` ({} when it has none)."""
+    import json
+
+    file = Path(folder) / "lightning_ft.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
 def facts_from_fit(trainer, pl_module, folder: Path, lora_only: bool, samples: bool = True) -> CardFacts:
     """Everything the card states, from the finished fit (and sample images written into ``folder``)."""
     import json
@@ -301,6 +332,7 @@ def facts_from_fit(trainer, pl_module, folder: Path, lora_only: bool, samples: b
         scheduler=scheduler,
         base_scheduler=base_scheduler,
         lora_only=lora_only,
+        lora=_declared(folder).get("lora") or {},
         steps=trainer.global_step,
         instance_prompt=data.get("instance_prompt"),
         class_prompt=data.get("class_prompt"),

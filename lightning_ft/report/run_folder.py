@@ -20,10 +20,13 @@ from pathlib import Path
 
 import yaml
 
+from lightning_ft.images import image_files
 from lightning_ft.report.cost import COST_FILE
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RUN_FILES = ("metrics.csv", "corruption_stage.csv", "config.yaml", "hparams.yaml", "samples")
+#: What the SampleGridLogger writes beside its grids: each row's text (prompt, ``class N`` or empty) and the seeds.
+#: The name is its ``ROWS_FILE``, repeated here: the report layer sits below the callbacks and cannot import them.
+ROWS_FILE = "rows.json"
 SAMPLE_NAME = re.compile(r"step_(\d+)\.png$")
 
 
@@ -73,6 +76,7 @@ class RunFolder:
     config_text: str | None = None
     cost: dict | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section -> why it is missing
+    grid_rows: list[str] | None = None  # the texts of samples/rows.json, one per grid row
 
     # ------------------------------------------------------------------------------------------ metrics
     def columns(self) -> list[str]:
@@ -116,12 +120,22 @@ class RunFolder:
         return self.class_name("model") or "unknown method"
 
     def sample_rows(self) -> list[str] | None:
-        """Row labels of the sample grids: the SampleGridLogger's prompts (or labels), one grid row each."""
-        args = self.callback_args("SampleGridLogger")
-        if not args:
-            return None
-        rows = args.get("prompts") or args.get("labels")
-        return [str(r) for r in rows] if rows else None
+        """Row labels of the sample grids, one per grid row: what the SampleGridLogger wrote beside them
+        (``samples/rows.json``), else what config.yaml says it sampled (runs without that file): the grid's own
+        prompts (or labels), else the data's ``sample_prompts`` (or ``sample_labels``), the rows of a grid that
+        names none. Only rows.json knows which of the data's two a model read: the config's answer is the prompts."""
+        if self.grid_rows is not None:
+            return self.grid_rows if any(self.grid_rows) else None  # rows asked with nothing have no label
+        args = self.callback_args("SampleGridLogger") or {}
+        if args.get("prompts") is not None or args.get("labels") is not None:  # the grid's own rows win, as it drew
+            rows = args.get("prompts") or args.get("labels")
+            return [str(r) for r in rows] if rows else None
+        data = self.section("data")
+        if data.get("sample_prompts"):
+            return [str(r) for r in data["sample_prompts"]]
+        if data.get("sample_labels"):
+            return [f"class {label}" for label in data["sample_labels"]]  # as the grid's rows.json names them
+        return None
 
     def instance_images(self) -> tuple[list[Path], str | None]:
         """The instance images named by the config's ``data.instance_dir``, and why there are none if so."""
@@ -131,7 +145,7 @@ class RunFolder:
         path = Path(folder).expanduser()
         if not path.is_dir():
             return [], f"data.instance_dir {folder} is not on this machine any more"
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = image_files(path)  # the files the data module trains on (any format Pillow reads)
         return files, None if files else f"data.instance_dir {folder} holds no image"
 
 
@@ -169,6 +183,15 @@ def read_run(path: str | Path) -> RunFolder:
     )
     if not run.samples:
         run.notes["samples"] = "no samples/step_*.png in this folder: the run had no SampleGridLogger"
+    rows = path / "samples" / ROWS_FILE
+    if rows.exists():
+        try:
+            run.grid_rows = json.loads(rows.read_text())["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{rows}: not the grid's rows ({type(error).__name__}: {error})") from None
+        if not isinstance(run.grid_rows, list):
+            raise ValueError(f"{rows}: 'rows' is not a list of row texts")
+        run.grid_rows = [str(r) for r in run.grid_rows]
     config = path / "config.yaml"
     if config.exists():
         run.config_text = config.read_text()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_ft.report import figures, html
-from lightning_ft.report.cost import describe, human_bytes, human_seconds
+from lightning_ft.report.cost import describe, human_bytes, human_seconds, precision_name
 from lightning_ft.report.files import write_all
 from lightning_ft.report.run_folder import RunFolder, finite, read_run
 from lightning_ft.report.verdict import stage_of, stage_report
@@ -171,9 +171,22 @@ def _fid_section(run: RunFolder, figs: dict) -> str:
 def _cost_section(run: RunFolder) -> str:
     if run.cost is None:
         return html.section("What the run cost", html.note(run.notes["cost"]), "cost")
-    rows = [[what, value, meaning] for what, value, meaning in describe(run.cost)]
+    trainer = run.config.get("trainer") if run.config is not None else None  # None: no config.yaml to compare
+    asked = precision_name(trainer.get("precision")) if isinstance(trainer, dict) else None
+    rows = [[what, value, meaning] for what, value, meaning in describe(run.cost, asked)]
     body = html.table(["", "value", "what it measures"], rows, numeric={1})
     return html.section("What the run cost", body, "cost")
+
+
+def _interrupted_note(run: RunFolder) -> str:
+    """The mark of a fit stopped by a signal (run_cost.json, written by RunReport), first on the page."""
+    cost = run.cost or {}
+    if cost.get("status") != "interrupted":
+        return ""
+    resume = (f"{cost['checkpoint']} holds that step; --ckpt_path last resumes it" if cost.get("checkpoint")
+              else "no checkpoint was written at that step")  # fmt: skip
+    return html.note(f"Interrupted at step {cost.get('end_step', '?')} by {cost.get('signal') or 'a signal'}: the run "
+                     f"did not finish (no final evaluation, no export); {resume}.")  # fmt: skip
 
 
 def _config_section(run: RunFolder) -> str:
@@ -275,7 +288,7 @@ def build_run_report(run: RunFolder, max_grids: int = 4) -> BuiltReport:
         _config_section(run),
     ]
     missing = [text for key, text in run.notes.items() if key in ("corruption", "samples", "loss", "fid", "cost")]
-    notes = "".join(html.note(f"Not in this report: {text}.") for text in missing)
+    notes = _interrupted_note(run) + "".join(html.note(f"Not in this report: {text}.") for text in missing)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     footer = (f"Written by lightning-ft on {stamp}; <code>python -m lightning_ft.report {html.esc(run.path)}</code> "
               f"writes it again. The figures are also in <code>{FIGURE_DIR}/</code> as PNG.")  # fmt: skip

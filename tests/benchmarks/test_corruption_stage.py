@@ -92,7 +92,11 @@ def test_the_run_config_keeps_the_method_and_sets_the_monitor_protocol():
     assert paths == ["lightning_ft.callbacks.SampleGridLogger", "benchmarks.corruption_stage.SampleSavingMonitor"]
     monitor = config["trainer"]["callbacks"][1]["init_args"]
     assert monitor["every_n_steps"] == 25 and monitor["seeds"] == list(range(16))
-    assert monitor["heldout_dir"] == "${embedded:subject}/heldout"  # the ceiling of the experiment file stays
+    # The monitor's ceiling comes from the data config merged into the run's copy: its held-out subject renders.
+    assert "heldout_dir" not in monitor
+    data = config["data"]["init_args"]
+    assert data["heldout_dir"] == "${embedded:subject}/heldout" and data["instance_dir"] == "${embedded:subject}/train"
+    assert data["instance_prompt"] == "a sks orange star on a gray background" and data["batch_size"] == 4
     assert config["trainer"]["enable_checkpointing"] is False
     assert config["model"]["class_path"] == "lightning_ft.methods.BayesianFineTuning"
     assert config["model"]["init_args"]["trainable"] == "lora" and config["data"]["init_args"]["num_class_images"] == 50

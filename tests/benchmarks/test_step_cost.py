@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_components
 
+from benchmarks.launch import REPO, config_args, data_config
 from benchmarks.perf import summary_ms
-from benchmarks.step_cost import loader_for, measure
+from benchmarks.step_cost import load_experiment, loader_for, measure
 from lightning_ft.core import DiffusionBase
 from lightning_ft.methods import AdapterAttentionFineTuning, ConditionTuning
 
@@ -24,6 +25,19 @@ def test_exports_are_loaded_back_by_the_class_that_owns_their_modules(tmp_path, 
     if folder:
         (tmp_path / folder).mkdir()
     assert loader_for(tmp_path) is expected
+
+
+def test_an_experiment_is_loaded_and_run_with_the_data_config_its_header_names():
+    assert data_config("experiments/dreambooth_bnn.yaml") == "configs/data/embedded_subject.yaml"
+    assert data_config("experiments/dit/sdft.yaml") == "configs/data/embedded_domain.yaml"
+    assert data_config("experiments/pretrain_shapes.yaml") is None  # its data module is the shapes world itself
+    assert config_args("experiments/anl.yaml") == ["--config", str(REPO / "experiments/anl.yaml"),
+                                                   "--config", str(REPO / "configs/data/embedded_domain.yaml")]
+    model, data = load_experiment("experiments/dreambooth.yaml")
+    assert model["class_path"] == "lightning_ft.methods.DreamBooth"
+    assert data["instance_prompt"] == "a sks orange star on a gray background"  # the data config's
+    assert data["num_class_images"] == 50 and data["batch_size"] == 4  # the experiment's
+    assert data["instance_dir"].endswith("/train") and "${" not in data["heldout_dir"]  # resolved
 
 
 def test_measure_counts_the_timed_steps_and_exports(subject_dir):

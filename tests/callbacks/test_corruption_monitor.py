@@ -22,7 +22,7 @@ PROMPT = "a sks star"
 IDENTITY = "lightning_ft.embedded.backbones:identity"
 
 
-def _fit(root, data_dir, max_steps, module=None, ckpt_path=None, **monitor_args):
+def _fit(root, data_dir, max_steps, module=None, ckpt_path=None, data_args=None, **monitor_args):
     monitor_args = {"backbone": IDENTITY, "class_prompt": "a star", "seeds": [0, 1], **monitor_args}
     monitor = CorruptionStageMonitor(every_n_steps=2, steps=2, verbose=False, **monitor_args)
     trainer = L.Trainer(
@@ -35,7 +35,9 @@ def _fit(root, data_dir, max_steps, module=None, ckpt_path=None, **monitor_args)
         enable_checkpointing=False,
         default_root_dir=root,
     )
-    data = LimitedDataModule(str(data_dir), instance_prompt=PROMPT, resolution=32, batch_size=2, repeats=4)
+    data = LimitedDataModule(
+        str(data_dir), instance_prompt=PROMPT, resolution=32, batch_size=2, repeats=4, **(data_args or {})
+    )
     torch.manual_seed(0)
     module = module or tiny_module(lr=1e-3)
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -114,7 +116,7 @@ def test_state_dict_round_trip_and_resume_keep_the_history(run, tmp_path):
     fresh = CorruptionStageMonitor()
     fresh.load_state_dict(monitor.state_dict())
     assert fresh.history == monitor.history and fresh.saved_step == monitor.saved_step
-    assert fresh.levels == monitor.levels
+    assert fresh.levels == monitor.levels and fresh.ceiling_source == monitor.ceiling_source
     assert fresh.report.stages == monitor.report.stages
     assert fresh.effective_memorisation_threshold == monitor.effective_memorisation_threshold
 
@@ -157,6 +159,44 @@ def test_levels_are_measured_logged_and_give_progress(run):
     assert logged and float(logged[0]["corruption/class_prior"]) == pytest.approx(levels["class_prior"])
     # The memorisation threshold lies between the instances' own nearest-neighbour similarity and the ceiling's.
     assert monitor.effective_memorisation_threshold <= levels["ceiling_memorisation"] + 1e-6
+    # No held-out images anywhere: the ceiling is the instance images' round trips, and the line says whose.
+    assert monitor.ceiling_source == "3 autoencoder round trips of data.instance_dir"
+
+
+def _round_trip_fidelity(module, monitor, folder) -> float:
+    from lightning_ft.callbacks.corruption_monitor import unit_pixels
+    from lightning_ft.data.folder import list_images, load_image
+
+    images = unit_pixels([load_image(f) for f in list_images(folder, "x")], 32)
+    return subject_fidelity(module.round_trip(images), monitor.reference(32)[0], monitor.backbone)
+
+
+def test_the_ceiling_comes_from_the_data_modules_heldout_dir_unless_the_monitor_names_one(tmp_path, caplog):
+    """A data config names the subject's held-out images once (data.heldout_dir); the monitor reads them for its
+    ceiling and prints whose round trips it measured. Its own heldout_dir wins."""
+    data_dir = write_images(tmp_path / "subject", 3)
+    heldout = write_images(tmp_path / "heldout", 5, seed=3)
+    other = write_images(tmp_path / "other", 2, seed=9)
+    with caplog.at_level("INFO"):
+        _, monitor, module = _fit(tmp_path / "a", data_dir, max_steps=1, levels=True,
+                                  data_args={"heldout_dir": str(heldout)})  # fmt: skip
+    assert monitor.ceiling_source == "5 autoencoder round trips of data.heldout_dir"
+    assert "(5 autoencoder round trips of data.heldout_dir)" in caplog.text
+    assert monitor.levels["ceiling"] == pytest.approx(_round_trip_fidelity(module, monitor, heldout), abs=1e-5)
+    monitor.history[-1]["progress"] = 0.5  # whatever the random model scored: the card row's words are checked
+    (progress,) = [what for name, _, what in monitor.card_metrics() if name == "progress"]
+    assert progress == "0 = the class prior, 1 = the ceiling (5 autoencoder round trips of data.heldout_dir)"
+
+    _, own, module = _fit(tmp_path / "b", data_dir, max_steps=1, heldout_dir=str(other),
+                          data_args={"heldout_dir": str(heldout)})  # fmt: skip
+    assert own.ceiling_source == "2 autoencoder round trips of CorruptionStageMonitor.heldout_dir"
+    assert own.levels["ceiling"] == pytest.approx(_round_trip_fidelity(module, own, other), abs=1e-5)
+
+
+def test_a_missing_heldout_folder_fails_naming_the_key(tmp_path):
+    data_dir = write_images(tmp_path / "subject", 2)
+    with pytest.raises(FileNotFoundError, match="data.heldout_dir: folder .*typo.* does not exist"):
+        _fit(tmp_path, data_dir, max_steps=1, data_args={"heldout_dir": str(tmp_path / "typo")})
 
 
 def test_a_memorised_sample_reaches_the_ceiling(tmp_path, monkeypatch):
@@ -168,6 +208,7 @@ def test_a_memorised_sample_reaches_the_ceiling(tmp_path, monkeypatch):
     images = torch.stack(
         [(to_tensor(load_image(f), 32, True, False, None) + 1) / 2 for f in list_images(data_dir, "x")]
     )
+    torch.manual_seed(0)  # the random autoencoder's weights, whatever ran before: the ceiling must beat the prior
     module = tiny_module(lr=1e-3)
     copies = module.round_trip(images)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -65,3 +66,31 @@ def test_reference_features_are_cached_and_reused(run, monkeypatch):
 def test_too_few_samples_are_rejected():
     with pytest.raises(ValueError, match="num_samples=1"):
         FIDMonitor(num_samples=1)
+
+
+def test_the_reference_is_the_monitors_folder_else_the_datas_heldout_dir(tmp_path):
+    train = write_images(tmp_path / "train", 3)
+    heldout = write_images(tmp_path / "heldout", 5, seed=2)
+    own = write_images(tmp_path / "own", 4, seed=4)
+    data = LimitedDataModule(str(train), instance_prompt="a red star", resolution=32, heldout_dir=str(heldout))
+    trainer = SimpleNamespace(datamodule=data)
+    monitor = FIDMonitor()
+    assert monitor._reference_files(trainer) == sorted(heldout.glob("*.png"))
+    assert monitor.reference_key == "data.heldout_dir"
+    monitor = FIDMonitor(reference_dir=str(own))
+    assert monitor._reference_files(trainer) == sorted(own.glob("*.png"))
+    assert monitor.reference_key == "FIDMonitor.reference_dir"
+    monitor.history = [{"step": 4, "fid": 1.0, "kid_x1000": 2.0, "num_samples": 6, "num_reference": 4}]
+    assert "6 samples vs 4 reference images of FIDMonitor.reference_dir, step 4" in monitor.card_metrics()[0][2]
+
+
+def test_without_heldout_images_the_training_images_are_scored_with_one_warning_naming_the_key(tmp_path):
+    train = write_images(tmp_path / "train", 3)
+    data = LimitedDataModule(str(train), instance_prompt="a red star", resolution=32)
+    monitor = FIDMonitor()
+    with pytest.warns(UserWarning, match="data.heldout_dir and FIDMonitor.reference_dir are unset") as caught:
+        files = monitor._reference_files(SimpleNamespace(datamodule=data))
+    assert len([w for w in caught if "FIDMonitor" in str(w.message)]) == 1
+    assert files == sorted(train.glob("*.png")) and monitor.reference_key == "data.instance_dir"
+    with pytest.raises(ValueError, match="set data.heldout_dir"):
+        FIDMonitor()._reference_files(SimpleNamespace(datamodule=None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +33,11 @@ def _write(path: Path, text: str) -> str:
 
 
 def _tiny_data(tmp_path, subject_dir) -> str:
+    """A data config of a tiny subject folder (the experiments hold no data: a data config gives it)."""
     return _write(
         tmp_path / "data.yaml",
-        f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 2\n    batch_size: 1\n",
+        f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    instance_prompt: a sks star on a gray background\n"
+        "    class_prompt: a star on a gray background\n    num_class_images: 2\n    batch_size: 1\n",
     )
 
 
@@ -138,8 +142,67 @@ def test_unknown_key_and_wrong_type_are_rejected_with_the_key_named(tmp_path, su
         assert result.returncode != 0 and f"{key}" in result.stdout + result.stderr
 
 
+def _run_command(experiment: Path) -> list[str]:
+    """The arguments of the experiment header's ``# To run:`` command (continuation lines joined), after ``fit``."""
+    header = "".join(line[1:] for line in experiment.read_text().splitlines() if line.startswith("#"))
+    match = re.search(r"To run: python -m lightning_ft\.run fit ((?:[^\\()\[]|\\ +)+)", header)
+    assert match, f"{experiment.name}: no '# To run: python -m lightning_ft.run fit ...' line"
+    return shlex.split(match.group(1).replace("\\", " "))
+
+
+def _data_config(experiment: Path) -> str | None:
+    """The data config the experiment's ``To run`` command names (None for the pretraining recipes, whose data
+    module is the shapes world itself)."""
+    command = _run_command(experiment)
+    configs = [command[i + 1] for i, a in enumerate(command[:-1]) if a == "--config"]
+    assert configs[0] == str(experiment.relative_to(REPO)), f"{experiment.name}: its To run names {configs[0]}"
+    data = [c for c in configs[1:] if c.startswith("configs/data/")]
+    return data[0] if data else None
+
+
+def test_experiments_hold_no_embedded_data_and_name_their_data_config():
+    """The embedded world's folders, prompts and held-out images come only through configs/data/embedded_*.yaml: an
+    experiment file that used ${embedded:...} would render its target even under another data config."""
+    for experiment in EXPERIMENTS:
+        text = experiment.read_text()
+        assert "${embedded:" not in text, experiment.name
+        config = yaml.safe_load(text)
+        if config["data"]["class_path"] == "lightning_ft.data.LimitedDataModule":
+            data = config["data"]["init_args"]
+            assert not {"instance_dir", "instance_prompt", "class_prompt", "captions_file", "heldout_dir"} & set(data)
+            subject = bool(data.get("num_class_images"))  # DreamBooth's prior preservation: a subject
+            expected = "configs/data/embedded_subject.yaml" if subject else "configs/data/embedded_domain.yaml"
+            assert _data_config(experiment) == expected, experiment.name
+            for callback in config["trainer"].get("callbacks", []):
+                args = callback.get("init_args") or {}
+                assert not {"heldout_dir", "reference_dir", "labels"} & set(args), (experiment.name, callback)
+                assert args.get("prompts") in (None, []), (experiment.name, callback)  # [] : ANL's own inputs
+    for data_config in ("embedded_subject", "embedded_domain"):
+        assert "${embedded:" in (REPO / "configs/data" / f"{data_config}.yaml").read_text()
+
+
+def test_an_experiment_without_a_data_config_stops_before_rendering_anything(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(cache))
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(REPO / "experiments/dreambooth_bnn.yaml"),
+         "--trainer.default_root_dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0 and "instance_dir" in result.stderr, result.stderr[-2000:]
+    assert not (cache / "embedded").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_experiment_without_a_data_config_names_the_data_configs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises((ValueError, SystemExit)) as error:
+        main(["--config", str(REPO / "experiments/dreambooth_bnn.yaml")], run=False)  # run=False: no subcommand
+    assert "give a data config: configs/data/embedded_subject.yaml" in str(error.value)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
+    """Each experiment as its header's ``To run`` command gives it (with its data config), for two steps."""
     monkeypatch.chdir(tmp_path)  # relative output paths of the experiment land in the temporary folder
     # The pretraining recipe chains its steps through runs/; here steps 2 and 3 read the shipped model instead
     # (only those entries: the recipes' export dirs must stay inside the temporary folder).
@@ -162,7 +225,9 @@ def test_every_experiment_runs_a_few_steps(experiment, tmp_path, monkeypatch):
         overrides += ["--model.memory_size", "4", "--model.memory_sample_steps", "2"]
     assets = asset_path("shapes-t2i").parent
     shipped = {p: p.stat().st_mtime_ns for p in assets.rglob("*") if p.is_file()}
-    cli = main(["fit", "--config", config_file, *overrides])
+    data_config = _data_config(experiment)
+    data = ["--config", str(REPO / data_config)] if data_config else []
+    cli = main(["fit", "--config", config_file, *data, *overrides])
     assert cli.trainer.global_step == 2
     assert shipped == {p: p.stat().st_mtime_ns for p in assets.rglob("*") if p.is_file()}
 

@@ -27,7 +27,9 @@ def test_wandb_runs_offline_and_receives_metrics_config_and_images(no_account, t
     data.write_text(
         f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 0\n    batch_size: 1\n"
     )
+    # The embedded subject's data config gives the prompts; data.yaml swaps its images for the fixture's.
     main(["fit", "--config", str(REPO / "experiments/dreambooth.yaml"),
+          "--config", str(REPO / "configs/data/embedded_subject.yaml"),
           "--config", str(REPO / "configs/model/tiny_t2i.yaml"), "--config", str(data),
           "--config", str(REPO / "configs/logger/wandb.yaml"),
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "2",

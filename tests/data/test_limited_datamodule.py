@@ -170,6 +170,9 @@ def test_bad_inputs_name_the_file_or_key(tmp_path):
                num_class_images=2)  # fmt: skip
     with pytest.raises(ValueError, match="needs data.class_prompt"):
         LimitedDataModule(str(folder), instance_prompt="x", num_class_images=3)
+    # An experiment without its data config: checked first, naming the data configs.
+    with pytest.raises(ValueError, match=r"data.instance_dir is missing: give a data config: configs/data/"):
+        LimitedDataModule(instance_prompt="", num_class_images=3)
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
@@ -318,3 +321,25 @@ def test_pinned_memory_is_on_for_cuda_trainers_only_unless_set(tmp_path):
     forced.trainer = None
     forced.setup("fit")
     assert forced.train_dataloader().pin_memory is False
+
+
+def test_a_resumed_loader_continues_the_saved_epochs_order_in_any_epoch():
+    """The loader of a resumed run is built (and its iterator made) before Lightning sets the sampler's epoch: the
+    saved state must carry the epoch, or a run resumed in epoch 1 would replay epoch 0's order."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lightning_ft.data.samplers import EpochSeededRandomSampler
+
+    sampler = EpochSeededRandomSampler(6, seed=3)
+    sampler.set_epoch(1)
+    unbroken = [b.tolist() for b in StatefulDataLoader(list(range(6)), batch_size=2, sampler=sampler)]
+    loader = StatefulDataLoader(list(range(6)), batch_size=2, sampler=sampler)
+    iterator = iter(loader)
+    first = next(iterator).tolist()
+    state = loader.state_dict()
+    resumed = StatefulDataLoader(list(range(6)), batch_size=2, sampler=EpochSeededRandomSampler(6, seed=3))
+    resumed.load_state_dict(state)  # a fresh sampler, still at epoch 0
+    assert [first, *[b.tolist() for b in resumed]] == unbroken
+    epoch0 = [b.tolist() for b in StatefulDataLoader(list(range(6)), batch_size=2,
+                                                       sampler=EpochSeededRandomSampler(6, seed=3))]  # fmt: skip
+    assert epoch0 != unbroken

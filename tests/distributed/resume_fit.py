@@ -20,7 +20,9 @@ def run(root: str, images: str, resume: bool) -> None:
     args = [
         "fit", "--config", str(REPO / "experiments/dreambooth.yaml"),
         "--config", str(REPO / "configs/model/tiny_t2i.yaml"),
-        f"--data.instance_dir={images}", "--data.num_class_images=0", "--data.batch_size=2", "--data.repeats=4",
+        # The experiment holds no data: the images and their prompt are given here (no held-out set to render).
+        f"--data.instance_dir={images}", "--data.instance_prompt=a sks star",
+        "--data.num_class_images=0", "--data.batch_size=2", "--data.repeats=4",
         "--trainer.max_steps=8", "--trainer.logger=false", f"--trainer.default_root_dir={root}",
         "--trainer.deterministic=true", "--model.condition_dropout=0.2", "--model.lr=1e-3", "--model.ema_decay=0.9",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",

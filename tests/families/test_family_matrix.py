@@ -3,7 +3,7 @@ in the method, for methods whose inserted modules are part of the model), and th
 
 The families are the tiny random models of ``configs/model/tiny_*.yaml`` (built from configs, as diffusers' own tests
 build theirs); the methods are the experiment files themselves, with a tiny subject folder and the export as the
-only callback. README, "Model families", reproduces this table.
+only callback. docs/families.md, "Every family with every method", reproduces this table.
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ def _fit(tmp_path, subject_dir, *extra: str):
         f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 2\n    batch_size: 1\n"
     )
     root = tmp_path / "run"
+    # The embedded subject's data config gives the prompts, grid rows and held-out images the report and the card
+    # show; data.yaml swaps its training images for the fixture's.
     return main(["fit", "--config", str(REPO / "experiments/dreambooth_bnn.yaml"),
+                 "--config", str(REPO / "configs/data/embedded_subject.yaml"),
                  "--config", str(REPO / "configs/model/tiny_t2i.yaml"), "--config", str(data),
                  "--model.sample_steps", "2", "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "2",
                  "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),

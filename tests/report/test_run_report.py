@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import time
 from html.parser import HTMLParser
 
 import pytest
+import yaml
 from PIL import Image
-from report_fixtures import DIP, make_run
+from report_fixtures import DIP, PROMPTS, make_run
 
 from lightning_ft.report import figures
 from lightning_ft.report.cost import CostMeter, describe
@@ -135,6 +137,27 @@ def test_loss_figure_leaves_out_a_term_of_another_scale_and_says_so(tmp_path):
     run = read_run(make_run(tmp_path))
     total, drawn, skipped = figures.loss_terms(run)
     assert total == "train/loss" and drawn == [] and skipped == ["train/loss/kl"]
+
+
+def test_grid_rows_come_from_rows_json_else_from_the_grid_or_the_data_in_the_config(tmp_path):
+    folder = make_run(tmp_path)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert read_run(folder).sample_rows() == PROMPTS  # a run of before rows.json, whose grid named its prompts
+    config["trainer"]["callbacks"][0]["init_args"] = {"seeds": [0, 1]}  # a recipe's grid: the data's rows
+    config["data"]["init_args"] |= {"sample_prompts": ["a sks star on navy"], "sample_labels": [3, 7]}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    assert read_run(folder).sample_rows() == ["a sks star on navy"]
+    del config["data"]["init_args"]["sample_prompts"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    assert read_run(folder).sample_rows() == ["class 3", "class 7"]
+    # What the grid wrote beside its images wins: the rows it drew (here a class-conditional model's).
+    (folder / "samples" / "rows.json").write_text(json.dumps({"rows": ["class 0", "class 9"], "seeds": [0, 1]}))
+    assert read_run(folder).sample_rows() == ["class 0", "class 9"]
+    (folder / "samples" / "rows.json").write_text(json.dumps({"rows": [""], "seeds": [0, 1]}))
+    assert read_run(folder).sample_rows() is None  # one row asked with nothing (ANL): no label
+    (folder / "samples" / "rows.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"rows.json: not the grid's rows"):
+        read_run(folder)
 
 
 def test_errors_name_the_file_at_fault(tmp_path):
