@@ -234,8 +234,8 @@ class DiffusionBase(
         flow = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale,
                 "loss_weighting": loss_weighting, "shift": flow_shift,
                 "tokens_per_latent": self.family.tokens_per_latent,
-                "precondition_outputs": bool(self.family.precondition_outputs if precondition_outputs is None
-                                             else precondition_outputs)}  # fmt: skip
+                "precondition_outputs": self.family.precondition_outputs if precondition_outputs is None
+                                        else precondition_outputs}  # fmt: skip
         try:
             kind = process_kind(parts.scheduler)
         except ValueError as error:
@@ -247,12 +247,6 @@ class DiffusionBase(
             )
         density = timestep_density or self.family.default_timestep_density
         self.noise_process = noise_process_for(parts.scheduler, where, prediction_type, density, flow)
-        flow_only = loss_weighting != "none" or flow_shift is not None or precondition_outputs
-        if self.noise_process.kind != "flow_matching" and flow_only:
-            raise ValueError(
-                "model.loss_weighting / model.flow_shift / model.precondition_outputs are settings of flow-matching "
-                "models"
-            )
         self.noise_scheduler = self.noise_process.scheduler
         for frozen in (self.vae, *parts.encoders):
             if frozen is not None:

@@ -390,4 +390,11 @@ def noise_process_for(
         return FlowMatchingProcess(scheduler, density or "uniform", **settings)
     if density not in (None, "uniform"):
         raise ValueError(f"model.timestep_density={density!r}: a DDPM model draws its timesteps uniformly")
+    # Settings of the flow objective only, given explicitly for a DDPM model (a family's default of False is not one).
+    flow = flow or {}
+    explicit = flow.get("loss_weighting", "none") != "none" or flow.get("shift") is not None
+    if explicit or flow.get("precondition_outputs") is True:
+        raise ValueError(
+            "model.loss_weighting / model.flow_shift / model.precondition_outputs are settings of flow-matching models"
+        )
     return DDPMProcess(scheduler, prediction_type)
