@@ -133,6 +133,12 @@ class DiffusionBase(
         backbones: the metric backbones this model is scored with, by role (``identity``, ``fid``, ``prompt``,
             ``condition``: ``{role: {"name": ..., "path": ...}}``, as in a folder's ``lightning_ft.json``; default
             None: what the pretrained folder declares). The monitors' and ANL's ``auto`` read it; exports keep it.
+        unmasked_weight: masked training (batches with loss masks: ``data.mask_dir`` / ``data.alpha_mask``): the
+            loss weight of masked-out pixels, the mask becoming ``w + (1 - w) * mask`` (OneTrainer's name), in [0, 1]
+            (default 0.0: they add nothing, as kohya's sd-scripts). Without masks in the batch it does nothing.
+        masked_loss_normalize: masked training: divide each image's loss by its mean mask weight, so that a small
+            mask is not down-weighted against a large one (OneTrainer's ``normalize_masked_area_loss``) (default
+            False: kohya's plain mean over the image, an image half masked out adds about half the loss).
     """
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
@@ -195,6 +201,8 @@ class DiffusionBase(
         max_sequence_length: int | None = None,
         backbones: dict | None = None,
         precondition_outputs: bool | None = None,
+        unmasked_weight: float = 0.0,
+        masked_loss_normalize: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -87,6 +87,11 @@ def check_model_settings(h, method: str = "DiffusionBase") -> None:
         _fail("snr_gamma", h.snr_gamma, "must be > 0 (or null: off)")
     if not h.noise_offset >= 0:
         _fail("noise_offset", h.noise_offset, "must be >= 0")
+    if not 0 <= h.get("unmasked_weight", 0.0) <= 1:
+        _fail("unmasked_weight", h.unmasked_weight, "the loss weight of masked-out pixels must be in [0, 1] (0: they "
+                                                    "add nothing, 1: the mask is ignored)")  # fmt: skip
+    if not isinstance(h.get("masked_loss_normalize", False), bool):
+        _fail("masked_loss_normalize", h.masked_loss_normalize, "must be true or false")
     if not h.guidance_scale >= 0:
         _fail("guidance_scale", h.guidance_scale, "must be >= 0 (1 = no guidance)")
     check_lr_scheduler(h.lr_scheduler, h.warmup_steps)

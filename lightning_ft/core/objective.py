@@ -2,6 +2,12 @@
 
 Everything about the forward process comes from ``self.noise_process`` (``lightning_ft.core.noise_process``); a
 method changes the objective by overriding ``sample_timesteps``, ``timestep_weights`` or ``training_loss``.
+
+Masked training (kohya's sd-scripts and OneTrainer): a batch may carry a loss mask per image (``mask``, (B, 1, H, W)
+in [0, 1] at the images' size, ``lightning_ft.data.masks``); ``loss_mask`` reads it and ``diffusion_loss`` weights
+the squared error with it at the error's resolution. Every method passes it: prior-preservation class images
+(``class_mask``, ones when absent) and images a method makes itself (Diff-Tuning's memory bank) are trained
+everywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +41,60 @@ class ObjectiveMixin:
             noise = noise + self.hparams.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
         return noise
 
+    def loss_mask(self, batch: dict, prefix: str = "", fill: bool = False) -> torch.Tensor | None:
+        """The loss mask of the images ``{prefix}pixel_values`` of ``batch``: its ``{prefix}mask`` (float32 (B, 1, H,
+        W) in [0, 1], 1 = train on this pixel), or None when it has none (no masks configured), or ones with
+        ``fill`` (images trained on everywhere, e.g. prior-preservation class images whose ``class_mask`` is
+        absent). A mask that does not fit its images is an error naming both shapes."""
+        pixels = batch[f"{prefix}pixel_values"]
+        mask = batch.get(f"{prefix}mask")
+        if mask is None:
+            return pixels.new_ones(len(pixels), 1, *pixels.shape[-2:], dtype=torch.float32) if fill else None
+        if mask.ndim != 4 or mask.shape[:2] != (len(pixels), 1) or mask.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(
+                f"batch['{prefix}mask'] has shape {tuple(mask.shape)}, but the loss mask of {prefix}pixel_values "
+                f"{tuple(pixels.shape)} must be (batch, 1, height, width) = {(len(pixels), 1, *pixels.shape[-2:])}"
+            )
+        return mask.to(device=pixels.device, dtype=torch.float32)
+
+    @staticmethod
+    def mask_argument(mask: torch.Tensor | None) -> dict:
+        """``{"mask": mask}``, or nothing without a mask: ``diffusion_loss(..., **self.mask_argument(mask))`` calls
+        it exactly as before masks existed when the batch has none."""
+        return {} if mask is None else {"mask": mask}
+
+    def loss_weight_map(self, mask: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """The per-element weights of an ``error`` (B, C, [T,] h, w) from a pixel ``mask`` (B, 1, H, W): the mask
+        area-averaged to (h, w) as kohya's ``apply_masked_loss`` resizes it (a latent cell weighs the fraction of
+        its pixels that are masked in), then ``unmasked_weight + (1 - unmasked_weight) * mask`` (OneTrainer's
+        weight of the masked-out pixels; 0 = they add nothing). Shape (B, 1, [1,] h, w): it broadcasts over the
+        channels (and a video's frames)."""
+        weights = F.interpolate(mask.to(error.device, torch.float32), size=tuple(error.shape[-2:]), mode="area")
+        floor = self.hparams.unmasked_weight
+        if floor:
+            weights = floor + (1.0 - floor) * weights
+        # A video's error (B, C, T, h, w): the one mask of each sample holds for every frame.
+        return weights.reshape(weights.shape[0], 1, *([1] * (error.ndim - 4)), *weights.shape[-2:])
+
+    def per_sample_error(
+        self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sample squared error (shape [B]): the mean over every non-batch dimension, in float32. With a pixel
+        ``mask``, each element is weighted by ``loss_weight_map`` first and the mean is still over every element,
+        not over the mask's area (kohya's semantics: an image half masked out adds about half the loss), unless
+        ``masked_loss_normalize`` divides each sample by its mean weight (OneTrainer's
+        ``normalize_masked_area_loss``: a small mask then weighs like a full image)."""
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        dims = tuple(range(1, error.ndim))
+        if mask is None:
+            return error.mean(dim=dims)
+        weights = self.loss_weight_map(mask, error)
+        loss = (error * weights).mean(dim=dims)
+        if self.hparams.masked_loss_normalize:
+            # An all-zero mask has no area to normalise by: its sample stays at 0 (its error times 0).
+            loss = loss / weights.mean(dim=dims).clamp_min(torch.finfo(torch.float32).tiny)
+        return loss
+
     def diffusion_loss(
         self,
         x0: torch.Tensor,
@@ -42,21 +102,25 @@ class ObjectiveMixin:
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         weighted: bool = True,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample denoising loss (shape [B]): MSE to the prediction target, mean over dimensions, times
-        ``timestep_weights`` when ``weighted``."""
+        ``timestep_weights`` when ``weighted``. ``mask``: per-image pixel loss masks (B, 1, H, W) in [0, 1]
+        (``loss_mask``), laid over the error at its resolution (``per_sample_error``); None: unmasked."""
         timesteps = self.sample_timesteps(x0.shape[0]) if timesteps is None else timesteps
         noise = self.make_noise(x0) if noise is None else noise
         noisy = self.noise_process.add_noise(x0, noise, timesteps)
         pred = self.predict(noisy, timesteps, condition)
         target = self.prediction_target(x0, noise, timesteps)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        loss = self.per_sample_error(pred, target, mask)
         return loss * self.timestep_weights(timesteps) if weighted else loss
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective of one batch; returns the loss and a dict of values to log. Default: denoising loss."""
+        """The objective of one batch; returns the loss and a dict of values to log. Default: denoising loss (masked
+        by the batch's loss masks, if any)."""
         x0 = self.encode_images(batch["pixel_values"], keys=self.image_keys(batch))
-        loss = self.diffusion_loss(x0, self.encode_conditions(batch)).mean()
+        mask = self.mask_argument(self.loss_mask(batch))
+        loss = self.diffusion_loss(x0, self.encode_conditions(batch), **mask).mean()
         return loss, {"loss/diffusion": loss.detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -111,7 +175,8 @@ class ObjectiveMixin:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         offset = torch.rand(1, generator=generator)
         timesteps = self.noise_process.stratified_timesteps(len(x0), offset, device=x0.device)
-        return self.diffusion_loss(x0, self.encode_conditions(batch), timesteps, noise, weighted=False).mean()
+        mask = self.mask_argument(self.loss_mask(batch))
+        return self.diffusion_loss(x0, self.encode_conditions(batch), timesteps, noise, weighted=False, **mask).mean()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.evaluation_loss(batch, batch_idx)

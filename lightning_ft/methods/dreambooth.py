@@ -4,6 +4,10 @@ L = l(theta; x_inst, t, c_inst) + prior_loss_weight * l(theta; x_cls, t', c_cls)
 from the pretrained model (diffusers ``train_dreambooth.py``; docs/methods.md, DreamBooth). The instance and
 class halves go through the denoiser in one batch, as in the reference script. With ``trainable='lora'`` this is
 LoRA-DreamBooth (docs/methods.md, LoRA-DreamBooth).
+
+Masked training (batches with loss masks, ``data.mask_dir`` / ``data.alpha_mask``): the instance half is masked, the
+prior half is not (its ``class_mask`` is ones, and is taken as ones when the batch has none): the class images are
+the model's own samples of the whole class, preserved everywhere.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class DreamBooth(DiffusionBase):
 
     Args:
         prior_loss_weight: weight of the class-image loss when the batch holds class images (default 1.0).
-        **kwargs: see ``DiffusionBase``.
+        **kwargs: see ``DiffusionBase`` (``unmasked_weight`` and ``masked_loss_normalize`` apply to the instance
+            images' masks; class images are trained on everywhere).
     """
 
     def __init__(self, *args, prior_loss_weight: float = 1.0, **kwargs):
@@ -52,7 +57,11 @@ class DreamBooth(DiffusionBase):
         # One encoder pass for both halves (as the reference script does): two smaller passes cost ~1 ms more a step.
         conditions = self.encode_conditions(concatenate_halves(instance, prior, pixels))
         keys = self.image_keys(batch, "pixel_values", "class_pixel_values")
-        per_sample = self.diffusion_loss(self.encode_images(pixels, keys=keys), conditions)
+        # Loss masks: the instance images' own, ones for the class images (unmasked); none without instance masks.
+        mask = self.loss_mask(batch)
+        if mask is not None:
+            mask = torch.cat([mask, self.loss_mask(batch, "class_", fill=True)])
+        per_sample = self.diffusion_loss(self.encode_images(pixels, keys=keys), conditions, **self.mask_argument(mask))
         instance, prior = per_sample[:n].mean(), per_sample[n:].mean()
         loss = instance + self.hparams.prior_loss_weight * prior
         return loss, {"loss/instance": instance.detach(), "loss/prior": prior.detach()}

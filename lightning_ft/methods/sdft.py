@@ -18,6 +18,11 @@ SAME noisy input, timestep and condition;
   is its epsilon error times sqrt((1 - abar) / abar), which explodes near t = T (10^8 for a cosine schedule), so
   the term is weighted by min(SNR(t), ``lowpass_snr_gamma``) (min-SNR in x0 space: at high noise it equals the
   pooled epsilon difference); ``lowpass_snr_gamma=None`` leaves it unweighted.
+
+Masked training (batches with loss masks, ``data.mask_dir`` / ``data.alpha_mask``): the diffusion term is masked, the
+distillation term is not. Distillation keeps the source model's general behaviour everywhere in the image: a
+masked-out region (a background not to be learned) is exactly where the student should stay the teacher, so
+masking it would remove the term where it matters most.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class SelfDistillationFineTuning(DiffusionBase):
             at every t) (default ``prediction``, inferred).
         lowpass_factor: pooling factor of ``lowpass_x0`` (default 4, inferred).
         lowpass_snr_gamma: ``lowpass_x0`` weight min(SNR(t), gamma), None = unweighted (default 1.0, inferred).
-        **kwargs: see ``DiffusionBase``.
+        **kwargs: see ``DiffusionBase``. Loss masks (``unmasked_weight``, ``masked_loss_normalize``) weight the
+            diffusion term only: the distillation term keeps the source model's behaviour everywhere, unmasked.
     """
 
     requires_frozen_denoiser = True
@@ -122,9 +128,12 @@ class SelfDistillationFineTuning(DiffusionBase):
         noisy = self.noise_process.add_noise(x0, noise, timesteps)
         prediction = self.predict(noisy, timesteps, condition)
         target = self.prediction_target(x0, noise, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        per_sample = per_sample.mean(dim=tuple(range(1, prediction.ndim))) * self.timestep_weights(timesteps)
+        # The diffusion term is masked by the batch's loss masks (if any) ...
+        per_sample = self.per_sample_error(prediction, target, self.loss_mask(batch))
+        per_sample = per_sample * self.timestep_weights(timesteps)
         diffusion = per_sample.mean()
+        # ... the distillation term never is: it keeps the source model's general behaviour everywhere in the image,
+        # masked-out regions included (there, with model.unmasked_weight 0, it is the only term that trains).
         distill = self.distillation_loss(prediction, noisy, timesteps, condition).mean()
         loss = diffusion + self.hparams.distill_weight * distill
         return loss, {"loss/diffusion": diffusion.detach(), "loss/distill": distill.detach()}
