@@ -177,19 +177,44 @@ class EncodingMixin:
         )
 
     def encode_conditions(self, batch: dict, prompts_key: str = "prompts", labels_key: str = "class_labels"):
-        """The condition of a batch, with condition dropout (``condition_dropout``) in training."""
+        """The condition of a batch, with condition dropout: the rows the data flags (``batch["drop_condition"]``,
+        from ``data.caption_dropout``; honoured whenever present, in training or not) and, in training, the rows of
+        a ``condition_dropout`` draw take the family's null input. The draw is made as without flags (same calls,
+        same order), so flags never shift the global RNG stream."""
         inputs = self.family.batch_inputs(batch, prompts_key, labels_key)
         n = len(batch["pixel_values"]) if inputs is None else len(inputs)
+        flags = self.data_drop_flags(batch, n)
         p = self.hparams.condition_dropout if self.training else 0.0
-        if p > 0 and inputs is not None:
-            if isinstance(inputs, list):
-                drop = torch.rand(n) < p
-            else:
-                inputs = inputs.to(self.device)
-                drop = torch.rand(n, device=self.device) < p
+        if (p > 0 or flags is not None) and inputs is not None:
+            drop = None
+            if p > 0:
+                if isinstance(inputs, list):
+                    drop = torch.rand(n) < p
+                else:
+                    inputs = inputs.to(self.device)
+                    drop = torch.rand(n, device=self.device) < p
+            if flags is not None:
+                drop = flags if drop is None else drop | flags.to(drop.device)
             inputs = self.family.with_null(inputs, drop)
         geometry = self.batch_geometry(batch) if "pixel_values" in batch else None
         return self.encode_inputs(inputs, n, geometry)
+
+    def data_drop_flags(self, batch: dict, n: int) -> torch.Tensor | None:
+        """``batch["drop_condition"]`` as a bool tensor (n,) (None without the key): the samples the data module's
+        caption dropout trains with the null condition. A class-conditional model without a null class fails here,
+        naming the settings, rather than deep in its family."""
+        flags = batch.get("drop_condition")
+        if flags is None:
+            return None
+        flags = torch.as_tensor(flags, dtype=torch.bool).reshape(-1)
+        if len(flags) != n:
+            raise ValueError(f"batch['drop_condition'] holds {len(flags)} flags for a batch of {n} samples")
+        if getattr(self.family, "uses_null_class", False) and getattr(self.family, "null_class", 0) is None:
+            raise ValueError(
+                "data.caption_dropout > 0 trains samples with the null class, and this class-conditional model has "
+                "none: set model.null_class, or data.caption_dropout=0"
+            )
+        return flags
 
     # ------------------------------------------------------------------------------------------------ denoiser
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition, denoiser=None):
