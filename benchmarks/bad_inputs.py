@@ -439,6 +439,49 @@ def cache_root_not_writable(tmp: Path) -> None:
         _cli()  # the data config's ${embedded:subject} writes the subject into the cache
 
 
+
+# ------------------------------------------------------------------------------- data options (issue 27)
+def _masks(folder: Path, names: list[str], size: tuple[int, int] = (32, 32), value: int = 255) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("L", size, value).save(folder / name)
+    return folder
+
+
+def masks_not_matching_images(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    masks = _masks(tmp / "masks", ["img_0.png", "other.png"])
+    _check(folder, instance_prompt="a sks star", mask_dir=str(masks))
+
+
+def mask_of_another_size(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    masks = _masks(tmp / "masks", ["img_0.png"])
+    _masks(masks, ["img_1.png"], size=(64, 48))
+    _check(folder, instance_prompt="a sks star", mask_dir=str(masks))
+
+
+def all_black_mask(tmp: Path) -> None:
+    folder = _images(tmp / "data")
+    masks = _masks(tmp / "masks", ["img_0.png"])
+    _masks(masks, ["img_1.png"], value=0)
+    _check(folder, instance_prompt="a sks star", mask_dir=str(masks))
+
+
+def bucket_the_model_cannot_take(tmp: Path) -> None:
+    _check(_images(tmp / "data"), _tiny_model(), instance_prompt="a sks star", buckets=[[32, 32], [42, 24]])
+
+
+def caption_dropout_over_one(tmp: Path) -> None:
+    _check(_images(tmp / "data"), instance_prompt="a sks star", caption_dropout=1.5)
+
+
+def keep_tokens_without_shuffling(tmp: Path) -> None:
+    _check(_images(tmp / "data"), instance_prompt="sks, star", keep_tokens=1)
+
+
 CASES = [
     Case("corrupt image in the instance folder", corrupt_image, ("broken.png", "cannot be read")),
     Case("empty instance folder", empty_folder, ("data.instance_dir", "holds no image")),
@@ -499,6 +542,10 @@ CASES = [
         cache_root_not_writable,
         ("full-disk/cache", "LIGHTNING_FT_CACHE"),
     ),
+    Case("masks that do not match the images", masks_not_matching_images, ("data.mask_dir", "img_1", "other.png")),
+    Case("mask of another size than its image", mask_of_another_size, ("data.mask_dir", "img_1.png", "64x48")),
+    Case("bucket the model cannot take", bucket_the_model_cannot_take, ("data.buckets", "42x24", "multiples of 4")),
+    Case("caption dropout over 1", caption_dropout_over_one, ("data.caption_dropout=1.5",)),
     Case("image far below the resolution (1x1)", tiny_image, ("dot.png", "1x1", "data.resolution=32"), warns=True),
     Case("extreme aspect ratio (2000x10)", strip_image, ("strip.png", "2000x10", "keeps 0.5%"), warns=True),
     Case("the same image twice", duplicate_images, ("img_1.png", "img_1 copy.bmp", "identical pixels"), warns=True),
@@ -538,6 +585,8 @@ CASES = [
         ("IMG_0001.heic", "format Pillow cannot open", "all 7 skipped", "skipped_files.txt"),
         warns=True,
     ),
+    Case("an all-black loss mask", all_black_mask, ("data.mask_dir", "img_1.png", "zero"), warns=True),
+    Case("keep_tokens without shuffle_tags", keep_tokens_without_shuffling, ("data.keep_tokens=1",), warns=True),
 ]
 
 

@@ -122,8 +122,12 @@ class FIDMonitor(PeriodicEvaluation):
         name, path = backbone_spec("fid", self.backbone_name, self.backbone_path, model_backbones(pl_module))
         self.resolved_backbone = (name, path)
         self.scorer = FIDScorer(make_backbone(name, path))
-        resolution = self.resolution or dict(getattr(trainer.datamodule, "hparams", {})).get("resolution")
-        resolution = resolution or pl_module.native_resolution()
+        # The data's sampling side (LimitedDataModule: the largest of several resolutions), else its resolution.
+        datamodule = trainer.datamodule
+        data_side = getattr(datamodule, "sampling_resolution", None) or dict(getattr(datamodule, "hparams", {})).get(
+            "resolution"
+        )
+        resolution = self.resolution or data_side or pl_module.native_resolution()
         self.scorer.set_reference(self.reference_features(self._reference_files(trainer), resolution))
 
     # ------------------------------------------------------------------------------------------------ scoring

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_ft.data.buckets import (
+    MAX_ASPECT,
+    BucketBatchSampler,
+    build_views,
+    describe_buckets,
+    parse_buckets,
+    resolution_list,
+)
+from lightning_ft.data.captions import CaptionAugment, caption_rng, caption_setting_warnings, check_caption_settings
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
 from lightning_ft.data.folder import (
     caption_sources,
@@ -23,6 +34,7 @@ from lightning_ft.data.folder import (
     skipped_files,
     to_tensor_with_geometry,
 )
+from lightning_ft.data.masks import mask_warnings, read_masks
 from lightning_ft.data.odd_inputs import (
     caption_warnings,
     duplicate_warnings,
@@ -37,17 +49,25 @@ SAMPLER_HPARAMS = ("sample_scheduler", "sample_scheduler_kwargs", "sample_steps"
 
 
 class LimitedDataset(Dataset):
-    """Item ``i`` pairs instance image ``i mod N`` with class image ``i mod M`` (DreamBooth's pairing).
+    """Item ``i`` pairs view ``i mod V`` of the instance images with class image ``i mod M`` (DreamBooth's pairing).
 
-    Augmentation (random crop, flip) is drawn from a generator seeded by ``(seed, i)``: the same index always gives
-    the same tensor, so runs are reproducible whatever the worker count.
+    A view is an instance image at one size: ``views`` lists ``(image index, size)``, a size being a side (a square
+    crop) or an aspect bucket's ``(w, h)`` (default: every image once at ``resolution``). The class image of an item
+    is cropped to its instance view's size, so both halves of a batch from one bucket share it.
+
+    Augmentation (random crop, flip) is drawn from a generator seeded by ``(seed, i)``, caption augmentation
+    (``captions``) from one of its own (``captions.caption_rng``): the same index always gives the same item, so
+    runs are reproducible whatever the worker count, and a resumed run sees the items the unbroken one would have.
 
     Items hold ``pixel_values`` (CHW in [-1, 1]), ``prompts``, ``class_labels`` (if labelled) and SDXL's
     micro-conditioning: ``original_size`` (``[h, w]`` of the image as read, before resizing) and ``crop_top_left``
     (``[top, left]`` of the crop in the resized image, diffusers' flip convention: see ``to_tensor_with_geometry``),
-    long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is ``[resolution] * 2``.
+    long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is the pixels' own.
+    With ``masks`` (one ``L`` image per instance image), ``mask`` (1, H, W) in [0, 1], cropped and flipped with the
+    pixels. With caption dropout, ``drop_condition`` (a bool: train this item with the null condition).
     With class images, also ``class_pixel_values``, ``class_prompts``, ``class_original_size`` and
-    ``class_crop_top_left``, and ``class_class_labels`` (their class) for a class-conditional model."""
+    ``class_crop_top_left``, and ``class_class_labels`` (their class) for a class-conditional model; prior images
+    are never masked or dropped (``class_mask`` is ones, ``class_drop_condition`` False)."""
 
     def __init__(
         self,
@@ -62,38 +82,51 @@ class LimitedDataset(Dataset):
         seed=0,
         labels=None,
         class_image_labels=None,
+        views=None,
+        masks=None,
+        captions=None,
     ):
         self.images, self.prompts, self.labels = images, prompts, labels
         self.class_image_labels = class_image_labels
         self.class_images, self.class_prompts = class_images or [], class_prompts or []
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.length = max(len(images) * repeats, len(self.class_images))
+        self.views = views if views is not None else [(i, resolution) for i in range(len(images))]
+        self.masks, self.captions = masks, captions
+        self.length = max(len(self.views) * repeats, len(self.class_images))
         self.seed = seed
 
     def __len__(self) -> int:
         return self.length
 
+    def size_of(self, index: int):
+        """The size of item ``index``'s views (a side, or a bucket's (w, h)): what its batch shares."""
+        return self.views[index % len(self.views)][1]
+
     def distinct_views(self) -> int:
-        """How many different image tensors this dataset can produce (every crop and flip of every instance and class
-        image): the most entries a content-keyed latent cache can reach."""
-        return sum(
-            distinct_views(image, self.resolution, self.center_crop, self.random_flip)
-            for image in [*self.images, *self.class_images]
-        )
+        """How many different image tensors this dataset can produce (every crop and flip of every instance view, and
+        of every class image at every view size): the most entries a content-keyed latent cache can reach."""
+        count = sum(distinct_views(self.images[i], size, self.center_crop, self.random_flip) for i, size in self.views)
+        for size in dict.fromkeys(size for _, size in self.views):
+            count += sum(distinct_views(image, size, self.center_crop, self.random_flip) for image in self.class_images)
+        return count
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng((self.seed, index))
-        i = index % len(self.images)
-        pixels, geometry = to_tensor_with_geometry(
-            self.images[i], self.resolution, self.center_crop, self.random_flip, rng
-        )
+        i, size = self.views[index % len(self.views)]
+        mask = self.masks[i] if self.masks is not None else None
+        pixels, geometry = to_tensor_with_geometry(self.images[i], size, self.center_crop, self.random_flip, rng, mask)
         item = {"pixel_values": pixels, "prompts": self.prompts[i], **geometry}
+        if self.captions is not None and self.captions.active:
+            prompt, dropped = self.captions(self.prompts[i], caption_rng(self.seed, index))
+            item["prompts"] = prompt
+            if self.captions.dropout > 0:
+                item["drop_condition"] = torch.tensor(dropped)
         if self.labels is not None:
             item["class_labels"] = self.labels[i]
         if self.class_images:
             j = index % len(self.class_images)
             pixels, geometry = to_tensor_with_geometry(
-                self.class_images[j], self.resolution, self.center_crop, self.random_flip, rng
+                self.class_images[j], size, self.center_crop, self.random_flip, rng
             )
             item["class_pixel_values"] = pixels
             item["class_prompts"] = self.class_prompts[j]
@@ -101,6 +134,10 @@ class LimitedDataset(Dataset):
                 item["class_class_labels"] = self.class_image_labels[j]
             item["class_original_size"] = geometry["original_size"]
             item["class_crop_top_left"] = geometry["crop_top_left"]
+            if "mask" in item:
+                item["class_mask"] = torch.ones_like(item["mask"])
+            if "drop_condition" in item:
+                item["class_drop_condition"] = torch.tensor(False)
         return item
 
 
@@ -130,9 +167,24 @@ def check_data_settings(h) -> None:
         )
     if h.class_image_label is not None and h.class_image_label < 0:
         raise ValueError(f"data.class_image_label={h.class_image_label}: must be >= 0")
-    for key in ("resolution", "repeats", "batch_size"):
+    for key in ("repeats", "batch_size"):
         if h[key] <= 0:
             raise ValueError(f"data.{key}={h[key]}: must be > 0")
+    resolutions = resolution_list(h.resolution)
+    if not resolutions or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in resolutions):
+        raise ValueError(f"data.resolution={h.resolution}: must be a side > 0 in pixels, or a list of them")
+    if h.buckets is not None:
+        parse_buckets(h.buckets)
+        if len(resolutions) > 1:
+            raise ValueError(f"data.buckets and data.resolution={h.resolution}: the buckets given replace the "
+                             "resolutions' own; give one of the two")  # fmt: skip
+    if h.bucket_step is not None and h.bucket_step <= 0:
+        raise ValueError(f"data.bucket_step={h.bucket_step}: must be > 0")
+    check_caption_settings(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator)
+    if h.mask_dir and h.alpha_mask:
+        raise ValueError(f"data.mask_dir={h.mask_dir!r} and data.alpha_mask=true both give the loss masks: set one")
+    if h.bucket_max_aspect < 1:
+        raise ValueError(f"data.bucket_max_aspect={h.bucket_max_aspect}: must be >= 1 (1 = square buckets only)")
     if h.num_workers < 0:
         raise ValueError(f"data.num_workers={h.num_workers}: must be >= 0")
     if h.class_label is not None and h.class_label < 0:
@@ -171,7 +223,8 @@ class LimitedDataModule(L.LightningDataModule):
             labels of the captions file).
         class_image_label: the class of the prior-preservation images of a class-conditional model, sampled from
             the pretrained model with that label (its ``class_prompt``; default None).
-        resolution: training resolution in pixels (default 512).
+        resolution: training resolution in pixels (default 512), or several (``[512, 768]``): every image is then a
+            view at each of them (in buckets). Class images, the memory bank and FID use the largest.
         center_crop: centre crop (default True) instead of a random crop.
         random_flip: horizontal flip with probability 0.5 (default False).
         repeats: how many times the instance set is repeated in one epoch (default 100), so an epoch is not 4 steps.
@@ -190,6 +243,24 @@ class LimitedDataModule(L.LightningDataModule):
             the first distinct instance captions and the class prompt).
         sample_labels: class labels the sample grids show, for class-conditional models (default None: the first
             distinct labels of the data).
+        aspect_buckets: group the images into aspect-ratio buckets (default False: square crops): buckets of about
+            ``resolution**2`` pixels, sides multiples of ``bucket_step``; each image goes to the bucket nearest its
+            aspect ratio, is resized (aspect kept) to cover it and cropped to it; every batch is from one bucket.
+        buckets: the buckets themselves, ``[[w, h], ...]`` (default None: derived from ``resolution``); implies
+            ``aspect_buckets``.
+        bucket_step: the sides' multiple (default None: the model's latent factor x 8, as kohya's 64 for SD, and a
+            multiple of what its denoiser needs; 64 without a model).
+        bucket_max_aspect: the widest aspect ratio of a derived bucket (default 4.0: kohya's 256-1024 px range at
+            512).
+        mask_dir: folder of loss masks, one per image with the same file name stem (default None): the denoising
+            loss is weighted by the mask (white = trained, black = ignored) at latent resolution.
+        alpha_mask: use each image's alpha channel as its loss mask (default False); images without one are fully
+            trained, with a warning.
+        caption_dropout: probability of training an instance image with the null condition of the model's family
+            (the empty prompt, the null class), drawn per item from ``(seed, index)`` (default 0.0).
+        shuffle_tags: shuffle the ``tag_separator``-separated tags of each caption per item (default False).
+        keep_tokens: how many leading tags stay in place when shuffling (default 0; kohya's ``keep_tokens``).
+        tag_separator: what separates tags in a caption (default ``","``).
 
     ``validate`` and ``test`` score the model on the instance images without augmentation (how well it fits the
     subject, at fixed timesteps and noise); ``predict`` generates ``predict_prompts`` x ``predict_seeds``.
@@ -206,7 +277,7 @@ class LimitedDataModule(L.LightningDataModule):
         class_cache_dir: str | None = None,
         class_label: int | None = None,
         class_image_label: int | None = None,
-        resolution: int = 512,
+        resolution: int | list[int] = 512,
         center_crop: bool = True,
         random_flip: bool = False,
         repeats: int = 100,
@@ -219,6 +290,16 @@ class LimitedDataModule(L.LightningDataModule):
         heldout_dir: str | None = None,
         sample_prompts: list[str] | None = None,
         sample_labels: list[int] | None = None,
+        aspect_buckets: bool = False,
+        buckets: list[list[int]] | None = None,
+        bucket_step: int | None = None,
+        bucket_max_aspect: float = MAX_ASPECT,
+        mask_dir: str | None = None,
+        alpha_mask: bool = False,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
+        tag_separator: str = ",",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -229,6 +310,68 @@ class LimitedDataModule(L.LightningDataModule):
         #: (config key, path, why) of every entry of the data folders that is not used, once read by check_inputs.
         self.skipped: list[tuple[str, Path, str]] = []
         self._warned: set[str] = set()  # check_inputs runs twice under the CLI: each warning once
+        self.views: list | None = None  # (image index, (w, h)) of every instance view when bucketed, by check_inputs
+        self.masks = None  # one L image per instance image with data.mask_dir / data.alpha_mask, by check_inputs
+
+    # ----------------------------------------------------------------------------------------------- sizes
+    @property
+    def resolutions(self) -> list[int]:
+        """The training resolutions (``data.resolution``, one or several)."""
+        return resolution_list(self.hparams.resolution)
+
+    @property
+    def sampling_resolution(self) -> int:
+        """The side images sampled for training (class images, a memory bank) and the FID images have: the largest
+        training resolution (views at smaller ones are resized down from them)."""
+        return max(self.resolutions)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether views come in several sizes (aspect buckets, given buckets or several resolutions): batches are
+        then drawn bucket by bucket."""
+        h = self.hparams
+        return bool(h.aspect_buckets or h.buckets is not None or len(self.resolutions) > 1)
+
+    def bucket_step(self, module=None) -> int:
+        """``data.bucket_step``, or the model's latent factor x 8 (kohya's 64 for SD's factor 8), rounded up to a
+        multiple of what its denoiser needs; 64 without a model."""
+        if self.hparams.bucket_step is not None:
+            return self.hparams.bucket_step
+        if module is None or not hasattr(module, "vae_scale_factor"):
+            return 64
+        multiple = module.family.resolution_multiple(module.parts) or 1
+        return math.lcm(module.vae_scale_factor() * 8, multiple)
+
+    def _make_views(self, module=None) -> None:
+        """The bucketed views of the instance images (``self.views``), checked against ``module``'s sizes."""
+        h = self.hparams
+        if not self.bucketed:
+            self.views = None
+            return
+        images = self._instances[2]
+        explicit = parse_buckets(h.buckets) if h.buckets is not None else None
+        step = self.bucket_step(module)
+        views = build_views([image.size for image in images], self.resolutions, bool(h.aspect_buckets or explicit),
+                            explicit, step, h.bucket_max_aspect)  # fmt: skip
+        if module is not None and hasattr(module, "family"):
+            multiple = module.family.resolution_multiple(module.parts)
+            # Every bucket given is checked, used or not (another folder would use it); else the buckets used.
+            sizes = sorted(set(explicit) if explicit else {size for _, size in views})
+            if multiple is None:
+                side = module.native_resolution()
+                if sizes != [(side, side)]:
+                    raise ValueError(
+                        f"data: buckets {sizes} but this model only takes {side}x{side} images (a fixed positional "
+                        "grid): set data.aspect_buckets=false and one data.resolution"
+                    )
+            bad = [f"{w}x{h}" for w, h in sizes if w % multiple or h % multiple] if multiple else []
+            if bad:
+                key = "data.buckets" if explicit else "data.bucket_step"
+                raise ValueError(f"{key}: buckets {', '.join(bad)} have sides that are not multiples of {multiple}, "
+                                 "which this model needs")  # fmt: skip
+        if self.views != views and rank_zero_only.rank == 0:
+            print(f"lightning-ft: data buckets (step {step} px): {describe_buckets(views, len(images))}", flush=True)
+        self.views = views
 
     # ----------------------------------------------------------------------------------------- class images
     def _user_class_files(self) -> list[Path]:
@@ -258,7 +401,7 @@ class LimitedDataModule(L.LightningDataModule):
             self._class_inputs(module, 1).values()[0],
             module.model_identity(),
             shortfall,
-            h.resolution,
+            self.sampling_resolution,
             h.seed,
             root,
             sampler=sampler,
@@ -283,7 +426,7 @@ class LimitedDataModule(L.LightningDataModule):
             module.to(self.trainer.strategy.root_device)
             inputs = self._class_inputs(module, shortfall)
             # At the training resolution, not a pipeline default (1024 px for a Flux config without a sample size).
-            at = module.sampling_at(self.hparams.resolution) if hasattr(module, "sampling_at") else nullcontext()
+            at = module.sampling_at(self.sampling_resolution) if hasattr(module, "sampling_at") else nullcontext()
             with at:
                 generate_class_images(module, inputs, folder, seed=self.hparams.seed, trainer=self.trainer)
 
@@ -321,10 +464,16 @@ class LimitedDataModule(L.LightningDataModule):
                 if class_files:
                     line = describe_folder(h.class_dir, class_files, (), "data.class_dir")
                     print(f"lightning-ft: {line}", flush=True)
+            # Masks are read and matched to the images now: a missing or mis-sized one is named before anything runs.
+            self.masks = read_masks(files, h.mask_dir, h.alpha_mask, "data")
             self._instances = (files, prompts, images, labels)
-            self._warn(self._data_warnings())
+            captions = caption_setting_warnings(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator,
+                                                prompts, caption_sources(files, h.captions_file))  # fmt: skip
+            self._warn(self._data_warnings() + mask_warnings(files, self.masks) + captions)
         if module is not None and hasattr(module, "check_resolution"):
-            module.check_resolution(h.resolution)
+            for resolution in self.resolutions:
+                module.check_resolution(resolution)
+        self._make_views(module)
         family = getattr(module, "family", None)
         if self._instances[3] is None and family is not None and family.needs_labels():
             raise ValueError(
@@ -341,8 +490,8 @@ class LimitedDataModule(L.LightningDataModule):
         h = self.hparams
         (files, prompts, images, _), (class_files, class_images) = self._instances, self._class_user
         messages = unsupported_warnings(self.skipped)
-        messages += image_warnings(files, images, h.resolution, "data.instance_dir")
-        messages += image_warnings(class_files, class_images, h.resolution, "data.class_dir")
+        messages += image_warnings(files, images, self.sampling_resolution, "data.instance_dir")
+        messages += image_warnings(class_files, class_images, self.sampling_resolution, "data.class_dir")
         messages += duplicate_warnings(
             [("data.instance_dir", files, images), ("data.class_dir", class_files, class_images)]
         )
@@ -406,23 +555,36 @@ class LimitedDataModule(L.LightningDataModule):
             prompts,
             class_images,
             class_prompts,
-            h.resolution,
+            self.resolutions[0],
             h.center_crop,
             h.random_flip,
             h.repeats,
             h.seed,
             labels,
             class_image_labels,
+            views=self.views,
+            masks=self.masks,
+            captions=self._captions(),
         )
         self._list_skipped()
 
+    def _captions(self) -> CaptionAugment:
+        h = self.hparams
+        return CaptionAugment(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator)
+
     def _instances_in_order(self) -> DataLoader:
+        """Every instance view once, centre-cropped, in order (with its mask): validation and test. Bucketed views go
+        in batches of one bucket each."""
         h = self.hparams
         d = self.dataset
-        plain = LimitedDataset(
-            d.images, d.prompts, resolution=h.resolution, center_crop=True, seed=h.seed, labels=d.labels
-        )
-        return DataLoader(plain, batch_size=h.batch_size, num_workers=h.num_workers, pin_memory=self.pin_memory())
+        plain = LimitedDataset(d.images, d.prompts, resolution=d.resolution, center_crop=True, seed=h.seed,
+                               labels=d.labels, views=d.views, masks=d.masks)  # fmt: skip
+        kwargs = dict(num_workers=h.num_workers, pin_memory=self.pin_memory())
+        if not self.bucketed:
+            return DataLoader(plain, batch_size=h.batch_size, **kwargs)
+        sizes = [plain.size_of(i) for i in range(len(plain))]
+        batches = BucketBatchSampler(None, h.batch_size, False, sizes, h.seed, shuffle=False)
+        return DataLoader(plain, batch_sampler=batches, **kwargs)
 
     def val_dataloader(self) -> DataLoader:
         return self._instances_in_order()
@@ -451,13 +613,12 @@ class LimitedDataModule(L.LightningDataModule):
         h = self.hparams
         # StatefulDataLoader (torchdata): Lightning saves its position and sampler state in checkpoints, so a run
         # resumed mid-epoch continues with the next batch of the same order instead of restarting the epoch.
-        return StatefulDataLoader(
-            self.dataset,
-            batch_size=h.batch_size,
-            sampler=EpochSeededRandomSampler(len(self.dataset), h.seed),
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            pin_memory=self.pin_memory(),
-            drop_last=False,
-            worker_init_fn=ignore_stop_signals,
-        )
+        kwargs = dict(num_workers=h.num_workers, persistent_workers=h.num_workers > 0, pin_memory=self.pin_memory(),
+                      worker_init_fn=ignore_stop_signals)  # fmt: skip
+        order = EpochSeededRandomSampler(len(self.dataset), h.seed)
+        if self.bucketed:
+            # Every batch from one bucket; the batch sampler reads the epoch from ``order`` (Lightning sets it there).
+            sizes = [self.dataset.size_of(i) for i in range(len(self.dataset))]
+            batches = BucketBatchSampler(order, h.batch_size, False, sizes, h.seed)
+            return StatefulDataLoader(self.dataset, batch_sampler=batches, **kwargs)
+        return StatefulDataLoader(self.dataset, batch_size=h.batch_size, sampler=order, drop_last=False, **kwargs)

@@ -202,49 +202,76 @@ def to_tensor(
     return to_tensor_with_geometry(image, resolution, center_crop, flip, rng)[0]
 
 
-def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(w, h) of an image of ``size`` (w, h) once its short side is resized to ``resolution``."""
+def resized_size(size: tuple[int, int], resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of an image of ``size`` (w, h) resized, keeping its aspect, to cover ``resolution``: a side (a square
+    of it), or a bucket's (w, h). For a square this resizes the short side to ``resolution``."""
+    tw, th = target_size(resolution)
     w, h = size
-    scale = resolution / min(w, h)
-    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(tw / w, th / h)
+    return max(tw, round(w * scale)), max(th, round(h * scale))
 
 
-def distinct_views(image: Image.Image, resolution: int, center_crop: bool, flip: bool) -> int:
-    """How many different tensors ``to_tensor_with_geometry`` can make of ``image``: crop positions (one for a centre
-    crop) times two with ``flip``. A cache keyed by content (``cache_latents``) holds at most this many entries."""
-    w, h = resized_size(image.size, resolution)
-    positions = 1 if center_crop else (w - resolution + 1) * (h - resolution + 1)
+def target_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of a training view: ``resolution`` squared, or a bucket's (w, h) as given."""
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def distinct_views(image: Image.Image, resolution: int | tuple[int, int], center_crop: bool, flip: bool) -> int:
+    """How many different tensors ``to_tensor_with_geometry`` can make of ``image`` at ``resolution`` (a side, or a
+    bucket's (w, h)): crop positions (one for a centre crop) times two with ``flip``. A cache keyed by content
+    (``cache_latents``) holds at most this many entries."""
+    tw, th = target_size(resolution)
+    w, h = resized_size(image.size, (tw, th))
+    positions = 1 if center_crop else (w - tw + 1) * (h - th + 1)
     return positions * (2 if flip else 1)
 
 
 def to_tensor_with_geometry(
-    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator
+    image: Image.Image,
+    resolution: int | tuple[int, int],
+    center_crop: bool,
+    flip: bool,
+    rng: np.random.Generator,
+    mask: Image.Image | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``to_tensor``'s pixels (the same ones, from the same draws of ``rng``) and SDXL's micro-conditioning geometry:
     ``original_size`` = ``[h, w]`` of ``image`` before any resize, and ``crop_top_left`` = ``[top, left]`` of the crop
     in the resized image, both long tensors of shape (2,).
 
+    ``resolution`` is a side (a square view: the short side is resized to it) or an aspect bucket's ``(w, h)``: the
+    image is resized with its aspect kept until it covers the bucket, then cropped to it, so it is never distorted.
+    ``mask`` (an ``L`` image of the image's size, for the masked loss) goes through the same resize, crop and flip;
+    it is returned as ``geometry["mask"]``, a float tensor (1, h, w) in [0, 1].
+
     The convention is that of diffusers' ``train_text_to_image_sdxl.py`` and ``train_dreambooth_lora_sdxl.py``, which
     flip the resized image and then crop it, so the offset is in the flipped image's coordinates. Here the crop is
     drawn first and then flipped; a flipped crop at ``left`` is the crop of the flipped image at
-    ``resized width - resolution - left``, which is what is reported. (The older ``x1 = image.width - x1`` after the
+    ``resized width - width - left``, which is what is reported. (The older ``x1 = image.width - x1`` after the
     crop, still in diffusers' LCM-distillation script, was removed from those two scripts as a bug in diffusers#6547.)
     The offsets are those of the pixels returned: the centre crop is at ``(size - resolution) // 2`` (its mirror
     image, rounded up, when flipped), which is diffusers' ``int(round((size - resolution) / 2.0))`` whenever
-    ``size - resolution`` is even; the short side is resized to ``resolution`` exactly, so its offset is always 0."""
+    ``size - resolution`` is even; the side that is resized to the target exactly has offset 0."""
+    tw, th = target_size(resolution)
     w, h = image.size
     original_size = torch.tensor([h, w], dtype=torch.long)
-    size = resized_size((w, h), resolution)
+    size = resized_size((w, h), (tw, th))
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+        mask = mask.resize(size, Image.BILINEAR, reducing_gap=None) if mask is not None else None
     w, h = image.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+        left, top = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+    box = (left, top, left + tw, top + th)
+    array = np.asarray(image.crop(box), dtype=np.float32)
+    mask_array = np.asarray(mask.crop(box), dtype=np.float32) / 255.0 if mask is not None else None
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
-        left = w - resolution - left
+        mask_array = mask_array[:, ::-1] if mask_array is not None else None
+        left = w - tw - left
     pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1) / 127.5 - 1.0
-    return pixels, {"original_size": original_size, "crop_top_left": torch.tensor([top, left], dtype=torch.long)}
+    geometry = {"original_size": original_size, "crop_top_left": torch.tensor([top, left], dtype=torch.long)}
+    if mask_array is not None:
+        geometry["mask"] = torch.from_numpy(np.ascontiguousarray(mask_array))[None]
+    return pixels, geometry

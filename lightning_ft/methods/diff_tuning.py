@@ -22,6 +22,9 @@ Inferred (not read in code or paper):
 - at least one memory image per batch when ``memory_ratio > 0``; memory drawn uniformly without replacement per
   step from a generator seeded by the step (the released loader cycles a shuffled bank); no flip on memory images;
 - the per-sample loss is the base denoising MSE (the released DiT also adds a VLB term for its learned variance).
+
+Masked training (batches with loss masks, ``data.mask_dir`` / ``data.alpha_mask``): the target images are masked;
+the memory images, the pretrained model's own samples, are retained everywhere (their mask is ones).
 """
 
 from __future__ import annotations
@@ -172,11 +175,15 @@ class DiffTuning(DiffusionBase):
 
     def prepare_memory_bank(self) -> torch.Tensor:
         """Sample the bank if it is not cached (split across the ranks), then load it on every rank. The bank is
-        sampled at the training data's resolution (``data.resolution``; without a data module, the model's own)."""
+        sampled at the training data's resolution (``data.resolution``, the largest of several; without a data module,
+        the model's own)."""
         h = self.hparams
         trainer = self._trainer
-        data = getattr(getattr(trainer, "datamodule", None), "hparams", None) if trainer is not None else None
-        with self.sampling_at(dict(data or {}).get("resolution")):
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        side = getattr(datamodule, "sampling_resolution", None)
+        if side is None:
+            side = dict(getattr(datamodule, "hparams", None) or {}).get("resolution")
+        with self.sampling_at(side):
             folder = self.memory_bank_folder()
             if trainer is not None:
                 self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
@@ -206,8 +213,15 @@ class DiffTuning(DiffusionBase):
             index = torch.randint(0, n, (k,), generator=generator)
         images = self.memory_bank[index].float() / 127.5 - 1.0
         if tuple(images.shape[-2:]) != tuple(size):
-            # The bank is sampled at the model's native size; the training resolution may differ.
-            images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+            # The bank is square, at the data's (largest) resolution; a batch may be smaller or an aspect bucket:
+            # resize with the aspect kept until the bank images cover it, then centre-crop (never stretched).
+            height, width = images.shape[-2:]
+            scale = max(size[0] / height, size[1] / width)
+            covered = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+            if covered != (height, width):
+                images = F.interpolate(images, size=covered, mode="bilinear", antialias=True, align_corners=False)
+            top, left = (covered[0] - size[0]) // 2, (covered[1] - size[1]) // 2
+            images = images[..., top : top + size[0], left : left + size[1]]
         return images.to(self.device)
 
     # ---------------------------------------------------------------------------------------------------- loss
@@ -223,9 +237,11 @@ class DiffTuning(DiffusionBase):
         target = {key: value[:n] if _is_per_sample(value, size) else value for key, value in batch.items()}
         t_target = self.sample_timesteps(n)
         condition = self.encode_conditions(target)
+        mask = self.loss_mask(target)  # the target rows' masks (sliced with them above), or None
         if k == 0:
             x0 = self.encode_images(target["pixel_values"], keys=self.image_keys(target))
-            per_sample = self.diffusion_loss(x0, condition, t_target) * self.importance_weights(t_target)
+            per_sample = self.diffusion_loss(x0, condition, t_target, **self.mask_argument(mask))
+            per_sample = per_sample * self.importance_weights(t_target)
             loss = per_sample.mean()
             return loss, {"loss/reconsolidation": loss.detach()}
         memory = self.draw_memory(k, tuple(pixels.shape[-2:])).to(pixels.dtype)
@@ -236,7 +252,9 @@ class DiffTuning(DiffusionBase):
         condition = Condition.cat([condition, self.null_condition(k, tuple(pixels.shape[-2:]))])
         timesteps = torch.cat([t_target, t_memory])
         weights = torch.cat([self.importance_weights(t_target), self.importance_weights(t_memory, memory=True)])
-        per_sample = self.diffusion_loss(x0, condition, timesteps) * weights
+        if mask is not None:  # memory images are the pretrained model's samples, retained everywhere: unmasked
+            mask = torch.cat([mask, self.loss_mask({"pixel_values": memory}, fill=True)])
+        per_sample = self.diffusion_loss(x0, condition, timesteps, **self.mask_argument(mask)) * weights
         reconsolidation, retention = per_sample[:n].mean(), per_sample[n:].mean()
         loss = reconsolidation + self.hparams.retention_weight * retention
         return loss, {"loss/reconsolidation": reconsolidation.detach(), "loss/retention": retention.detach()}

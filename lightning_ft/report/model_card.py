@@ -164,7 +164,8 @@ def card_text(facts: CardFacts, origin: str) -> str:
         data.append(f"- {facts.num_class_images} class images (prior preservation)"
                     + (f", prompt `{facts.class_prompt}`" if facts.class_prompt else ""))  # fmt: skip
     if facts.resolution:
-        data.append(f"- resolution {facts.resolution} px")
+        sides = facts.resolution if isinstance(facts.resolution, (list, tuple)) else [facts.resolution]
+        data.append(f"- resolution {', '.join(str(side) for side in sides)} px")
     lines += data or ["- not recorded"]
     lines += ["", "## Method and settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| `{k}` | `{_value(v)}` |" for k, v in facts.settings.items()]

@@ -57,3 +57,34 @@ def test_class_images_are_sampled_once_split_across_ranks_and_equal_to_one_proce
     assert len(names) == 6 and names == sorted(p.name for p in two.glob("*.png"))
     for name in names:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_two_processes_share_each_epochs_bucket_batches_without_overlap(tmp_path):
+    """Aspect buckets under real DDP: Lightning re-creates the bucket sampler with its DistributedSampler, and the two
+    ranks take disjoint halves of the same epoch's batches (each batch one bucket), a new draw each epoch."""
+    import json
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(128, 64), (96, 96), (64, 128), (120, 60)]):
+        Image.new("RGB", size, (40 * i, 90, 160)).save(images / f"img_{i}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    script = Path(__file__).with_name("bucket_fit.py")
+    result = subprocess.run([sys.executable, str(script), "2", str(images), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    for epoch in ("epoch0", "epoch1"):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert len(a) == len(b) > 0
+        # 16 items in 8 batches of one bucket each: no padding, so the shares are disjoint
+        assert not {i for batch in a for i in batch} & {i for batch in b for i in batch}
+    assert ranks[0]["epoch0"] != ranks[0]["epoch1"]
+    for record in ranks:
+        assert len(record["steps"]) == len(record["epoch0"]) + len(record["epoch1"])  # both epochs, every batch
+        for step in record["steps"]:
+            assert step["shape"][-2:] in ([48, 80], [64, 64], [80, 48])

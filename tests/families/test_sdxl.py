@@ -126,3 +126,28 @@ def test_train_text_encoder_trains_both_encoders():
     assert all(p.requires_grad for p in module.text_encoder.parameters())
     assert all(p.requires_grad for p in module.text_encoder_2.parameters())
     assert not any(p.requires_grad for p in sdxl().text_encoder_2.parameters())
+
+
+def test_time_ids_of_a_bucketed_batch_are_its_images_size_crop_and_bucket(tmp_path):
+    """An aspect bucket's batch: time ids = (original h, w) + (crop top, left) + (bucket h, w), as diffusers' SDXL
+    scripts' ``compute_time_ids`` builds them from the sizes they record."""
+    from PIL import Image
+
+    from lightning_ft.data import LimitedDataModule
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i, size in enumerate([(96, 32), (120, 40)]):
+        Image.new("RGB", size, (50 * i, 80, 120)).save(folder / f"w{i}.png")
+    data = LimitedDataModule(instance_dir=str(folder), instance_prompt="a sks star", resolution=32, aspect_buckets=True,
+                             bucket_step=8, batch_size=2, repeats=1)  # fmt: skip
+    module = sdxl().eval()
+    data.check_inputs(module)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    h, w = batch["pixel_values"].shape[-2:]
+    assert (w, h) == (48, 16)  # both 3:1: the 3:1 bucket of about 32 x 32 pixels in steps of 8
+    ids = module.encode_conditions(batch).fields["time_ids"]
+    for row, original, crop in zip(ids.tolist(), batch["original_size"].tolist(), batch["crop_top_left"].tolist()):
+        assert row == [*original, *crop, h, w]
+    assert sorted(tuple(o) for o in batch["original_size"].tolist()) == [(32, 96), (40, 120)]

@@ -155,6 +155,16 @@ def test_memory_draws_are_reproducible_per_step_and_differ_between_steps(tmp_pat
     module._batch_idx = 1
     assert not torch.equal(first, module.draw_memory(3, (32, 32)))
     assert module.draw_memory(2, (16, 16)).shape == (2, 3, 16, 16)  # resized to the training resolution
+    # An aspect bucket (h 16, w 32): the square bank images are resized to cover it and centre-cropped, not stretched.
+    module._batch_idx = 0
+    import torch.nn.functional as F
+
+    wide = module.draw_memory(3, (16, 32))
+    assert wide.shape == (3, 3, 16, 32)
+    torch.testing.assert_close(wide, first[..., 8:24, :], rtol=0, atol=0)  # the bank is 32 px: a crop, no resize
+    tall = module.draw_memory(3, (16, 8))
+    half = F.interpolate(first, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(tall, half[..., :, 4:12])
 
 
 def test_ratio_zero_is_plain_fine_tuning_with_the_target_distribution(tmp_path, monkeypatch):
