@@ -153,6 +153,8 @@ class CorruptionStageMonitor(PeriodicEvaluation):
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # trainer.log_dir broadcasts: it must be read on every rank, so it is read here once.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.off_for(pl_module):
+            return
         self.csv_file = Path(self.csv_path) if self.csv_path else log_dir / "corruption_stage.csv"
         self.best_checkpoint_path = log_dir / BEST_CHECKPOINT
         self.instance_images = self._instance_images(trainer)
@@ -381,7 +383,7 @@ class CorruptionStageMonitor(PeriodicEvaluation):
     # ------------------------------------------------------------------------------------------------ hooks
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.verbose and self.report is not None:
+        if self.verbose and self.report is not None and not self.off:
             rank_zero_info(f"lightning-ft: {self.report.summary()}")
 
     # ------------------------------------------------------------------------------------------------ state

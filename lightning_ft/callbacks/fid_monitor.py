@@ -117,7 +117,7 @@ class FIDMonitor(PeriodicEvaluation):
         return feats
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero:
+        if stage != "fit" or not trainer.is_global_zero or self.off_for(pl_module):
             return
         name, path = backbone_spec("fid", self.backbone_name, self.backbone_path, model_backbones(pl_module))
         self.resolved_backbone = (name, path)

@@ -104,7 +104,16 @@ class SampleGridLogger(L.Callback):
         prompts, labels = data_rows(getattr(trainer, "datamodule", None))
         prompts = self.prompts if self.prompts is not None else prompts
         labels = self.labels if self.labels is not None else labels
-        return pl_module.family.sample_inputs(prompts, labels, 1, where="SampleGridLogger", required=False)
+        rows = pl_module.family.sample_inputs(prompts, labels, 1, where="SampleGridLogger", required=False)
+        if getattr(pl_module, "controlnet", None) is not None:
+            # A ControlNet's rows: the data's validation pairs (data.validation_images with data.sample_prompts).
+            datamodule = getattr(trainer, "datamodule", None)
+            controls = datamodule.sample_controls() if hasattr(datamodule, "sample_controls") else None
+            if controls is None or len(controls) != len(rows):
+                raise ValueError("SampleGridLogger: a ControlNet's grid needs data.validation_images, one control "
+                                 "image per data.sample_prompts row")  # fmt: skip
+            rows = pl_module.family.with_controls(rows, controls, True)
+        return rows
 
     def sample(self, pl_module, rows=None) -> torch.Tensor:
         rows = rows if rows is not None else self.grid_inputs(pl_module)
@@ -125,7 +134,15 @@ class SampleGridLogger(L.Callback):
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
-        grid = save_grid(images, path, columns=len(self.seeds), upscale=self.upscale)
+        columns = len(self.seeds)
+        if rows.controls is not None:  # each row starts with its control image: control | samples
+            per_row = images.view(len(rows), columns, *images.shape[1:])
+            controls = torch.stack(list(rows.controls)).to(images)[:, None]
+            if controls.shape[-2:] != images.shape[-2:]:
+                size = tuple(images.shape[-2:])
+                controls = torch.nn.functional.interpolate(controls[:, 0], size=size, mode="bilinear")[:, None]
+            images, columns = torch.cat([controls, per_row], dim=1).flatten(0, 1), columns + 1
+        grid = save_grid(images, path, columns=columns, upscale=self.upscale)
         # The rows may come from the data, not the config: written beside the grids for whoever labels them.
         (folder / ROWS_FILE).write_text(json.dumps({"rows": rows.texts(), "seeds": self.seeds}, indent=1) + "\n")
         for logger in trainer.loggers:

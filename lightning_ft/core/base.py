@@ -62,7 +62,9 @@ class DiffusionBase(
     Args:
         pretrained: local diffusers folder or hub id of the model (default None: build from ``components``).
         components: config dicts that build or override components (see ``lightning_ft.core.components``).
-        trainable: ``full`` | ``attention`` | ``lora`` | ``none`` (default ``full``).
+        trainable: ``full`` | ``attention`` | ``lora`` | ``none`` | ``controlnet`` (default ``full``). ``controlnet``
+            trains a ControlNet beside the frozen denoiser (diffusers' ``train_controlnet.py``; SD and SDXL
+            families): batches carry control images (``data.control_dir``), samples are asked with them.
         lora_rank, lora_alpha, lora_target_modules, lora_dropout: PEFT LoRA settings for ``trainable='lora'``
             (defaults 4, None = rank, None = the family's default targets (the attention q/k/v/out projections of
             UNets and DiTs), 0.0).
@@ -139,10 +141,17 @@ class DiffusionBase(
         masked_loss_normalize: masked training: divide each image's loss by its mean mask weight, so that a small
             mask is not down-weighted against a large one (OneTrainer's ``normalize_masked_area_loss``) (default
             False: kohya's plain mean over the image, an image half masked out adds about half the loss).
+        controlnet: with ``trainable='controlnet'``, a ControlNet folder to start from (diffusers'
+            ``--controlnet_model_name_or_path``; default None: ``ControlNetModel.from_unet`` of the denoiser).
+        controlnet_conditioning_scale: the ControlNet residuals' scale when sampling (the pipelines' argument;
+            default 1.0); training uses 1, as diffusers' scripts.
+        guess_mode: the ControlNet pipelines' ``guess_mode`` when sampling (default False).
     """
 
     #: Set True in a subclass that needs ``self.frozen_denoiser`` (the pretrained denoiser, frozen, made once).
     requires_frozen_denoiser: bool = False
+    #: False in a subclass whose objective does not apply to a ControlNet (``trainable: controlnet`` refused).
+    trains_controlnets: bool = True
     #: The folder of inserted modules this class writes with its exports and puts back when it loads one (None:
     #: none); registered in ``EXPORT_FOLDERS`` by the class that sets it.
     export_folder: str | None = None
@@ -203,6 +212,9 @@ class DiffusionBase(
         precondition_outputs: bool | None = None,
         unmasked_weight: float = 0.0,
         masked_loss_normalize: bool = False,
+        controlnet: str | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -272,6 +284,7 @@ class DiffusionBase(
         if quantize != "none":
             encoders = {} if train_text_encoder else {key: getattr(self, key) for key in self.text_encoder_keys}
             self.quantized_base = quantize_frozen_parts(quantize, self.denoiser, self.frozen_denoiser, encoders)
+        self.controlnet = None  # trainable='controlnet': the ControlNet beside the frozen denoiser
         with lora_over_quantized(quantize):
             self.configure_trainable()
         apply_speed_options(
@@ -300,8 +313,11 @@ class DiffusionBase(
         """The components as one object (shares the modules), for the family and the pipeline."""
         pipeline_class, pipeline_config, declared, tokenizers, extras = self._pipeline_info
         encoders = {key: getattr(self, key) for key in self.text_encoder_keys}
+        extras = dict(extras)
+        if getattr(self, "controlnet", None) is not None:  # the family then builds its ControlNet pipeline
+            extras["controlnet"] = self.controlnet
         return Components(
-            self.denoiser, self.noise_scheduler, self.vae, encoders, dict(tokenizers), dict(extras), pipeline_class,
+            self.denoiser, self.noise_scheduler, self.vae, encoders, dict(tokenizers), extras, pipeline_class,
             pipeline_config, declared,
         )  # fmt: skip
 
@@ -348,6 +364,17 @@ class DiffusionBase(
         finally:
             self._sampling_side = before
 
+    @contextlib.contextmanager
+    def without_controlnet(self):
+        """Within this block the model samples and predicts as its base model, without its ControlNet (if any):
+        Diff-Tuning's memory bank is the pretrained model's own samples."""
+        controlnet = self.controlnet
+        self.controlnet = None
+        try:
+            yield
+        finally:
+            self.controlnet = controlnet
+
     def vae_scale_factor(self) -> int:
         return self.family.vae_scale_factor(self.parts)
 
@@ -376,6 +403,15 @@ class DiffusionBase(
     def configure_trainable(self) -> None:
         """Choose the trainable parameters; methods that insert modules override this and call ``super()``."""
         h = self.hparams
+        if h.trainable == "controlnet":
+            if not self.trains_controlnets:
+                raise ValueError(f"model.trainable='controlnet': {type(self).__name__} does not train ControlNets "
+                                 "(DreamBooth, DiffTuning and DiffusionBase do)")  # fmt: skip
+            self.family.check_controlnet()
+            self.controlnet = self.family.make_controlnet(self.parts, h.controlnet)
+            self.controlnet.requires_grad_(True).train()
+        elif h.controlnet:
+            raise ValueError(f"model.controlnet={h.controlnet!r} needs model.trainable='controlnet'")
         targets = h.lora_target_modules or self.family.default_lora_targets(self.denoiser)
         apply_trainable(self.denoiser, h.trainable, h.lora_rank, h.lora_alpha, targets, h.lora_dropout,
                         h.lora_variant)
@@ -395,9 +431,13 @@ class DiffusionBase(
         return self
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Images in [0, 1] for ``batch['prompts']`` (or ``batch['class_labels']``) with ``batch['seeds']``."""
+        """Images in [0, 1] for ``batch['prompts']`` (or ``batch['class_labels']``) with ``batch['seeds']`` (and
+        ``batch['controls']``, a ControlNet's control images)."""
         seeds = [int(s) for s in batch["seeds"]]
         labels = batch.get("class_labels")
         labels = [int(label) for label in labels] if labels is not None else None
         inputs = self.family.sample_inputs(batch.get("prompts"), labels, len(seeds), where="predict")
+        controls = batch.get("controls")  # a ControlNet's: the control image of each sample
+        if controls is not None:
+            inputs = self.family.with_controls(inputs, controls.cpu(), self.controlnet is not None)
         return self.generate(**inputs.generate_kwargs(), seeds=seeds)

@@ -197,7 +197,18 @@ class EncodingMixin:
                 drop = flags if drop is None else drop | flags.to(drop.device)
             inputs = self.family.with_null(inputs, drop)
         geometry = self.batch_geometry(batch) if "pixel_values" in batch else None
-        return self.encode_inputs(inputs, n, geometry)
+        return self.with_control(self.encode_inputs(inputs, n, geometry), batch.get("control_values"))
+
+    def with_control(self, condition: Condition, control: torch.Tensor | None) -> Condition:
+        """``condition`` with its control images (``controlnet_cond``: (B, 3, H, W) in [0, 1], a batch's
+        ``control_values``) for a model with a ControlNet; unchanged without them. Control images for a model
+        without a ControlNet fail, naming the setting."""
+        if control is None:
+            return condition
+        if getattr(self, "controlnet", None) is None:
+            raise ValueError("the batch has control images (data.control_dir or a conditioning_image column), but the "
+                             "model has no ControlNet: set model.trainable='controlnet'")  # fmt: skip
+        return condition.replace(controlnet_cond=control.to(self.device, parameter_dtype(self.denoiser)))
 
     def data_drop_flags(self, batch: dict, n: int) -> torch.Tensor | None:
         """``batch["drop_condition"]`` as a bool tensor (n,) (None without the key): the samples the data module's
@@ -222,10 +233,17 @@ class EncodingMixin:
         denoiser = denoiser if denoiser is not None else self.denoiser
         model_t = self.noise_process.model_timesteps(timesteps, noisy)
         dtype = parameter_dtype(denoiser)
+        controlnet = getattr(self, "controlnet", None)
+        if controlnet is not None and "controlnet_cond" not in condition:
+            raise ValueError("this model has a ControlNet: its conditions need control images (controlnet_cond)")
         if dtype != noisy.dtype and not torch.is_autocast_enabled(noisy.device.type):
             # A frozen teacher held in another dtype (frozen_dtype): its output comes back in the input's dtype.
-            out = self.family.denoise(denoiser, noisy.to(dtype), model_t, condition.to(dtype=dtype)).to(noisy.dtype)
+            noisy_in, condition_in = noisy.to(dtype), condition.to(dtype=dtype)
         else:
-            out = self.family.denoise(denoiser, noisy, model_t, condition)
+            noisy_in, condition_in = noisy, condition
+        residuals = {}
+        if controlnet is not None:  # the ControlNet's residuals go into the denoiser's blocks (its family's call)
+            residuals = self.family.control_residuals(controlnet, noisy_in, model_t, condition_in)
+        out = self.family.denoise(denoiser, noisy_in, model_t, condition_in, **residuals).to(noisy.dtype)
         # Learned-variance models (DiT, IF) predict 2x channels; the mean part is the first half.
         return out[:, : noisy.shape[1]] if out.shape[1] != noisy.shape[1] else out

@@ -60,13 +60,18 @@ class SamplingExportMixin:
         guidance_scale: float | None = None,
         batch_size: int = 32,
         negative_prompt: str | None = None,
+        controls: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample images in [0, 1], shape (N, C, H, W), one per prompt / label / seed.
 
-        ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in."""
+        ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in. ``controls``:
+        one control image per sample, (N, 3, H, W) in [0, 1], for a model with a ControlNet (the samples then have
+        the controls' size)."""
         n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
         steps, guidance, seeds = self.sampling_settings(n, seeds, steps, guidance_scale)
         inputs = self.family.sample_inputs(prompts, labels, n)
+        if controls is not None:
+            inputs = self.family.with_controls(inputs, controls, self.controlnet is not None)
         chunks = []
         with self.sampling_weights():
             pipe = self.build_pipeline()

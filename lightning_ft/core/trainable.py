@@ -23,7 +23,7 @@ import torch
 
 from lightning_ft.attention import attention_parameter_names, is_attention
 
-TRAINABLE_MODES = ("full", "attention", "lora", "none")
+TRAINABLE_MODES = ("full", "attention", "lora", "none", "controlnet")
 #: The PEFT methods ``trainable='lora'`` can train (``model.lora_variant``).
 LORA_VARIANTS = ("lora", "dora", "loha", "lokr", "oft")
 #: The variants diffusers' LoRA loaders (``save_lora_weights`` / ``load_lora_weights``) read; the others are written
@@ -109,7 +109,8 @@ def apply_trainable(
     lora_variant: str = "lora",
 ) -> None:
     """Set ``requires_grad`` on ``denoiser`` for ``mode``; for ``lora`` also insert the PEFT adapter of
-    ``lora_variant`` (``adapter_config``: settings mapped per variant).
+    ``lora_variant`` (``adapter_config``: settings mapped per variant). ``controlnet`` freezes the denoiser (the
+    ControlNet beside it trains: ``DiffusionBase.configure_trainable``).
 
     LoRA follows diffusers' DreamBooth-LoRA recipe: ``up`` zero-initialised so the model is unchanged at step 0,
     scale ``alpha / rank`` (``alpha`` defaults to ``rank``: scale 1). Every variant starts as the identity too."""

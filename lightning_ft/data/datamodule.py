@@ -23,6 +23,7 @@ from lightning_ft.data.buckets import (
 )
 from lightning_ft.data.captions import CaptionAugment, caption_rng, caption_setting_warnings, check_caption_settings
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
+from lightning_ft.data.controls import load_validation_controls, read_controls
 from lightning_ft.data.folder import (
     caption_sources,
     describe_folder,
@@ -64,7 +65,9 @@ class LimitedDataset(Dataset):
     (``[top, left]`` of the crop in the resized image, diffusers' flip convention: see ``to_tensor_with_geometry``),
     long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is the pixels' own.
     With ``masks`` (one ``L`` image per instance image), ``mask`` (1, H, W) in [0, 1], cropped and flipped with the
-    pixels. With caption dropout, ``drop_condition`` (a bool: train this item with the null condition).
+    pixels. With ``controls`` (a ControlNet's control image per instance image), ``control_values`` (3, H, W) in
+    [0, 1], cropped and flipped with the pixels. With caption dropout, ``drop_condition`` (a bool: train this
+    item with the null condition).
     With class images, also ``class_pixel_values``, ``class_prompts``, ``class_original_size`` and
     ``class_crop_top_left``, and ``class_class_labels`` (their class) for a class-conditional model; prior images
     are never masked or dropped (``class_mask`` is ones, ``class_drop_condition`` False)."""
@@ -85,13 +88,14 @@ class LimitedDataset(Dataset):
         views=None,
         masks=None,
         captions=None,
+        controls=None,
     ):
         self.images, self.prompts, self.labels = images, prompts, labels
         self.class_image_labels = class_image_labels
         self.class_images, self.class_prompts = class_images or [], class_prompts or []
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.views = views if views is not None else [(i, resolution) for i in range(len(images))]
-        self.masks, self.captions = masks, captions
+        self.masks, self.captions, self.controls = masks, captions, controls
         self.length = max(len(self.views) * repeats, len(self.class_images))
         self.seed = seed
 
@@ -114,7 +118,9 @@ class LimitedDataset(Dataset):
         rng = np.random.default_rng((self.seed, index))
         i, size = self.views[index % len(self.views)]
         mask = self.masks[i] if self.masks is not None else None
-        pixels, geometry = to_tensor_with_geometry(self.images[i], size, self.center_crop, self.random_flip, rng, mask)
+        control = self.controls[i] if self.controls is not None else None
+        pixels, geometry = to_tensor_with_geometry(self.images[i], size, self.center_crop, self.random_flip, rng, mask,
+                                                   control)  # fmt: skip
         item = {"pixel_values": pixels, "prompts": self.prompts[i], **geometry}
         if self.captions is not None and self.captions.active:
             prompt, dropped = self.captions(self.prompts[i], caption_rng(self.seed, index))
@@ -181,6 +187,13 @@ def check_data_settings(h) -> None:
     if h.bucket_step is not None and h.bucket_step <= 0:
         raise ValueError(f"data.bucket_step={h.bucket_step}: must be > 0")
     check_caption_settings(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator)
+    if h.validation_images is not None:
+        if not h.sample_prompts or len(h.sample_prompts) != len(h.validation_images):
+            raise ValueError(f"data.validation_images holds {len(h.validation_images)} control images: give as many "
+                             "data.sample_prompts, one per control image (diffusers' --validation_prompt)")  # fmt: skip
+    if h.control_dir and h.num_class_images > 0:
+        raise ValueError(f"data.control_dir with data.num_class_images={h.num_class_images}: class images have no "
+                         "control images; ControlNet training has no prior preservation (set it to 0)")  # fmt: skip
     if h.mask_dir and h.alpha_mask:
         raise ValueError(f"data.mask_dir={h.mask_dir!r} and data.alpha_mask=true both give the loss masks: set one")
     if h.bucket_max_aspect < 1:
@@ -261,6 +274,11 @@ class LimitedDataModule(L.LightningDataModule):
         shuffle_tags: shuffle the ``tag_separator``-separated tags of each caption per item (default False).
         keep_tokens: how many leading tags stay in place when shuffling (default 0; kohya's ``keep_tokens``).
         tag_separator: what separates tags in a caption (default ``","``).
+        control_dir: ControlNet training (``model.trainable: controlnet``): a folder of control images, one per
+            training image with its file name stem (default None); or a ``conditioning_image`` field per row of the
+            captions file (a path relative to it), diffusers' dataset convention. See ``lightning_ft.data.controls``.
+        validation_images: control images the sample grids (and ``predict``) sample with, paired with
+            ``sample_prompts`` (diffusers' ``--validation_image`` / ``--validation_prompt``; default None).
 
     ``validate`` and ``test`` score the model on the instance images without augmentation (how well it fits the
     subject, at fixed timesteps and noise); ``predict`` generates ``predict_prompts`` x ``predict_seeds``.
@@ -300,6 +318,8 @@ class LimitedDataModule(L.LightningDataModule):
         shuffle_tags: bool = False,
         keep_tokens: int = 0,
         tag_separator: str = ",",
+        control_dir: str | None = None,
+        validation_images: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -312,6 +332,7 @@ class LimitedDataModule(L.LightningDataModule):
         self._warned: set[str] = set()  # check_inputs runs twice under the CLI: each warning once
         self.views: list | None = None  # (image index, (w, h)) of every instance view when bucketed, by check_inputs
         self.masks = None  # one L image per instance image with data.mask_dir / data.alpha_mask, by check_inputs
+        self.controls = None  # one RGB control image per instance image (ControlNet training), by check_inputs
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -466,6 +487,10 @@ class LimitedDataModule(L.LightningDataModule):
                     print(f"lightning-ft: {line}", flush=True)
             # Masks are read and matched to the images now: a missing or mis-sized one is named before anything runs.
             self.masks = read_masks(files, h.mask_dir, h.alpha_mask, "data")
+            self.controls = read_controls(files, images, h.control_dir, h.captions_file, "data")
+            if self.controls is not None and h.num_class_images > 0:
+                raise ValueError("data: the captions file gives control images and data.num_class_images > 0: class "
+                                 "images have none; ControlNet training has no prior preservation")  # fmt: skip
             self._instances = (files, prompts, images, labels)
             captions = caption_setting_warnings(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator,
                                                 prompts, caption_sources(files, h.captions_file))  # fmt: skip
@@ -474,6 +499,14 @@ class LimitedDataModule(L.LightningDataModule):
             for resolution in self.resolutions:
                 module.check_resolution(resolution)
         self._make_views(module)
+        if module is not None and hasattr(module, "trainable_parameters"):
+            has_controlnet = getattr(module, "controlnet", None) is not None
+            if has_controlnet and self._instances is not None and self.controls is None:
+                raise ValueError("model.trainable='controlnet' needs control images: data.control_dir, or a "
+                                 "conditioning_image field in data.captions_file")  # fmt: skip
+            if self.controls is not None and not has_controlnet:
+                raise ValueError("data: control images are given (data.control_dir or a conditioning_image field) but "
+                                 "the model has no ControlNet: set model.trainable='controlnet'")  # fmt: skip
         family = getattr(module, "family", None)
         if self._instances[3] is None and family is not None and family.needs_labels():
             raise ValueError(
@@ -565,6 +598,7 @@ class LimitedDataModule(L.LightningDataModule):
             views=self.views,
             masks=self.masks,
             captions=self._captions(),
+            controls=self.controls,
         )
         self._list_skipped()
 
@@ -578,7 +612,7 @@ class LimitedDataModule(L.LightningDataModule):
         h = self.hparams
         d = self.dataset
         plain = LimitedDataset(d.images, d.prompts, resolution=d.resolution, center_crop=True, seed=h.seed,
-                               labels=d.labels, views=d.views, masks=d.masks)  # fmt: skip
+                               labels=d.labels, views=d.views, masks=d.masks, controls=d.controls)  # fmt: skip
         kwargs = dict(num_workers=h.num_workers, pin_memory=self.pin_memory())
         if not self.bucketed:
             return DataLoader(plain, batch_size=h.batch_size, **kwargs)
@@ -592,8 +626,21 @@ class LimitedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._instances_in_order()
 
+    def sample_controls(self) -> torch.Tensor | None:
+        """The control images of ``data.validation_images`` at the (largest) training resolution, (N, 3, R, R) in
+        [0, 1], one per ``sample_prompts`` row; None without them."""
+        paths = self.hparams.validation_images
+        return load_validation_controls(list(paths), self.sampling_resolution) if paths else None
+
     def predict_dataloader(self) -> DataLoader:
         h = self.hparams
+        if self.dataset.controls is not None:  # a ControlNet samples the validation pairs (control, prompt)
+            controls = self.sample_controls()
+            if controls is None:
+                raise ValueError("predict with a ControlNet needs data.validation_images and data.sample_prompts")
+            items = [{"prompts": p, "controls": c, "seeds": s} for p, c in zip(h.sample_prompts, controls)
+                     for s in h.predict_seeds]  # fmt: skip
+            return DataLoader(items, batch_size=max(h.batch_size, 8))
         prompts = h.predict_prompts or list(dict.fromkeys(self.dataset.prompts))
         if self.dataset.labels is not None:  # class-conditional models sample the classes, not the prompts
             labels = list(dict.fromkeys(self.dataset.labels))

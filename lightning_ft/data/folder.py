@@ -21,6 +21,9 @@ from lightning_ft.images import (  # noqa: F401 - re-exported
     readable_extensions,
 )
 
+#: The header of a captions csv with a ControlNet's control image per row (diffusers' dataset column names).
+THREE_COLUMNS = ["file", "caption", "conditioning_image"]
+
 #: Why a file of an image folder is not used, by ``classify``'s kinds (and subfolders).
 SKIP_REASONS = {
     "subfolder": "subfolders",
@@ -180,14 +183,17 @@ def _read_caption_table(path: Path, key: str) -> dict[str, str]:
                     f"{key}: {str(path)!r} line {number} is not a JSON object with 'file' and 'caption' ({error})"
                 ) from None
     elif path.suffix == ".csv":
+        width = 2  # file,caption; a header file,caption,conditioning_image (a ControlNet's data) makes it 3
         with path.open(newline="", encoding="utf-8-sig") as handle:
             for number, row in enumerate(csv.reader(handle), 1):
                 if not any(field.strip() for field in row):  # blank lines, e.g. a trailing one
                     continue
-                if number == 1 and [c.strip().lower() for c in row] == ["file", "caption"]:
+                if number == 1 and [c.strip().lower() for c in row] in (["file", "caption"], THREE_COLUMNS):
+                    width = len(row)
                     continue
-                if len(row) != 2:
-                    raise ValueError(f"{key}: {str(path)!r} line {number} does not have two fields file,caption")
+                if len(row) != width:
+                    fields = ",".join(THREE_COLUMNS[:width])
+                    raise ValueError(f"{key}: {str(path)!r} line {number} does not have {width} fields {fields}")
                 table[Path(row[0]).name] = row[1]
     else:
         raise ValueError(f"{key}: captions file {str(path)!r} must be .jsonl or .csv")
@@ -233,6 +239,7 @@ def to_tensor_with_geometry(
     flip: bool,
     rng: np.random.Generator,
     mask: Image.Image | None = None,
+    control: Image.Image | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``to_tensor``'s pixels (the same ones, from the same draws of ``rng``) and SDXL's micro-conditioning geometry:
     ``original_size`` = ``[h, w]`` of ``image`` before any resize, and ``crop_top_left`` = ``[top, left]`` of the crop
@@ -241,7 +248,9 @@ def to_tensor_with_geometry(
     ``resolution`` is a side (a square view: the short side is resized to it) or an aspect bucket's ``(w, h)``: the
     image is resized with its aspect kept until it covers the bucket, then cropped to it, so it is never distorted.
     ``mask`` (an ``L`` image of the image's size, for the masked loss) goes through the same resize, crop and flip;
-    it is returned as ``geometry["mask"]``, a float tensor (1, h, w) in [0, 1].
+    it is returned as ``geometry["mask"]``, a float tensor (1, h, w) in [0, 1]. ``control`` (a ControlNet's control
+    image, RGB, of the image's size) too, as ``geometry["control_values"]`` (3, h, w) in [0, 1] (not normalised,
+    as diffusers' ControlNet scripts feed it).
 
     The convention is that of diffusers' ``train_text_to_image_sdxl.py`` and ``train_dreambooth_lora_sdxl.py``, which
     flip the resized image and then crop it, so the offset is in the flipped image's coordinates. Here the crop is
@@ -258,6 +267,7 @@ def to_tensor_with_geometry(
     if size != (w, h):
         image = image.resize(size, Image.BILINEAR, reducing_gap=None)
         mask = mask.resize(size, Image.BILINEAR, reducing_gap=None) if mask is not None else None
+        control = control.resize(size, Image.BILINEAR, reducing_gap=None) if control is not None else None
     w, h = image.size
     if center_crop:
         left, top = (w - tw) // 2, (h - th) // 2
@@ -266,12 +276,16 @@ def to_tensor_with_geometry(
     box = (left, top, left + tw, top + th)
     array = np.asarray(image.crop(box), dtype=np.float32)
     mask_array = np.asarray(mask.crop(box), dtype=np.float32) / 255.0 if mask is not None else None
+    control_array = np.asarray(control.crop(box), dtype=np.float32) / 255.0 if control is not None else None
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
         mask_array = mask_array[:, ::-1] if mask_array is not None else None
+        control_array = control_array[:, ::-1] if control_array is not None else None
         left = w - tw - left
     pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1) / 127.5 - 1.0
     geometry = {"original_size": original_size, "crop_top_left": torch.tensor([top, left], dtype=torch.long)}
     if mask_array is not None:
         geometry["mask"] = torch.from_numpy(np.ascontiguousarray(mask_array))[None]
+    if control_array is not None:
+        geometry["control_values"] = torch.from_numpy(np.ascontiguousarray(control_array)).permute(2, 0, 1)
     return pixels, geometry

@@ -49,6 +49,7 @@ class AdapterAttentionFineTuning(DreamBooth):
     """
 
     export_folder = ADAPTER_FOLDER
+    trains_controlnets = False  # its adapters are the trained part of the denoiser
 
     def __init__(
         self,

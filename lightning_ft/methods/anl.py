@@ -60,6 +60,7 @@ class ConditionTuning(DiffusionBase):
     """
 
     export_folder = ANL_FOLDER
+    trains_controlnets = False  # its modules are the image condition, a ControlNet another
 
     def __init__(
         self,

@@ -64,6 +64,8 @@ class BayesianFineTuning(DreamBooth):
             the two forms the released code has.
     """
 
+    trains_controlnets = False  # its Bayesian layers are the denoiser's (or its LoRA's)
+
     #: The ``model.lora_variant`` values with a released Bayesian form (LoRA's up matrix, OFT's generator R).
     lora_variants = ("lora", "oft")
 

@@ -23,6 +23,12 @@ Inferred (not read in code or paper):
   step from a generator seeded by the step (the released loader cycles a shuffled bank); no flip on memory images;
 - the per-sample loss is the base denoising MSE (the released DiT also adds a VLB term for its learned variance).
 
+With a ControlNet (``trainable: controlnet``; the paper's second experiment, whose code is not released, so all of
+this is inferred): the two losses train the ControlNet beside the frozen denoiser; the bank is sampled by the
+pretrained model without the ControlNet (at initialisation ``ControlNetModel.from_unet``'s zero convolutions make
+the two the same); memory images get the null prompt and, as control, a black image (``memory_control='empty'``)
+or the batch's own control images (``'paired'``).
+
 Masked training (batches with loss masks, ``data.mask_dir`` / ``data.alpha_mask``): the target images are masked;
 the memory images, the pretrained model's own samples, are retained everywhere (their mask is ones).
 """
@@ -41,6 +47,9 @@ from lightning_ft.core.families.inputs import SampleInputs
 from lightning_ft.data.memory_bank import generate_memory_bank, load_memory_bank, memory_bank_folder
 
 WEIGHTINGS = ("sampling", "loss_weight")
+#: With a ControlNet (``trainable: controlnet``), what the memory images are trained with as control (inferred):
+#: ``empty`` (a black image) or ``paired`` (the batch's own control images, cycled).
+MEMORY_CONTROLS = ("empty", "paired")
 
 
 def power_law_pmf(T: int, power: float, decreasing: bool = False) -> torch.Tensor:
@@ -84,6 +93,9 @@ class DiffTuning(DiffusionBase):
             i.e. unconditional samples, for text models; class models cycle over their classes).
         memory_sample_steps, memory_guidance_scale: sampler settings of the bank (defaults 25, 1.0).
         memory_cache_dir: folder of cached banks (default None: ``memory_bank`` under the project cache).
+        memory_control: with a ControlNet (``trainable: controlnet``; inferred, see the module docstring): the
+            control image the memory images are trained with: ``empty`` (black: the base model's behaviour without
+            a control is kept; default) or ``paired`` (the batch's own control images, cycled).
         **kwargs: see ``DiffusionBase``.
     """
 
@@ -100,8 +112,11 @@ class DiffTuning(DiffusionBase):
         memory_sample_steps: int = 25,
         memory_guidance_scale: float = 1.0,
         memory_cache_dir: str | None = None,
+        memory_control: str = "empty",
         **kwargs,
     ):
+        if memory_control not in MEMORY_CONTROLS:
+            raise ValueError(f"model.memory_control={memory_control!r} is not one of {MEMORY_CONTROLS}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"model.weighting={weighting!r} is not one of {WEIGHTINGS}")
         if not 0.0 <= memory_ratio < 1.0:
@@ -183,7 +198,8 @@ class DiffTuning(DiffusionBase):
         side = getattr(datamodule, "sampling_resolution", None)
         if side is None:
             side = dict(getattr(datamodule, "hparams", None) or {}).get("resolution")
-        with self.sampling_at(side):
+        # The pretrained model's samples: without a ControlNet (at initialisation it changes nothing anyway).
+        with self.sampling_at(side), self.without_controlnet():
             folder = self.memory_bank_folder()
             if trainer is not None:
                 self.to(trainer.strategy.root_device)  # setup runs before the strategy moves the model
@@ -249,7 +265,15 @@ class DiffTuning(DiffusionBase):
         # One forward for both parts, as the released script does.
         x0 = self.encode_images(torch.cat([target["pixel_values"], memory]))
         # Memory images are trained with the null condition (released), at this batch's image size.
-        condition = Condition.cat([condition, self.null_condition(k, tuple(pixels.shape[-2:]))])
+        memory_condition = self.null_condition(k, tuple(pixels.shape[-2:]))
+        if "controlnet_cond" in condition:  # a ControlNet's memory rows need a control image too (inferred)
+            controls = target["control_values"]
+            if self.hparams.memory_control == "paired":
+                memory_controls = controls[torch.arange(k) % len(controls)]
+            else:
+                memory_controls = torch.zeros_like(controls[:1]).expand(k, -1, -1, -1)
+            memory_condition = self.with_control(memory_condition, memory_controls)
+        condition = Condition.cat([condition, memory_condition])
         timesteps = torch.cat([t_target, t_memory])
         weights = torch.cat([self.importance_weights(t_target), self.importance_weights(t_memory, memory=True)])
         if mask is not None:  # memory images are the pretrained model's samples, retained everywhere: unmasked

@@ -51,6 +51,7 @@ class SelfDistillationFineTuning(DiffusionBase):
     """
 
     requires_frozen_denoiser = True
+    trains_controlnets = False  # distils the denoiser itself from its source model
 
     def __init__(
         self,

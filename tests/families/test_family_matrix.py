@@ -148,3 +148,40 @@ def test_family_method_fits_exports_and_reloads_to_the_same_images(family, metho
         assert type(reloaded).__name__ == module.family.pipeline_class
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
     assert not torch.allclose(expected[0], expected[1])
+
+
+#: The ControlNet column: the experiment (plain ControlNet training, or Diff-Tuning on it) with trainable=controlnet.
+CONTROLNET_METHODS = {"controlnet": "dreambooth", "controlnet_diff_tuning": "diff_tuning"}
+#: Families with ControlNet training (their pipelines' ControlNet variants); the others are refused naming them.
+WITH_CONTROLNET = {"sd", "sd2_v", "sdxl"}
+
+
+@pytest.mark.parametrize("method", list(CONTROLNET_METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_controlnet_fits_exports_and_reloads_to_the_same_images(family, method, tmp_path, subject_dir):
+    from PIL import Image
+
+    controls = tmp_path / "controls"
+    controls.mkdir()
+    for i, image in enumerate(sorted(subject_dir.glob("*.png"))):
+        Image.new("RGB", Image.open(image).size, (255 * (i % 2), 128, 0)).save(controls / image.name)
+    base = METHODS[CONTROLNET_METHODS[method]]
+    args = ["fit", "--config", str(REPO / "experiments" / base), *FAMILIES[family],
+            "--config", _overrides(tmp_path, subject_dir, family, CONTROLNET_METHODS[method]),
+            "--model.trainable", "controlnet", "--data.num_class_images", "0", "--data.control_dir", str(controls),
+            "--data.class_prompt", "null"]  # fmt: skip
+    if family not in WITH_CONTROLNET:
+        with pytest.raises(ValueError, match="has no ControlNet training in lightning-ft"):
+            main(args)
+        return
+    torch.manual_seed(0)
+    module = main(args).model
+    assert module.controlnet is not None and not any(p.requires_grad for p in module.denoiser.parameters())
+    control = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32) * 0.7])
+    expected = module.generate(prompts=PROMPTS, seeds=[11, 12], guidance_scale=2.0, controls=control)
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "export")
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded).__name__ == module.family.controlnet_pipeline
+    inputs = module.family.sample_inputs(PROMPTS, None, 2).with_controls(control)
+    got = module.family.sample(module, reloaded, inputs, [11, 12], 2, 2.0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)

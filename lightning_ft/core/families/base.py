@@ -135,6 +135,9 @@ class ModelFamily:
     vae_defaults: dict = {}
     #: The Hub's pipeline tag of the exports (model cards; None: no tag fits).
     hub_task: str | None = "unconditional-image-generation"
+    #: The pipeline that samples and exports this family's models with a ControlNet (``model.trainable:
+    #: controlnet``); None: the family has no ControlNet training (refused by name).
+    controlnet_pipeline: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -216,8 +219,44 @@ class ModelFamily:
         return Condition({}, n)
 
     def denoise(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Condition):
-        """The denoiser's raw output (``.sample``) for ``noisy`` at model timesteps ``t`` under ``cond``."""
+        """The denoiser's raw output (``.sample``) for ``noisy`` at model timesteps ``t`` under ``cond``. A family with
+        a ``controlnet_pipeline`` also takes the residuals of ``control_residuals`` as keyword arguments."""
         return denoiser(noisy, t).sample
+
+    # ---------------------------------------------------------------------------------------------- ControlNet
+    def check_controlnet(self, where: str = "model.trainable='controlnet'") -> None:
+        """Refuse ControlNet training for a family without it, naming the families that have it."""
+        if self.controlnet_pipeline is None:
+            from lightning_ft.core.families import REGISTRY
+
+            having = sorted(name for name, cls in REGISTRY.items() if cls.controlnet_pipeline)
+            raise ValueError(f"{where}: the {self.name} family has no ControlNet training in lightning-ft (it has: "
+                             f"{', '.join(having)})")  # fmt: skip
+
+    def make_controlnet(self, parts: Components, path: str | None = None) -> torch.nn.Module:
+        """The ControlNet to train: loaded from ``path`` (a ControlNet folder), else initialised from the denoiser."""
+        self.check_controlnet()
+        raise NotImplementedError
+
+    def control_residuals(self, controlnet, noisy: torch.Tensor, t: torch.Tensor, cond: Condition) -> dict:
+        """The ControlNet's residuals for the denoiser call (keyword arguments of ``denoise``) under ``cond``, whose
+        ``controlnet_cond`` field holds the control images (B, 3, H, W) in [0, 1]."""
+        self.check_controlnet()
+        raise NotImplementedError
+
+    def with_controls(self, inputs: SampleInputs, controls, has_controlnet: bool) -> SampleInputs:
+        """``inputs`` with their control images (``generate(controls=...)``), checked: one per sample, (3, H, W) in
+        [0, 1], and a model with a ControlNet to read them."""
+        if not has_controlnet:
+            raise ValueError("generate(controls=...): this model has no ControlNet (model.trainable='controlnet')")
+        controls = torch.as_tensor(controls)
+        if controls.ndim != 4 or controls.shape[1] != 3 or len(controls) != len(inputs):
+            raise ValueError(f"generate: controls of shape {tuple(controls.shape)}: need ({len(inputs)}, 3, H, W), "
+                             "one control image per sample")  # fmt: skip
+        if controls.min() < 0 or controls.max() > 1:
+            raise ValueError("generate: control images must be in [0, 1] (as diffusers' ControlNet pipelines take "
+                             "tensors)")  # fmt: skip
+        return inputs.with_controls(controls.float().cpu())
 
     # ------------------------------------------------------------------------------------------- latent space
     def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -274,12 +313,14 @@ class ModelFamily:
         return {}
 
     def build_pipeline(self, parts: Components, scheduler):
-        """The diffusers pipeline of these components (shares the modules), or None when none fits."""
-        if self.pipeline_class is None:
+        """The diffusers pipeline of these components (shares the modules), or None when none fits; the family's
+        ``controlnet_pipeline`` when the components hold a ControlNet (``parts.extras['controlnet']``)."""
+        name = self.controlnet_pipeline if parts.extras.get("controlnet") is not None else self.pipeline_class
+        if name is None:
             return None
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)(**self.pipeline_kwargs(parts, scheduler))
+        return getattr(diffusers, name)(**self.pipeline_kwargs(parts, scheduler))
 
     def sample(
         self, module, pipe, inputs: SampleInputs, seeds: Sequence[int], steps: int, guidance: float,
@@ -297,6 +338,7 @@ class ModelFamily:
             generator=generators,
             output_type="latent" if pixel_space else "pt",
             **self.pipeline_call_kwargs(module),
+            **self.control_call_kwargs(module, inputs),
         ).images
         return unit_images(out) if pixel_space else out.float().clamp(0, 1)
 
@@ -307,6 +349,21 @@ class ModelFamily:
     def pipeline_call_kwargs(self, module) -> dict:
         """Extra arguments of the pipeline's ``__call__`` (sizes, sequence lengths) that sampling must match."""
         return {}
+
+    def control_call_kwargs(self, module, inputs: SampleInputs) -> dict:
+        """A ControlNet pipeline's arguments for samples asked with control images: the images (tensors in [0, 1],
+        as the pipelines take them), their size, and the model's ``controlnet_conditioning_scale`` and
+        ``guess_mode``; nothing for samples without controls."""
+        if inputs.controls is None:
+            if module.controlnet is not None:
+                raise ValueError("generate: this model has a ControlNet: give controls (one control image per sample)")
+            return {}
+        images = torch.stack(list(inputs.controls))
+        h = module.hparams
+        return {
+            "image": images, "height": images.shape[-2], "width": images.shape[-1],
+            "controlnet_conditioning_scale": h.controlnet_conditioning_scale, "guess_mode": h.guess_mode,
+        }  # fmt: skip
 
     def export(self, parts: Components, scheduler, path: Path) -> dict:
         """Write the export folder; return what ``lightning_ft.json`` must record besides the backbones."""

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SampleInputs:
-    """The inputs of ``count`` samples: ``prompts`` (one per sample), ``labels`` (one per sample), or neither."""
+    """The inputs of ``count`` samples: ``prompts`` (one per sample), ``labels`` (one per sample), or neither; and
+    ``controls``, one control image per sample ((3, H, W) in [0, 1]) for a model with a ControlNet
+    (``ModelFamily.with_controls`` adds them)."""
 
     count: int
     prompts: tuple[str, ...] | None = None
     labels: tuple[int, ...] | None = None
+    controls: tuple | None = None
 
     def __post_init__(self):
-        for name in ("prompts", "labels"):
+        for name in ("prompts", "labels", "controls"):
             values = getattr(self, name)
             if values is not None and len(values) != self.count:
                 raise ValueError(f"SampleInputs: {len(values)} {name} for {self.count} samples")
@@ -32,7 +35,8 @@ class SampleInputs:
     def _map(self, pick) -> SampleInputs:
         prompts = tuple(pick(self.prompts)) if self.prompts is not None else None
         labels = tuple(pick(self.labels)) if self.labels is not None else None
-        return SampleInputs(len(pick(range(self.count))), prompts, labels)
+        controls = tuple(pick(self.controls)) if self.controls is not None else None
+        return SampleInputs(len(pick(range(self.count))), prompts, labels, controls)
 
     def __getitem__(self, index: slice) -> SampleInputs:
         return self._map(lambda values: values[index])
@@ -50,8 +54,15 @@ class SampleInputs:
         return self._map(lambda values: [v for v in values for _ in range(times)])
 
     def distinct(self) -> SampleInputs:
-        """The inputs without repeats, in order."""
+        """The inputs without repeats, in order (controls: the samples whose prompt or label is new)."""
+        if self.controls is not None:
+            keys = [(value, id(control)) for value, control in zip(self.values(), self.controls)]
+            return self.take([i for i, key in enumerate(keys) if keys.index(key) == i])
         return self._map(lambda values: list(dict.fromkeys(values)))
+
+    def with_controls(self, controls) -> SampleInputs:
+        """These inputs with one control image per sample (a (N, 3, H, W) tensor or a sequence of (3, H, W))."""
+        return SampleInputs(self.count, self.prompts, self.labels, tuple(controls))
 
     @property
     def conditional(self) -> bool:
@@ -76,15 +87,23 @@ class SampleInputs:
 
     def generate_kwargs(self) -> dict:
         """The arguments of ``DiffusionBase.generate`` that ask for these samples (without seeds)."""
+        kwargs = {}
         if self.prompts is not None:
-            return {"prompts": list(self.prompts)}
-        if self.labels is not None:
-            return {"labels": list(self.labels)}
-        return {}
+            kwargs = {"prompts": list(self.prompts)}
+        elif self.labels is not None:
+            kwargs = {"labels": list(self.labels)}
+        if self.controls is not None:
+            import torch
+
+            kwargs["controls"] = torch.stack([torch.as_tensor(c) for c in self.controls])
+        return kwargs
 
     def meta(self) -> dict:
-        """The inputs as JSON-ready values (a sampled folder's record)."""
-        return self.generate_kwargs()
+        """The inputs as JSON-ready values (a sampled folder's record; control images as their count)."""
+        kwargs = self.generate_kwargs()
+        if "controls" in kwargs:
+            kwargs["controls"] = f"{len(self.controls)} control images"
+        return kwargs
 
     @staticmethod
     def of(prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None, n: int | None = None):

@@ -14,6 +14,8 @@ SDXL (as ``StableDiffusionXLPipeline`` and diffusers' SDXL training scripts):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightning_ft.core.components import Components
@@ -22,6 +24,13 @@ from lightning_ft.core.families.text import TextFamily
 
 #: Image-to-image variants of these families: same weights, another task; refused until that task is supported.
 _IMAGE_TASK = "it conditions on an input image, which lightning-ft does not train yet"
+#: A ControlNet pipeline folder (a base model and a ControlNet, e.g. an export of ``trainable: controlnet``).
+_CONTROLNET_FOLDER = (
+    "a ControlNet pipeline folder: give its base model as model.pretrained, and to train the ControlNet further "
+    "model.trainable=controlnet with model.controlnet=<folder>/controlnet"
+)
+#: ``ControlNetModel``'s conditioning-embedding widths (diffusers' default for an 8x VAE); its depth follows the VAE.
+_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 class ClipUNetFamily(TextFamily):
@@ -46,8 +55,38 @@ class ClipUNetFamily(TextFamily):
                 "does not train yet"
             )
 
-    def denoise(self, denoiser, noisy, t, cond: Condition):
-        return denoiser(noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"]).sample
+    def added_cond_kwargs(self, cond: Condition) -> dict:
+        """The UNet's (and its ControlNet's) extra conditioning arguments (SDXL's pooled text and time ids)."""
+        return {}
+
+    def denoise(self, denoiser, noisy, t, cond: Condition, **residuals):
+        return denoiser(
+            noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"], **self.added_cond_kwargs(cond),
+            **residuals,
+        ).sample  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------- ControlNet
+    def make_controlnet(self, parts: Components, path: str | None = None):
+        """``ControlNetModel.from_unet`` of the denoiser (diffusers' ``train_controlnet*.py``: the UNet's encoder
+        copied, zero convolutions out), with a conditioning embedding that downsamples the control image by the
+        VAE's factor (diffusers' default widths, one stride-2 stage per factor of 2); or ``path``'s ControlNet."""
+        from diffusers import ControlNetModel
+
+        if path:
+            return ControlNetModel.from_pretrained(path)
+        stages = int(math.log2(self.vae_scale_factor(parts)))
+        channels = (_CONDITIONING_CHANNELS + (_CONDITIONING_CHANNELS[-1],) * stages)[: stages + 1]
+        return ControlNetModel.from_unet(parts.denoiser, conditioning_embedding_out_channels=channels)
+
+    def control_residuals(self, controlnet, noisy, t, cond: Condition) -> dict:
+        """As diffusers' ``train_controlnet.py``: the ControlNet reads the noisy latents, the timesteps, the text
+        context and the control image; its residuals go into the UNet's down and mid blocks (scale 1)."""
+        down, mid = controlnet(
+            noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"],
+            controlnet_cond=cond.fields["controlnet_cond"].to(noisy.dtype), return_dict=False,
+            **self.added_cond_kwargs(cond),
+        )  # fmt: skip
+        return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
 
 
 class StableDiffusion(ClipUNetFamily):
@@ -62,8 +101,9 @@ class StableDiffusion(ClipUNetFamily):
         "StableDiffusionDepth2ImgPipeline": _IMAGE_TASK,
         "StableDiffusionInstructPix2PixPipeline": _IMAGE_TASK,
         "StableDiffusionUpscalePipeline": _IMAGE_TASK,
-        "StableDiffusionControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+        "StableDiffusionControlNetPipeline": _CONTROLNET_FOLDER,
     }
+    controlnet_pipeline = "StableDiffusionControlNetPipeline"
     detect_order = 60
 
     @classmethod
@@ -91,8 +131,9 @@ class StableDiffusionXL(ClipUNetFamily):
         "StableDiffusionXLInpaintPipeline": "inpainting is not trained by lightning-ft yet",
         "StableDiffusionXLImg2ImgPipeline": _IMAGE_TASK,
         "StableDiffusionXLInstructPix2PixPipeline": _IMAGE_TASK,
-        "StableDiffusionXLControlNetPipeline": "ControlNet training is not in lightning-ft yet",
+        "StableDiffusionXLControlNetPipeline": _CONTROLNET_FOLDER,
     }
+    controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
     detect_order = 50
 
@@ -128,11 +169,8 @@ class StableDiffusionXL(ClipUNetFamily):
         fields["time_ids"] = time_ids.to(fields["text_embeds"])
         return Condition(fields, n)
 
-    def denoise(self, denoiser, noisy, t, cond):
-        added = {"text_embeds": cond.fields["text_embeds"], "time_ids": cond.fields["time_ids"]}
-        return denoiser(
-            noisy, t, encoder_hidden_states=cond.fields["encoder_hidden_states"], added_cond_kwargs=added
-        ).sample
+    def added_cond_kwargs(self, cond):
+        return {"added_cond_kwargs": {"text_embeds": cond.fields["text_embeds"], "time_ids": cond.fields["time_ids"]}}
 
     def pipeline_options(self) -> dict:
         return {
