@@ -112,7 +112,7 @@ def test_diff_tuning_trains_a_controlnet_with_memory_rows_under_an_empty_or_pair
         seen = []
         original = module.family.control_residuals
 
-        def spy(controlnet, noisy, t, cond, original=original):
+        def spy(controlnet, noisy, t, cond, original=original, seen=seen):
             seen.append(cond.fields["controlnet_cond"].clone())
             return original(controlnet, noisy, t, cond)
 
