@@ -36,6 +36,13 @@ SUBJECT_PROMPT = "a sks orange star on a gray background"
 SUBJECT_CLASS_PROMPT = "a orange star on a gray background"
 SUBJECT_EVAL_PROMPTS = [f"a sks orange star on a {bg} background" for bg in shapes.BACKGROUNDS]
 DOMAIN_OUTLINE = 0.35
+# The control target has a version of its own, so that a change to it never rewrites the other targets' folders.
+CONTROL_VERSION = 1
+# 48 training pairs: "limited data" for a ControlNet (diffusers' examples train on 50,000 fill pairs), yet every shape
+# appears about 8 times, in 3 batches of 16, so the 6 silhouettes can be learnt at all; 32 held-out pairs: enough for a
+# mean IoU with a usable interval at the cost of one 32-image sampling per evaluation.
+CONTROL_TRAIN, CONTROL_HELDOUT = 48, 32
+CONTROL_FOLDER = "control"  # the control images' subfolder of each split: <split>/control/<image name>
 
 
 def subject_spec(rng: np.random.Generator, **overrides) -> shapes.ShapeSpec:
@@ -88,14 +95,53 @@ def write_domain(
     (folder / "meta.json").write_text(json.dumps({"style": "outlined", "outline": DOMAIN_OUTLINE}, indent=2))
 
 
-WRITERS = {"subject": write_subject, "domain": write_domain}
+def control_image(spec: shapes.ShapeSpec, resolution: int) -> np.ndarray:
+    """The control of a render: its shape's silhouette, white on black, as RGB uint8 (anti-aliased edges, the
+    coverage of ``shapes.shape_mask``)."""
+    coverage = np.rint(255 * shapes.shape_mask(spec, resolution)).astype(np.uint8)
+    return np.repeat(coverage[..., None], 3, axis=-1)
+
+
+def write_control(
+    folder: Path,
+    num_images: int = CONTROL_TRAIN,
+    num_heldout: int = CONTROL_HELDOUT,
+    resolution: int = 32,
+    seed: int = 0,
+) -> None:
+    """``train/`` and ``heldout/``: renders ``<split>_NNNN.png`` of random source specs, each with its silhouette
+    ``<split>/control/<same name>``, and ``<split>/captions.jsonl`` rows ``file``, ``caption`` (the source caption),
+    ``conditioning_image`` (the control, relative to the captions file's folder, the diffusers dataset convention),
+    ``background`` (the caption's background as RGB 0-255: what the adherence score segments the shape from) and
+    ``label`` (shape x colour). Each split draws from its own stream, so their sizes do not change each other."""
+    for stream, (split, count) in enumerate((("train", num_images), ("heldout", num_heldout))):
+        rng = np.random.default_rng((seed, 3 + stream))
+        (folder / split / CONTROL_FOLDER).mkdir(parents=True)
+        rows = []
+        for i in range(count):
+            spec = shapes.sample_spec(rng)
+            file = _save(folder / split, f"{split}_{i:04d}.png", spec, resolution)
+            control = f"{CONTROL_FOLDER}/{file}"
+            Image.fromarray(control_image(spec, resolution)).save(folder / split / control)
+            background = list(shapes.BACKGROUNDS[spec.background])
+            label = shapes.class_label(spec)
+            row = {"file": file, "caption": spec.caption, "conditioning_image": control, "background": background}
+            rows.append({**row, "label": label})
+        (folder / split / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"task": "silhouette control", "train": num_images, "heldout": num_heldout, "resolution": resolution}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+WRITERS = {"subject": write_subject, "domain": write_domain, "control": write_control}
+VERSIONS = {"control": CONTROL_VERSION}  # the others: VERSION
 
 
 def ensure_target(name: str, root: Path | None = None) -> Path:
-    """Folder of the embedded target ``name`` (``subject`` or ``domain``), written if it does not exist yet."""
+    """Folder of the embedded target ``name`` (``subject``, ``domain`` or ``control``), written if it does not exist
+    yet."""
     if name not in WRITERS:
         raise ValueError(f"unknown embedded target {name!r}; expected one of {sorted(WRITERS)}")
-    folder = (root or cache_dir() / "embedded") / f"{name}-v{VERSION}"
+    folder = (root or cache_dir() / "embedded") / f"{name}-v{VERSIONS.get(name, VERSION)}"
     if folder.exists():
         return folder
     ensure_writable(folder.parent)  # a read-only cache: say which folder and how to move it, not a raw error

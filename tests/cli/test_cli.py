@@ -172,12 +172,14 @@ def test_experiments_hold_no_embedded_data_and_name_their_data_config():
             assert not {"instance_dir", "instance_prompt", "class_prompt", "captions_file", "heldout_dir"} & set(data)
             subject = bool(data.get("num_class_images"))  # DreamBooth's prior preservation: a subject
             expected = "configs/data/embedded_subject.yaml" if subject else "configs/data/embedded_domain.yaml"
+            if config["model"]["init_args"].get("trainable") == "controlnet":  # control images paired with images
+                expected = "configs/data/embedded_control.yaml"
             assert _data_config(experiment) == expected, experiment.name
             for callback in config["trainer"].get("callbacks", []):
                 args = callback.get("init_args") or {}
                 assert not {"heldout_dir", "reference_dir", "labels"} & set(args), (experiment.name, callback)
                 assert args.get("prompts") in (None, []), (experiment.name, callback)  # [] : ANL's own inputs
-    for data_config in ("embedded_subject", "embedded_domain"):
+    for data_config in ("embedded_subject", "embedded_domain", "embedded_control"):
         assert "${embedded:" in (REPO / "configs/data" / f"{data_config}.yaml").read_text()
 
 
