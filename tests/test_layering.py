@@ -54,8 +54,8 @@ LAYERS = {
     "metrics": 1, "data": 1, "report": 1,
     "core": 2, "nn": 2,
     "methods": 3, "callbacks": 3, "embedded": 3,
-    "cli": 4, "strategies": 4,
-    "run": 5, "sweep": 6,
+    "cli": 4, "strategies": 4, "evaluation": 4,
+    "run": 5, "evaluate": 5, "sweep": 6,
 }  # fmt: skip
 
 

@@ -4,6 +4,8 @@ Every ``every_n_steps`` optimizer steps (plus step 0, before any update, and the
 samples fixed prompts and seeds and measures, against the instance images:
 
 - ``corruption/fidelity``: ``subject_fidelity`` (mean cosine similarity of every sample to every instance image);
+  with several prompts (or labels) it is pooled over all of them, and the history and the CSV also hold each
+  prompt's own, as ``fidelity: <prompt>`` (``fidelity: class 3`` for a label; not sent to the loggers);
 - ``corruption/score``: mean high-frequency energy of the samples divided by that of the instance images
   (``high_frequency_energy``: share of spectral energy above half Nyquist). 1 = as much fine detail as the training
   images; the noisy patterns of the corruption stage push it up (white noise alone is ~0.8 absolute energy, a
@@ -46,6 +48,8 @@ CSV_COLUMNS = (
     "stage", "stage_code",
 )  # fmt: skip
 BEST_CHECKPOINT = "best_before_corruption.ckpt"
+#: Prefix of the history keys and CSV columns of each prompt's own fidelity (when the monitor samples several).
+PER_PROMPT = "fidelity: "
 
 
 def unit_pixels(images: list, size: int) -> torch.Tensor:
@@ -58,7 +62,9 @@ class CorruptionStageMonitor(PeriodicEvaluation):
 
     Args:
         prompts: prompts to sample for text models, each drawn once per seed (default None: the datamodule's
-            instance prompts, deduplicated in order; many distinct captions mean many samples per evaluation).
+            instance prompts, deduplicated in order; many distinct captions mean many samples per evaluation). With
+            more than one, each prompt's fidelity is recorded beside the pooled one (``fidelity: <prompt>``
+            columns of the CSV, keys of the history points).
         labels: class labels for class-conditional models (default None: the datamodule's, deduplicated).
         seeds: sampling seeds (default 0-7), the same at every evaluation so that curves compare like with like.
         every_n_steps: evaluation period in optimizer steps (default 50; 0 = only at step 0 and at the end).
@@ -313,7 +319,20 @@ class CorruptionStageMonitor(PeriodicEvaluation):
             "memorisation": memorisation(feats, ref),
             "diversity": diversity(feats),
             "hf_energy": hf,
+            **self.fidelity_by_prompt(feats, ref),
         }
+
+    def fidelity_by_prompt(self, feats: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+        """``{"fidelity: <prompt>": subject fidelity of that prompt's samples}`` (``fidelity: class N`` for a
+        label; a prompt given twice pools its samples), in the order sampled; empty when the monitor samples a
+        single prompt, whose fidelity is the pooled one. ``feats``: the samples' features in ``sample``'s order."""
+        texts = [t for t in self.conditions.texts() for _ in self.seeds]
+        if len(set(texts)) < 2:
+            return {}
+        rows: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            rows.setdefault(f"{PER_PROMPT}{text}", []).append(i)
+        return {key: subject_fidelity(feats[idx], ref) for key, idx in rows.items()}
 
     def classify(self) -> StageReport:
         h = self.history
@@ -369,8 +388,10 @@ class CorruptionStageMonitor(PeriodicEvaluation):
         self.csv_file.parent.mkdir(parents=True, exist_ok=True)
         stages = dict(zip(self.report.steps, self.report.stages))
         tmp = self.csv_file.with_suffix(".csv.tmp")
+        # Each prompt's fidelity (several prompts only) after the usual columns, in the order first recorded.
+        per_prompt = list(dict.fromkeys(k for p in self.history for k in p if k.startswith(PER_PROMPT)))
         with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=[*CSV_COLUMNS, *per_prompt], restval=float("nan"))
             writer.writeheader()
             for p in self.history:
                 stage = stages[p["step"]]

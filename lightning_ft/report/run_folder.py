@@ -22,6 +22,7 @@ import yaml
 
 from lightning_ft.images import image_files
 from lightning_ft.report.cost import COST_FILE
+from lightning_ft.report.evaluation import read_evaluation
 
 RUN_FILES = ("metrics.csv", "corruption_stage.csv", "config.yaml", "hparams.yaml", "samples")
 #: What the SampleGridLogger writes beside its grids: each row's text (prompt, ``class N`` or empty) and the seeds.
@@ -77,6 +78,8 @@ class RunFolder:
     cost: dict | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section -> why it is missing
     grid_rows: list[str] | None = None  # the texts of samples/rows.json, one per grid row
+    evaluation: dict | None = None  # evaluation/evaluation.json (python -m lightning_ft.evaluate RUN), if written
+    evaluation_grid: Path | None = None
 
     # ------------------------------------------------------------------------------------------ metrics
     def columns(self) -> list[str]:
@@ -211,6 +214,7 @@ def read_run(path: str | Path) -> RunFolder:
             raise ValueError(f"{cost}: not valid JSON ({error})") from None
     else:
         run.notes["cost"] = f"no {COST_FILE} in this folder: it is measured during the fit by RunReport"
+    run.evaluation, run.evaluation_grid = read_evaluation(path)
     if run.metrics is not None and not any(finite(r.get("fid/fid")) for r in run.metrics):
         run.notes["fid"] = "no FID/KID in metrics.csv: the run had no FIDMonitor (lightning_ft.callbacks.FIDMonitor)"
     return run

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from lightning_ft.report import figures, html
 from lightning_ft.report.cost import describe, human_bytes, human_seconds, precision_name
+from lightning_ft.report.evaluation import evaluation_card, evaluation_section
 from lightning_ft.report.files import write_all
 from lightning_ft.report.run_folder import RunFolder, finite, read_run
 from lightning_ft.report.verdict import stage_of, stage_report
 
 REPORT_HTML = "report.html"
 FIGURE_DIR = "report"
-FIGURE_NAMES = ("corruption_stage", "samples", "loss", "fid")
+FIGURE_NAMES = ("corruption_stage", "samples", "evaluation", "loss", "fid")
 CHECKPOINT_STEP = re.compile(r"step=(\d+)")
 
 
@@ -142,6 +143,16 @@ def _samples_section(run: RunFolder, figs: dict, max_grids: int) -> str:
     return html.section("Samples over training", body, "samples")
 
 
+def _evaluation_section(run: RunFolder, figs: dict) -> str:
+    """The DreamBench-style evaluation (``evaluation/``, written by ``python -m lightning_ft.evaluate``); nothing
+    when the run has none."""
+    if run.evaluation is None:
+        return ""
+    if run.evaluation_grid is not None:
+        figs["evaluation"] = run.evaluation_grid.read_bytes()
+    return evaluation_section(run.evaluation, figs.get("evaluation"))
+
+
 def _loss_section(run: RunFolder, figs: dict) -> str:
     if run.metrics is None:
         return html.section("Training loss", html.note(run.notes["loss"]), "loss")
@@ -241,6 +252,8 @@ def _cards(run: RunFolder, s: dict) -> str:
             detail = (f"fidelity {_fmt(s['fidelity'])}, progress {_fmt(s['progress'], 2)}; the highest fidelity "
                       f"{span}<br>{where}")  # fmt: skip
             cards.append(html.card("recommended step", str(step), detail, "stage-adapting"))
+    if run.evaluation is not None:
+        cards.append(evaluation_card(run.evaluation))
     if s["fid"] is not None:
         samples, reference = s["fid_counts"]
         detail = (f"KID x 1000 {_fmt(s['kid_x1000'], 2)}; {figures._counts_text(samples)} samples vs "
@@ -282,6 +295,7 @@ def build_run_report(run: RunFolder, max_grids: int = 4) -> BuiltReport:
     sections = [
         _corruption_section(run, report, figs),
         _samples_section(run, figs, max_grids),
+        _evaluation_section(run, figs),
         _loss_section(run, figs),
         _fid_section(run, figs),
         _cost_section(run),
