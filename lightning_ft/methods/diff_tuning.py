@@ -20,7 +20,8 @@ Inferred (not read in code or paper):
 - ``weighting='loss_weight'``: uniform t with per-sample weights p(t) * T (mean 1 over uniform t), equal in
   expectation to importance sampling;
 - at least one memory image per batch when ``memory_ratio > 0``; memory drawn uniformly without replacement per
-  step from a generator seeded by the step (the released loader cycles a shuffled bank); no flip on memory images;
+  step from a generator seeded by the step (the released loader cycles a shuffled bank); memory images flipped with
+  probability 0.5 as the released loader's transform does (``memory_flip``);
 - the per-sample loss is the base denoising MSE (the released DiT also adds a VLB term for its learned variance).
 
 With a ControlNet (``trainable: controlnet``; the paper's second experiment, whose code is not released, so all of
@@ -93,6 +94,10 @@ class DiffTuning(DiffusionBase):
             i.e. unconditional samples, for text models; class models cycle over their classes).
         memory_sample_steps, memory_guidance_scale: sampler settings of the bank (defaults 25, 1.0).
         memory_cache_dir: folder of cached banks (default None: ``memory_bank`` under the project cache).
+        memory_flip: flip each drawn memory image horizontally with probability 0.5 (default True: released, its
+            memory loader reuses the target transform's ``RandomHorizontalFlip``; measured in
+            ``benchmarks/results/released_parity.md``). The results tables were measured before this setting existed,
+            without flips: their experiment files set it false.
         memory_control: with a ControlNet (``trainable: controlnet``; inferred, see the module docstring): the
             control image the memory images are trained with: ``empty`` (black: the base model's behaviour without
             a control is kept; default) or ``paired`` (the batch's own control images, cycled).
@@ -113,6 +118,7 @@ class DiffTuning(DiffusionBase):
         memory_guidance_scale: float = 1.0,
         memory_cache_dir: str | None = None,
         memory_control: str = "empty",
+        memory_flip: bool = True,
         **kwargs,
     ):
         if memory_control not in MEMORY_CONTROLS:
@@ -228,6 +234,9 @@ class DiffTuning(DiffusionBase):
         else:
             index = torch.randint(0, n, (k,), generator=generator)
         images = self.memory_bank[index].float() / 127.5 - 1.0
+        if self.hparams.memory_flip:  # the released memory loader's RandomHorizontalFlip, from the same generator
+            flipped = torch.rand(len(images), generator=generator) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
         if tuple(images.shape[-2:]) != tuple(size):
             # The bank is square, at the data's (largest) resolution; a batch may be smaller or an aspect bucket:
             # resize with the aspect kept until the bank images cover it, then centre-crop (never stretched).

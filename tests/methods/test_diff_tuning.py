@@ -143,7 +143,8 @@ def test_each_step_holds_the_configured_split_and_memory_uses_the_empty_prompt(t
         assert prompts == [batch["prompts"][:target], [""] * memory]
         assert torch.equal(pixels[0][:target], batch["pixel_values"][:target])
         drawn = torch.round((pixels[0][target:] + 1) * 127.5).to(torch.uint8)
-        assert all(any(torch.equal(image, b) for b in bank) for image in drawn)  # memory images come from the bank
+        # memory images come from the bank, flipped or not (memory_flip, the released loader's random flip)
+        assert all(any(torch.equal(image, b) or torch.equal(image, b.flip(-1)) for b in bank) for image in drawn)
         assert torch.allclose(loss, logs["loss/reconsolidation"] + 0.1 * logs["loss/retention"])
 
 
@@ -155,6 +156,17 @@ def test_memory_draws_are_reproducible_per_step_and_differ_between_steps(tmp_pat
     module._batch_idx = 1
     assert not torch.equal(first, module.draw_memory(3, (32, 32)))
     assert module.draw_memory(2, (16, 16)).shape == (2, 3, 16, 16)  # resized to the training resolution
+    # memory_flip (released: on): about half the draws are mirrored bank images; off: none are.
+    bank = module.memory_bank.float() / 127.5 - 1.0
+    draws = torch.cat([module.draw_memory(8, (32, 32)) for module._batch_idx in range(2, 12)])
+    mirrored = [not any(torch.equal(d, b) for b in bank) and any(torch.equal(d, b.flip(-1)) for b in bank)
+                for d in draws]  # fmt: skip
+    assert 0.3 < sum(mirrored) / len(draws) < 0.7
+    module.hparams.memory_flip = False
+    draws = torch.cat([module.draw_memory(8, (32, 32)) for module._batch_idx in range(2, 12)])
+    assert all(any(torch.equal(d, b) for b in bank) for d in draws)
+    module.hparams.memory_flip = True
+    module._batch_idx = 1
     # An aspect bucket (h 16, w 32): the square bank images are resized to cover it and centre-cropped, not stretched.
     module._batch_idx = 0
     import torch.nn.functional as F
