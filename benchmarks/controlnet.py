@@ -42,9 +42,7 @@ import csv
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.fits import run_fit, t_interval
 from benchmarks.launch import REPO, data_config
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.control_monitor import ControlAdherenceMonitor, convergence_step
@@ -91,20 +90,6 @@ class SampleSavingControlMonitor(ControlAdherenceMonitor):
 
 
 # ------------------------------------------------------------------------------------------- pure functions
-def t_interval(values, confidence: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the Student-t interval, n) of the finite values; half-width NaN for n < 2."""
-    from scipy.stats import t
-
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = statistics.fmean(values)
-    if n == 1:
-        return mean, math.nan, 1
-    return mean, float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n), n
-
-
 def speedup(baseline: list[float], treated: list[float], resamples: int = 10_000, seed: int = 0,
             level: float = 0.95) -> tuple[float, float, float]:  # fmt: skip
     """1 - mean(treated) / mean(baseline) (the share of the baseline's steps saved; > 0: the treated method
@@ -203,31 +188,7 @@ def finished_log_dir(run_root: Path, steps: int, settings: dict) -> Path | None:
 
 def fit(job: dict) -> tuple[Path, float, float]:
     """Run one fit (or reuse a finished one); returns its log dir, its wall time and its CPU time in seconds."""
-    root, settings = job["root"], job["settings"]
-    done = finished_log_dir(root, job["steps"], settings)
-    if done is not None:
-        record = json.loads((root / "bench.json").read_text())
-        return done, float(record.get("seconds", math.nan)), float(record.get("cpu_seconds", math.nan))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bench.json").write_text(json.dumps({"settings": settings}, indent=1))
-    command = [
-        sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(job["config"]),
-        "--seed_everything", str(job["seed"]), "--data.seed", str(job["seed"]),
-        "--trainer.max_steps", str(job["steps"]), "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root), *job["extra"],
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(root / "stdout.log", "w") as log:
-        subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime  # mixed when --jobs > 1
-    (root / "bench.json").write_text(json.dumps({"settings": settings, "seconds": seconds, "cpu_seconds": cpu_seconds},
-                                                indent=1))  # fmt: skip
-    log_dir = finished_log_dir(root, job["steps"], settings)
-    if log_dir is None:
-        raise RuntimeError(f"{root}: the fit ended without the final row of control_adherence.csv")
-    return log_dir, seconds, cpu_seconds
+    return run_fit(job, finished_log_dir, "control_adherence.csv")
 
 
 # ------------------------------------------------------------------------------------------------ levels

@@ -35,9 +35,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import resource
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.fits import run_fit
 from benchmarks.launch import REPO, data_config
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import markdown_table, write_csv
@@ -207,32 +205,7 @@ def finished_log_dir(run_root: Path, steps: int, settings: dict) -> Path | None:
 
 def fit(job: dict) -> tuple[Path, float, float]:
     """Run one fit (or reuse a finished one); returns its log dir, its wall time and its CPU time in seconds."""
-    root, settings = job["root"], job["settings"]
-    done = finished_log_dir(root, job["steps"], settings)
-    if done is not None:
-        record = json.loads((root / "bench.json").read_text())
-        return done, float(record.get("seconds", math.nan)), float(record.get("cpu_seconds", math.nan))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bench.json").write_text(json.dumps({"settings": settings}, indent=1))
-    command = [
-        sys.executable, "-m", "lightning_ft.run", "fit", "--config", str(job["config"]),
-        "--seed_everything", str(job["seed"]), "--data.seed", str(job["seed"]),
-        "--trainer.max_steps", str(job["steps"]), "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root), *job["extra"],
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(root / "stdout.log", "w") as log:
-        subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU time of the fit process (exact with --jobs 1; with more jobs the children's times mix)
-    cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
-    record = {"settings": settings, "seconds": seconds, "cpu_seconds": cpu_seconds}
-    (root / "bench.json").write_text(json.dumps(record, indent=1))
-    log_dir = finished_log_dir(root, job["steps"], settings)
-    if log_dir is None:
-        raise RuntimeError(f"{root}: the fit ended without the final row of corruption_stage.csv")
-    return log_dir, seconds, cpu_seconds
+    return run_fit(job, finished_log_dir, "corruption_stage.csv")
 
 
 def read_curve(log_dir: Path) -> dict[str, list]:

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.fits import t_interval
 from benchmarks.launch import REPO, config_args, fit_run
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import saved_figure, write_csv
@@ -113,20 +113,6 @@ SCORE_OVERHEAD_SECONDS = 15.0
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the Student-t interval, n) of the finite values; half-width NaN for n < 2."""
-    from scipy.stats import t
-
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = statistics.fmean(values)
-    if n == 1:
-        return mean, math.nan, 1
-    return mean, float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n), n
-
-
 def paired_differences(rows: list[dict], baseline: list[dict], key: str) -> list[float]:
     """``row[key] - baseline[key]`` for every seed present (and measured) in both, in the rows' order."""
     by_seed = {r["seed"]: r.get(key) for r in baseline}
