@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.fits import run_fit, t_interval
+from benchmarks.fits import SavesSamples, run_fit, t_interval
 from benchmarks.launch import REPO, data_config
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.control_monitor import ControlAdherenceMonitor, convergence_step
@@ -72,21 +72,15 @@ COST = {"startup_s": 20.0, "step_s": {"controlnet": 0.25, "controlnet_diff_tunin
         "memory_bank_s": 30.0}  # fmt: skip
 
 
-class SampleSavingControlMonitor(ControlAdherenceMonitor):
+class SampleSavingControlMonitor(SavesSamples, ControlAdherenceMonitor):
     """The ``ControlAdherenceMonitor`` unchanged, plus the images of every evaluation saved as
     ``<log dir>/control_samples/step_XXXXXX.png`` (one row, the pairs in order, actual size): the exact samples
     behind each point of the curve, for the grid at convergence."""
 
-    def sample(self, pl_module):
-        self._last_images = super().sample(pl_module)
-        return self._last_images
+    samples_folder = "control_samples"
 
-    def measure(self, pl_module, step: int) -> dict:
-        point = super().measure(pl_module, step)
-        folder = self.csv_file.parent / "control_samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_grid(self._last_images, folder / f"step_{int(step):06d}.png", columns=len(self._last_images), upscale=1)
-        return point
+    def sample_columns(self, images) -> int:
+        return len(images)
 
 
 # ------------------------------------------------------------------------------------------- pure functions

@@ -43,12 +43,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.fits import run_fit
+from benchmarks.fits import SavesSamples, run_fit
 from benchmarks.launch import REPO, data_config
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
-from lightning_ft.callbacks.sample_grid import save_grid
 from lightning_ft.report.stage_rules import StageReport, classify_stages
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -75,21 +74,10 @@ COST = {
 }  # fmt: skip
 
 
-class SampleSavingMonitor(CorruptionStageMonitor):
+class SampleSavingMonitor(SavesSamples, CorruptionStageMonitor):
     """The ``CorruptionStageMonitor`` unchanged, plus the images of every evaluation saved as
     ``<log dir>/monitor_samples/step_XXXXXX.png`` (one row per prompt, one column per sampling seed, actual size):
     the exact samples behind each point of the curves, so a dip can be looked at without sampling again."""
-
-    def sample(self, pl_module):
-        self._last_images = super().sample(pl_module)
-        return self._last_images
-
-    def measure(self, pl_module, step: int) -> dict:
-        point = super().measure(pl_module, step)
-        folder = self.csv_file.parent / "monitor_samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_grid(self._last_images, folder / f"step_{int(step):06d}.png", columns=len(self.seeds), upscale=1)
-        return point
 
 
 # ------------------------------------------------------------------------------------------- pure functions

@@ -62,3 +62,29 @@ def run_fit(job: dict, finished: Callable[[Path, int, dict], Path | None], curve
     if log_dir is None:
         raise RuntimeError(f"{root}: the fit ended without the final row of {curve}")
     return log_dir, seconds, cpu_seconds
+
+
+class SavesSamples:
+    """Mixin for a monitor (``PeriodicEvaluation`` with ``sample`` and ``measure``): the monitor unchanged, plus the
+    images of every evaluation written as ``<log dir>/<samples_folder>/step_XXXXXX.png`` (actual size): the exact
+    samples behind each point of a curve, for grids and for looking at a dip without sampling again."""
+
+    samples_folder = "monitor_samples"
+
+    def sample_columns(self, images) -> int:
+        """Columns of a saved grid (default: one per sampling seed)."""
+        return len(self.seeds)
+
+    def sample(self, pl_module):
+        self._last_images = super().sample(pl_module)
+        return self._last_images
+
+    def measure(self, pl_module, step: int) -> dict:
+        from lightning_ft.callbacks.sample_grid import save_grid
+
+        point = super().measure(pl_module, step)
+        folder = self.csv_file.parent / self.samples_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        images = self._last_images
+        save_grid(images, folder / f"step_{int(step):06d}.png", columns=self.sample_columns(images), upscale=1)
+        return point
