@@ -39,7 +39,7 @@ class _Identity(nn.Module):
 def identity(path: str | None = None) -> FeatureExtractor:
     """Identity embeddings of the embedded world (subject identity, memorisation, diversity)."""
     net = load_net(path)
-    return FeatureExtractor(_Identity(net), net.num_features, "shapes-identity")
+    return FeatureExtractor(_Identity(net), net.identity_dim, "shapes-identity")
 
 
 def features(path: str | None = None) -> FeatureExtractor:

@@ -5,7 +5,8 @@ attribute accuracy) for the embedded models only. ``forward`` returns a (N, D) f
 torchmetrics' FID/KID expect from a custom ``feature`` module; ``identity`` the centred features that subject
 identity compares; ``classify`` the logits of the attribute heads (shape, colour, background, surface pattern,
 stripe colour). Trained by ``python -m lightning_ft.embedded.train_feature_net``; the shipped weights live in
-``lightning_ft/embedded/assets/shapes-features``.
+``lightning_ft/embedded/assets/shapes-features``. Version 5 (``shapes-features-v5``, ``--version 5``; no model
+declares it yet) adds a stripe-period head and reads identity per head (``identity_heads``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class ShapesFeatureNet(nn.Module):
         num_features: size D of the feature vector returned by ``forward`` (default 128).
         label_names: class names per head (default: the shapes, colours, backgrounds, patterns and stripe colours
             of ``lightning_ft.embedded.shapes``).
+        identity_heads: how ``identity`` reads an image. ``None`` (the default, version 4): the centred features.
+            A dict ``{name: weight}`` (version 5): blocks, each centred and normalised on its own and scaled by its
+            weight, then joined: ``"features"`` the features, any head name that head's class probabilities. The
+            cosine of two embeddings is then the weighted mean (by squared weight) of the blocks' cosines, so a
+            variant that differs in one head (stripe period, base colour) loses that head's share whatever the rest.
 
     Attributes:
         num_features: D, read by torchmetrics FID/KID so that they need not probe the net with a dummy image.
@@ -65,6 +71,7 @@ class ShapesFeatureNet(nn.Module):
         widths: tuple[int, ...] | list[int] = (16, 32, 64, 128, 128),
         num_features: int = 128,
         label_names: dict[str, list[str]] | None = None,
+        identity_heads: dict[str, float] | None = None,
     ):
         super().__init__()
         self.config = {
@@ -72,6 +79,13 @@ class ShapesFeatureNet(nn.Module):
             "num_features": int(num_features),
             "label_names": {k: list(v) for k, v in (label_names or default_label_names()).items()},
         }
+        if identity_heads is not None:
+            unknown = set(identity_heads) - set(self.config["label_names"]) - {"features"}
+            if unknown:
+                raise ValueError(f"identity_heads names unknown heads {sorted(unknown)}")
+            # Saved only when set, so that a version-4 folder's config (and state dict) stays as it was.
+            self.config["identity_heads"] = {k: float(v) for k, v in identity_heads.items()}
+        self.identity_heads = self.config.get("identity_heads")
         self.num_features = int(num_features)
         self.label_names = self.config["label_names"]
         blocks, c_in = [], 3
@@ -88,6 +102,10 @@ class ShapesFeatureNet(nn.Module):
         # ``identity`` compares images, so that a cosine measures what sets an image apart from the world's average
         # and not what every image of the world shares (raw features of any two renders are alike by cosine).
         self.register_buffer("center", torch.zeros(num_features))
+        if self.identity_heads is not None:
+            # The mean class probabilities of each identity head over the world (set by ``set_center`` too).
+            size = sum(len(self.label_names[k]) for k in self.identity_heads if k != "features")
+            self.register_buffer("head_center", torch.zeros(size))
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature vectors (N, D) of images (float in [0, 1] or uint8; (N, 3, H, W) or one (3, H, W))."""
@@ -96,16 +114,46 @@ class ShapesFeatureNet(nn.Module):
         return self.project(self.pool(h).flatten(1))
 
     def identity(self, x: Tensor) -> Tensor:
-        """Identity embeddings (N, D): features minus the world's mean feature, the DINO role. Cosine similarity of
-        two embeddings is high for the same object (shape, colour, surface pattern) in any pose or size and
-        low for another object of the same class; see the model card for the measured levels."""
-        return self.forward(x) - self.center
+        """Identity embeddings (N, D'), the DINO role. Cosine similarity of two embeddings is high for the same
+        object (shape, colour, surface pattern) in any pose or size and low for another object of the same class;
+        see the model card for the measured levels. Version 4: the features minus the world's mean feature
+        (D' = D); with ``identity_heads``: the weighted, per-block normalised blocks described there."""
+        features = self.forward(x)
+        if self.identity_heads is None:
+            return features - self.center
+        return self._identity_blocks(features)
+
+    def _head_probabilities(self, features: Tensor) -> Tensor:
+        heads = [k for k in self.identity_heads if k != "features"]
+        return torch.cat([self.heads[k](features).softmax(-1) for k in heads], dim=-1)
+
+    def _identity_blocks(self, features: Tensor) -> Tensor:
+        blocks, start = [], 0
+        probabilities = self._head_probabilities(features) - self.head_center
+        for name, weight in self.identity_heads.items():
+            if name == "features":
+                block = features - self.center
+            else:
+                size = len(self.label_names[name])
+                block, start = probabilities[:, start : start + size], start + size
+            blocks.append(weight * torch.nn.functional.normalize(block, dim=-1))
+        return torch.cat(blocks, dim=-1)
 
     @torch.no_grad()
     def set_center(self, images: Tensor, batch_size: int = 500) -> None:
-        """Set ``center`` to the mean feature of ``images`` (a broad sample of the world)."""
+        """Set ``center`` to the mean feature of ``images`` (a broad sample of the world), and with
+        ``identity_heads`` ``head_center`` to their mean class probabilities."""
         feats = torch.cat([self.forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         self.center.copy_(feats.mean(dim=0))
+        if self.identity_heads is not None:
+            self.head_center.copy_(self._head_probabilities(feats).mean(dim=0))
+
+    @property
+    def identity_dim(self) -> int:
+        """Size of the ``identity`` embedding."""
+        if self.identity_heads is None:
+            return self.num_features
+        return sum(self.num_features if k == "features" else len(self.label_names[k]) for k in self.identity_heads)
 
     def classify(self, x: Tensor) -> dict[str, Tensor]:
         """Logits per attribute head, e.g. ``{"shape": (N, 6), "color": (N, 8), "background": (N, 3), ...}``."""

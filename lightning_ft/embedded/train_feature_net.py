@@ -11,6 +11,14 @@ colour label stays the main colour); 30% are passed through the autoencoder, who
 half get a smooth colour mottling like that of generated samples.
 Held-out accuracy is measured on plain source-domain renders of another seed and written with the run's settings
 to ``metrics.json``, next to a ``README.md`` model card.
+
+``--version 4`` (the default) is the recipe of the shipped ``shapes-features``. ``--version 5`` (``shapes-features-v5``,
+not the default of any model) draws stripe periods log-uniformly over 0.08-0.42 of the width, adds a head for the
+period in log-spaced bins and reads identity per head (``IDENTITY_HEADS_V5``), so that the subject is told from the same
+object with narrower or wider stripes or with its two colours swapped (``python -m benchmarks.identity_decoys``):
+
+    python -m lightning_ft.embedded.train_feature_net --out lightning_ft/embedded/assets/shapes-features-v5 \
+        --version 5 --steps 4000 --seed 0 --autoencoder lightning_ft/embedded/assets/shapes-t2i/vae
 """
 
 from __future__ import annotations
@@ -28,21 +36,92 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from lightning_ft.embedded import shapes
-from lightning_ft.embedded.feature_net import ShapesFeatureNet
+from lightning_ft.embedded.feature_net import ShapesFeatureNet, default_label_names
 
 STRIPE_PROB, OUTLINE_PROB = 0.5, 0.2
+VERSIONS = (4, 5)
+# Version 5: stripe periods drawn log-uniformly over a wider range, and a head for the period in log-spaced bins, so
+# that the features tell a subject from the same object with narrower or wider stripes.
+PERIOD_RANGE = (0.08, 0.42)
+PERIOD_BINS = 8
+# Version 5's identity embedding (``ShapesFeatureNet.identity_heads``): the centred features at half weight, and the
+# class probabilities of every head that names what an object is (not the background: identity must ignore it).
+IDENTITY_HEADS_V5 = {
+    "features": 0.5,
+    "shape": 1.0,
+    "color": 1.0,
+    "pattern": 1.0,
+    "stripe_color": 1.0,
+    "stripe_period": 1.0,
+}
 
 
-def random_spec(rng: np.random.Generator) -> shapes.ShapeSpec:
-    """A random training spec, striped with probability 0.5 and (independently) outlined with probability 0.2."""
-    return shapes.styled(shapes.sample_spec(rng), rng, rng.random() < STRIPE_PROB, rng.random() < OUTLINE_PROB)
+def period_edges() -> np.ndarray:
+    """The ``PERIOD_BINS + 1`` log-spaced edges of the stripe-period bins over ``PERIOD_RANGE``."""
+    return np.geomspace(*PERIOD_RANGE, PERIOD_BINS + 1)
 
 
-def render_batch(specs: list[shapes.ShapeSpec], resolution: int = 32) -> tuple[Tensor, dict[str, Tensor]]:
+def period_names() -> list[str]:
+    """Class names of the stripe-period head: ``none`` and one name per bin (``period-0.080-0.099``)."""
+    edges = period_edges()
+    return ["none"] + [f"period-{a:.3f}-{b:.3f}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+def period_label(spec: shapes.ShapeSpec) -> int:
+    """0 for an unstriped spec, else 1 + the bin of its stripe period (periods outside the range: the end bins)."""
+    if spec.stripes is None:
+        return 0
+    return 1 + int(np.clip(np.searchsorted(period_edges(), spec.stripes[1], side="right") - 1, 0, PERIOD_BINS - 1))
+
+
+def label_names(version: int) -> dict[str, list[str]]:
+    """Class names of the heads of a version's net."""
+    names = {k: list(v) for k, v in default_label_names().items()}
+    if version >= 5:
+        names["stripe_period"] = period_names()
+    return names
+
+
+def spec_labels(spec: shapes.ShapeSpec, version: int = 4) -> dict[str, int]:
+    """Integer labels of ``spec`` for a version's heads: ``shapes.labels`` (the colour label is the base colour,
+    ``stripe_color`` the stripes'), plus for version 5 ``stripe_period``, and colour labels by area (``base_share``)."""
+    row = shapes.labels(spec)
+    if version >= 5:
+        row["stripe_period"] = period_label(spec)
+        if spec.stripes is not None and base_share(spec) < 0.5:
+            # The stripes cover more of the shape than the base colour does: which colour is drawn first is then
+            # not what an image shows, which colour dominates is.
+            row["color"] = list(shapes.COLORS).index(spec.stripes[0])
+            row["stripe_color"] = shapes.STRIPE_COLORS.index(spec.color)
+    return row
+
+
+def base_share(spec: shapes.ShapeSpec, resolution: int = 32) -> float:
+    """Fraction of a striped shape's area in its base colour (``spec.color``). Version 5's colour labels name the
+    colour covering most of the shape and ``stripe_color`` the other: the subject's orange covers about 60% of it,
+    so the net tells it from a blue star with orange stripes, where blue covers 60%."""
+    mask = shapes.shape_mask(spec, resolution)
+    stripes = shapes._stripe_field(spec, resolution)
+    return float(((1 - stripes) * mask).sum() / max(float(mask.sum()), 1e-8))
+
+
+def random_spec(rng: np.random.Generator, version: int = 4) -> shapes.ShapeSpec:
+    """A random training spec, striped with probability 0.5 and (independently) outlined with probability 0.2;
+    version 5 redraws the stripe period log-uniformly over ``PERIOD_RANGE``."""
+    spec = shapes.styled(shapes.sample_spec(rng), rng, rng.random() < STRIPE_PROB, rng.random() < OUTLINE_PROB)
+    if version >= 5 and spec.stripes is not None:
+        period = float(np.exp(rng.uniform(*np.log(PERIOD_RANGE))))
+        spec = shapes.ShapeSpec(**{**spec.__dict__, "stripes": (spec.stripes[0], period)})
+    return spec
+
+
+def render_batch(
+    specs: list[shapes.ShapeSpec], resolution: int = 32, version: int = 4
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Float images (N, 3, H, W) in [0, 1] and long label tensors per attribute."""
     images = np.stack([shapes.render(s, resolution) for s in specs])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    rows = [shapes.labels(s) for s in specs]
+    rows = [spec_labels(s, version) for s in specs]
     y = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
     return x, y
 
@@ -61,15 +140,16 @@ class RenderPool:
         resolution: int = 32,
         autoencoder: AutoencoderKL | None = None,
         roundtrip: float = 0.0,
+        version: int = 4,
     ):
-        self.rng, self.refresh, self.resolution = rng, refresh, resolution
+        self.rng, self.refresh, self.resolution, self.version = rng, refresh, resolution, version
         self.autoencoder, self.roundtrip = autoencoder, roundtrip
         self.images, self.labels = self._new(size)
 
     def _new(self, count: int) -> tuple[Tensor, dict[str, Tensor]]:
         """``count`` fresh renders, a fraction ``roundtrip`` of them passed through the autoencoder: every sample
         the net will judge was decoded by such an autoencoder, so its blur must not change what the net sees."""
-        x, y = render_batch([random_spec(self.rng) for _ in range(count)], self.resolution)
+        x, y = render_batch([random_spec(self.rng, self.version) for _ in range(count)], self.resolution, self.version)
         if self.autoencoder is not None and self.roundtrip > 0:
             chosen = torch.from_numpy(self.rng.random(count) < self.roundtrip)
             for i in range(0, count, 500):
@@ -132,14 +212,14 @@ def accuracy(net: ShapesFeatureNet, images: Tensor, labels: dict[str, Tensor], b
     return {k: float((torch.cat(preds[k]) == labels[k]).float().mean()) for k in labels}
 
 
-def heldout_set(seed: int, count: int, resolution: int = 32, styles: bool = False):
+def heldout_set(seed: int, count: int, resolution: int = 32, styles: bool = False, version: int = 4):
     """``count`` renders of the deterministic stream ``seed``: plain source-domain specs, or with ``styles`` the same
     specs made striped, outlined or both (in turn)."""
     specs = [shapes.spec_for_index(seed, i) for i in range(count)]
     if styles:
         rng = np.random.default_rng(seed)
         specs = [shapes.styled(s, rng, stripes=i % 3 != 1, outline=i % 3 != 0) for i, s in enumerate(specs)]
-    return render_batch(specs, resolution)
+    return render_batch(specs, resolution, version)
 
 
 def train(
@@ -153,16 +233,21 @@ def train(
     log_every: int = 250,
     autoencoder: AutoencoderKL | None = None,
     roundtrip: float = 0.3,
+    version: int = 4,
 ) -> ShapesFeatureNet:
     """Train a ``ShapesFeatureNet`` with Adam, a one-cycle learning rate (5% warm-up, cosine decay) and the sum of
     the heads' cross-entropies; returns it in eval mode, its identity centre set from 4,000 renders of another stream.
-    ``pool_size``, ``refresh``, ``autoencoder`` and ``roundtrip``: see ``RenderPool``."""
+    ``pool_size``, ``refresh``, ``autoencoder`` and ``roundtrip``: see ``RenderPool``. ``version`` 4 reproduces the
+    shipped ``shapes-features``; 5 adds the stripe-period head and the per-head identity embedding."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = ShapesFeatureNet()
+    if version == 4:
+        net = ShapesFeatureNet()
+    else:
+        net = ShapesFeatureNet(label_names=label_names(version), identity_heads=IDENTITY_HEADS_V5)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    pool = RenderPool(rng, pool_size, refresh, resolution, autoencoder, roundtrip)
+    pool = RenderPool(rng, pool_size, refresh, resolution, autoencoder, roundtrip, version)
     net.train()
     start = time.time()
     for step in range(1, steps + 1):
@@ -177,26 +262,23 @@ def train(
             print(f"step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
     net.eval()
     center_rng = np.random.default_rng((seed, 7))
-    net.set_center(render_batch([random_spec(center_rng) for _ in range(4000)], resolution)[0])
+    net.set_center(render_batch([random_spec(center_rng, version) for _ in range(4000)], resolution, version)[0])
     return net
 
 
 MODEL_CARD = """# shapes-features: the embedded world's metric backbone
 
 `ShapesFeatureNet` ({params:,} parameters, {size_kb:.0f} kB): a small CNN over 32x32 RGB images in [0, 1] of the
-procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has five linear
-heads on it: shape (6), colour (8), background (3), surface pattern (plain, striped, outlined, striped-outlined) and
-stripe colour (none + 8).
+procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has {heads}.
 
 **Used for** the embedded models only (their `lightning_ft.json` declares it; real models get DINO, Inception and
-CLIP): subject identity, memorisation and diversity (cosine similarity of the *identity* embedding: the features
-minus their mean over 4,000 renders of the world, the DINO role), FID and KID (torchmetrics with the raw features as
+CLIP): subject identity, memorisation and diversity ({identity}), FID and KID (torchmetrics with the raw features as
 the custom `feature` module), ANL's image conditions (the last feature map as tokens), and prompt fidelity as
 attribute accuracy of samples (the CLIP-T role). See `lightning_ft.embedded.backbones`.
 
 **Trained** from scratch for {steps} steps (batch {batch_size}, Adam with one-cycle schedule, seed {seed}) on fresh
-random renders, {stripe:.0%} with two-tone stripes (period 0.08-0.3 of the width) and {outline:.0%} outlined (colour
-label = main colour), {roundtrip:.0%} of them passed through the autoencoder `{autoencoder}` (whose blur every
+random renders, {stripe:.0%} with two-tone stripes (period {periods} of the width) and {outline:.0%} outlined (colour
+label = {colour_label}), {roundtrip:.0%} of them passed through the autoencoder `{autoencoder}` (whose blur every
 sample carries), with random flips and quarter turns, and half of them with a smooth colour mottling (samples are
 never as flat as renders; without it the pattern head read a sample's mottling as stripes). Wall time {wall:.0f} s
 on {threads} CPU thread(s).
@@ -222,10 +304,40 @@ is no judge of images from other domains. Files: `config.json` (architecture and
 """
 
 
+CARD_V4 = {
+    "heads": "five linear\nheads on it: shape (6), colour (8), background (3), surface pattern (plain, striped, "
+    "outlined, striped-outlined) and\nstripe colour (none + 8)",
+    "identity": "cosine similarity of the *identity* embedding: the features\nminus their mean over 4,000 renders of "
+    "the world, the DINO role",
+    "periods": "0.08-0.3",
+    "colour_label": "main colour",
+    "title": "shapes-features",
+}
+CARD_V5 = {
+    "heads": "six linear\nheads on it: shape (6), colour (8, the one covering most of the shape), background (3), "
+    "surface pattern (plain,\nstriped, outlined, striped-outlined), stripe colour (none + 8) and stripe period "
+    f"(none + {PERIOD_BINS} log-spaced bins over {PERIOD_RANGE[0]:g}-{PERIOD_RANGE[1]:g} of the\nwidth)",
+    "identity": "cosine similarity of the *identity* embedding, the DINO role;\nversion 5: blocks joined after "
+    "normalising each, the features minus their mean over 4,000 renders "
+    "(weight 0.5) and the class probabilities\nof the shape, colour, pattern, stripe-colour and stripe-period heads "
+    "minus their means (weight 1 each; not the\nbackground), so that a cosine is the weighted mean of the blocks' "
+    "cosines and a variant that differs in one\nattribute loses that head's share; its levels against near variants: "
+    "`benchmarks/results/identity_decoys.md`",
+    "periods": "{:g}-{:g}, log-uniform,".format(*PERIOD_RANGE),
+    "colour_label": "the colour covering most of the shape, stripe colour the other",
+    "title": "shapes-features-v5",
+}
+
+
 def write_model_card(out: Path, metrics: dict) -> None:
     """``out/README.md`` from the content of the run's ``metrics.json``."""
     heldout, styled = metrics["heldout"], metrics["heldout_styled"]
-    text = MODEL_CARD.format(
+    card = CARD_V5 if metrics.get("version", 4) >= 5 else CARD_V4
+    text = MODEL_CARD.replace("# shapes-features:", f"# {card['title']}:").format(
+        heads=card["heads"],
+        identity=card["identity"],
+        periods=card["periods"],
+        colour_label=card["colour_label"],
         params=metrics["parameters"],
         size_kb=(out / "model.safetensors").stat().st_size / 1024,
         dim=json.loads((out / "config.json").read_text())["num_features"],
@@ -260,6 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 leaves room for other jobs)")
     parser.add_argument("--autoencoder", default=None, help="AutoencoderKL folder whose round trips the net also sees")
     parser.add_argument("--roundtrip", type=float, default=0.3, help="fraction of training images round-tripped")
+    parser.add_argument(
+        "--version",
+        type=int,
+        default=4,
+        choices=VERSIONS,
+        help="4: the shipped shapes-features; 5: adds a stripe-period head and the per-head identity embedding",
+    )
     args = parser.parse_args(argv)
     if args.eval_seed == args.seed:
         parser.error("--eval-seed must differ from --seed")
@@ -274,14 +393,16 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr,
         autoencoder=autoencoder,
         roundtrip=args.roundtrip,
+        version=args.version,
     )
     wall = time.time() - start
-    plain = accuracy(net, *heldout_set(args.eval_seed, args.eval_count))
-    styled_acc = accuracy(net, *heldout_set(args.eval_seed, args.eval_count, styles=True))
+    plain = accuracy(net, *heldout_set(args.eval_seed, args.eval_count, version=args.version))
+    styled_acc = accuracy(net, *heldout_set(args.eval_seed, args.eval_count, styles=True, version=args.version))
     out = net.save(args.out)
     command = "python -m lightning_ft.embedded.train_feature_net " + " ".join(argv)
     metrics = {
         "command": command,
+        "version": args.version,
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
