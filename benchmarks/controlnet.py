@@ -53,7 +53,7 @@ import yaml
 
 from benchmarks.fits import SavesSamples, run_fit, t_interval
 from benchmarks.launch import REPO, data_config
-from benchmarks.tables import markdown_table, write_csv
+from benchmarks.tables import fmt, markdown_table, write_csv
 from lightning_ft.callbacks.control_monitor import ControlAdherenceMonitor, convergence_step
 from lightning_ft.callbacks.sample_grid import save_grid
 
@@ -221,14 +221,6 @@ def reference_levels(pairs: int, sample_steps: int, root: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- output
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def fmt_ci(mean: float, half: float, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "-"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ import yaml
 from benchmarks.fits import SavesSamples, run_fit
 from benchmarks.launch import REPO, data_config
 from benchmarks.perf import add_device_arguments, device_overrides
-from benchmarks.tables import markdown_table, write_csv
+from benchmarks.tables import fmt, markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
 from lightning_ft.report.stage_rules import StageReport, classify_stages
 
@@ -275,14 +274,6 @@ def copy_grids(log_dir: Path, row: dict, folder: Path, stem: str, upscale: int =
 
 
 # ----------------------------------------------------------------------------------------------- output
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def arm_summaries(rows: list[dict], args) -> list[dict]:
     summaries = []
     for arm in args.arms:

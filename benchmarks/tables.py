@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 from pathlib import Path
 
 
@@ -47,3 +48,12 @@ def saved_figure(path: str | Path, ncols: int, size: tuple[float, float], dpi: i
         figure.savefig(path, dpi=dpi)
     finally:
         plt.close(figure)
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A table cell: ``-`` for None or NaN, a float to ``digits`` decimals, anything else as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
