@@ -5,31 +5,27 @@ recognised from the components of a model built from configs (its ``matches``, t
 ``model.family`` names one explicitly. A pipeline a family declares in ``refused`` (an editing, inpainting or other
 variant it does not train yet) is refused naming the pipeline; a pipeline no family knows is trained as the family
 its components match, with a warning naming both, or refused naming it when none matches. The families' own files
-hold everything model-specific; this module only imports them (``FAMILY_MODULES``) and looks them up.
+hold everything model-specific; this module only imports them (``FAMILY_MODULES``: every module of this package,
+found on disk) and looks them up.
 
-To add a family: write ``<name>.py`` here with a ``ModelFamily`` subclass, and add its module to ``FAMILY_MODULES``.
+To add a family: write ``<name>.py`` here with a ``ModelFamily`` subclass that sets ``name``; nothing else in the
+package changes.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import warnings
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import REGISTRY, ModelFamily
 from lightning_ft.core.families.inputs import SampleInputs
 
-#: The modules whose families are registered, in the order ``matches`` ties are broken.
-FAMILY_MODULES = (
-    "stable_diffusion",
-    "joint_transformer",
-    "class_conditional",
-    "pixart",
-    "sana",
-    "z_image",
-    "flux2",
-    "qwen_image",
-)
+#: The modules whose families are registered: every module of this package, in alphabetical order (the order
+#: ``matches`` ties are broken in, after each family's ``detect_order``). Found on disk rather than listed, so that a
+#: family is one new file and no other file of the package changes.
+FAMILY_MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 for _module in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
 
