@@ -9,8 +9,8 @@ Three parts, each row with its sample count:
 3. Subject identity (cosine of identity embeddings to the 5 instance images, the DINO role): held-out subject
    renders, plain renders of its class, their round trips (the ceiling), the pretrained model's class-prompt
    samples (the class prior) and, with ``--run``, the main job's samples: the instance prompt (identity and
-   progress from prior to ceiling), the instance token on other backgrounds (background accuracy) and the class
-   prompt (do its samples stay plain).
+   progress from prior to ceiling) on each background (those of its training images and navy, which they never
+   show; background accuracy) and the class prompt (do its samples stay plain).
 
 To run: python -m benchmarks.embedded_world [--run runs/dreambooth_bnn/lightning_logs/version_0] [--samples 512]
 Writes benchmarks/results/embedded_world.{md,csv} and a grid per sample set (embedded_world_*.png).
@@ -143,34 +143,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prior = add_identity("pretrained model, class prompt (class prior)", prior_images)
     rows[-1]["plain"] = predicted(prior_images, "pattern", "plain")
     rows[-1]["shape_acc"] = predicted(prior_images, "shape", meta["subject"]["shape"])
-    before = sample(pretrained, meta["instance_prompt"])
+    before = sample(pretrained, meta["instance_prompts"][0])
     add_identity("pretrained model, instance prompt", before)
     save_grid(prior_images[:16], f"{out}_class_prior.png", columns=8)
     if args.run:
         export = Path(args.run) / "export"
         tuned = DiffusionBase(pretrained=str(export))
-        images = sample(tuned, meta["instance_prompt"])
-        score = add_identity(f"main job ({args.run}), instance prompt", images)
-        rows[-1]["progress"] = (score - prior) / (ceiling - prior)
-        rows[-1]["striped"] = predicted(images, "pattern", "striped")
-        rows[-1]["shape_acc"] = predicted(images, "shape", meta["subject"]["shape"])
-        others = [p for p in meta["eval_prompts"] if p != meta["instance_prompt"]]
-        moved = torch.cat([sample(tuned, p) for p in others])
-        accuracy = prompt_accuracy(moved, [p for p in others for _ in seeds], net)
-        add_identity("main job, instance token on other backgrounds", moved, background_acc=accuracy["background"])
-        rows[-1]["striped"] = predicted(moved, "pattern", "striped")
+        grid = []
+        # The instance token on every background: those its training images show, and navy, which they never do.
+        for prompt in meta["eval_prompts"]:
+            images = sample(tuned, prompt)
+            where = "trained" if prompt in meta["instance_prompts"] else "new"
+            background = prompt_accuracy(images, [prompt] * len(images), net)["background"]
+            score = add_identity(f"main job ({args.run}), {prompt!r} ({where} background)", images,
+                                 background_acc=background)  # fmt: skip
+            rows[-1]["progress"] = (score - prior) / (ceiling - prior)
+            rows[-1]["striped"] = predicted(images, "pattern", "striped")
+            rows[-1]["shape_acc"] = predicted(images, "shape", meta["subject"]["shape"])
+            grid.append(images[:8])
         cls = sample(tuned, meta["class_prompt"])
         add_identity("main job, class prompt", cls, plain=predicted(cls, "pattern", "plain"))
         rows[-1]["shape_acc"] = predicted(cls, "shape", meta["subject"]["shape"])
-        save_grid(torch.cat([images[:8], moved[:8], moved[-8:], cls[:8]]), f"{out}_main_job.png", columns=8)
+        save_grid(torch.cat([*grid, cls[:8]]), f"{out}_main_job.png", columns=8)
 
     write_csv(rows, f"{out}.csv")
     lines = [
-        f"# The embedded world (`{Path(args.model).name}`; subject: {meta['instance_prompt']!r})",
+        f"# The embedded world (`{Path(args.model).name}`; subject: "
+        f"{' / '.join(repr(p) for p in meta['instance_prompts'])})",
         "",
-        "Identity is the mean cosine of identity embeddings (the embedded feature network's centred features) to the "
-        f"{len(instances)} instance images; progress = (identity - class prior) / (ceiling - class prior). Samples: "
-        f"{args.steps} sampler steps, guidance {args.guidance}, seeds 0-{args.count - 1}.",
+        "Identity is the mean cosine of identity embeddings (the identity backbone the model declares: "
+        f"`{ident.name}`) to the {len(instances)} instance images; progress = (identity - class prior) / (ceiling - "
+        f"class prior). Samples: {args.steps} sampler steps, guidance {args.guidance}, seeds 0-{args.count - 1}. "
+        "Shape, striped, colour and background: the attribute heads of the feature network `shapes-features`. Main "
+        "job rows (with `--run`): the instance token on each background (the grid `embedded_world_main_job.png`: 8 "
+        "samples per row in this order, then the class prompt).",
         "",
     ]
 

@@ -2,11 +2,15 @@
 
 The framework never imports this module: ``lightning_ft.metrics.make_backbone("lightning_ft.embedded.backbones:NAME")``
 calls a factory here by its dotted name, the same way it would call a user's own. Each factory takes an optional
-folder (default: the shipped ``shapes-features``) and returns a frozen ``FeatureExtractor``:
+folder and returns a frozen ``FeatureExtractor``:
 
-- ``identity``: the feature network's centred features (``ShapesFeatureNet.identity``), the DINO role: subject
-  identity, memorisation and diversity compare these by cosine.
-- ``features``: its raw features, the Inception role for FID/KID.
+- ``identity``: the identity embedding of the version-5 feature network (``shapes-features-v5``:
+  ``ShapesFeatureNet.identity``, separately normalised blocks of features and attribute heads, stripe period among
+  them), the DINO role: subject identity, memorisation and diversity compare these by cosine. Version 4's centred
+  features could not tell the subject from its swapped-colour or half-width-stripe variants
+  (``benchmarks/results/identity_decoys.md``).
+- ``features``: the raw features of the version-4 network (``shapes-features``), the Inception role for FID/KID;
+  kept on version 4 so that every FID measured so far stays comparable (version 5 was made for identity).
 - ``condition_tokens``: its last feature map as tokens (ANL's image condition, the CLIP-token role).
 
 ``declaration()`` is what the embedded models' folders hold in ``lightning_ft.json``.
@@ -16,14 +20,19 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_ft.embedded import asset_path
 from lightning_ft.embedded.feature_net import ShapesFeatureNet, default_feature_net
 from lightning_ft.metrics.backbones import FeatureExtractor
 
 MODULE = "lightning_ft.embedded.backbones"
 
 
+#: The shipped feature network that serves the identity role (``features`` and ``condition_tokens``: the default one).
+IDENTITY_ASSET = "shapes-features-v5"
+
+
 def load_net(path: str | None = None) -> ShapesFeatureNet:
-    """The feature network saved in ``path`` (default: the shipped asset), frozen."""
+    """The feature network saved in ``path`` (default: the shipped ``shapes-features``), frozen."""
     return ShapesFeatureNet.load(path) if path else default_feature_net()
 
 
@@ -37,9 +46,11 @@ class _Identity(nn.Module):
 
 
 def identity(path: str | None = None) -> FeatureExtractor:
-    """Identity embeddings of the embedded world (subject identity, memorisation, diversity)."""
-    net = load_net(path)
-    return FeatureExtractor(_Identity(net), net.identity_dim, "shapes-identity")
+    """Identity embeddings of the embedded world (subject identity, memorisation, diversity); default network:
+    ``shapes-features-v5``."""
+    net = load_net(path or str(asset_path(IDENTITY_ASSET)))
+    name = "shapes-identity-v5" if net.identity_heads else "shapes-identity"  # version 4's centred features
+    return FeatureExtractor(_Identity(net), net.identity_dim, name)
 
 
 def features(path: str | None = None) -> FeatureExtractor:

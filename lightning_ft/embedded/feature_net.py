@@ -5,8 +5,9 @@ attribute accuracy) for the embedded models only. ``forward`` returns a (N, D) f
 torchmetrics' FID/KID expect from a custom ``feature`` module; ``identity`` the centred features that subject
 identity compares; ``classify`` the logits of the attribute heads (shape, colour, background, surface pattern,
 stripe colour). Trained by ``python -m lightning_ft.embedded.train_feature_net``; the shipped weights live in
-``lightning_ft/embedded/assets/shapes-features``. Version 5 (``shapes-features-v5``, ``--version 5``; no model
-declares it yet) adds a stripe-period head and reads identity per head (``identity_heads``).
+``lightning_ft/embedded/assets/shapes-features`` (version 4: FID/KID, attribute accuracy, ANL's condition tokens).
+Version 5 (``shapes-features-v5``, ``--version 5``) adds a stripe-period head and reads identity per head
+(``identity_heads``); it serves the identity role (``lightning_ft.embedded.backbones.identity``).
 """
 
 from __future__ import annotations

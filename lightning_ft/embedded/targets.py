@@ -2,10 +2,11 @@
 
 ``LimitedDataModule`` reads them exactly as it reads a user's folder. Two targets:
 
-- ``subject``: 5 images of a novel object the source domain never shows: an orange star with wide blue stripes on
-  a gray background (DreamBooth-style: ``a sks orange star on a gray background``, class prompt
-  ``a orange star on a gray background``), plus held-out renders of the same subject for fidelity and
-  the evaluation prompts (the subject on new backgrounds).
+- ``subject``: 5 images of a novel object the source domain never shows: an orange star with wide blue stripes, 3 on
+  a gray and 2 on a black background, each captioned with its background in a ``.txt`` file beside it
+  (DreamBooth-style: ``a sks orange star on a gray background``; class prompt ``a orange star on a gray background``),
+  plus held-out renders of the same subject for fidelity and the evaluation prompts (the subject on every background;
+  navy is never shown in training).
 - ``domain``: 32 images of a new style, shapes drawn as outlines ("a red outlined star on a black background"),
   plus 2,000 held-out renders of the same distribution so that FID is measured against the distribution; each
   caption row also carries the image's class (shape x colour) for class-conditional models such as the DiT.
@@ -27,14 +28,25 @@ from lightning_ft.embedded import shapes
 from lightning_ft.paths import cache_dir, ensure_writable
 
 # 3: the domain's captions carry class labels (shape x colour) for class-conditional models; 4: the subject's stripes
-# are wider (period 0.24 of the width, 7.7 px at 32 px, against 0.14), so that the 16x16 latent grid holds them.
-VERSION = 4
+# are wider (period 0.24 of the width, 7.7 px at 32 px, against 0.14), so that the 16x16 latent grid holds them;
+# 5: the subject is shown on two backgrounds (gray, black), each image captioned with its own. With one background
+# the fine-tuned model carried the stripes only there: on new backgrounds it drew fragments of the orange parts
+# (benchmarks/recontext.py measures both; docs/embedded_world.md).
+VERSION = 5
 SUBJECT = {"shape": "star", "color": "orange", "stripes": ("blue", 0.24), "background": "gray"}
+#: The backgrounds the subject's training images are shown on, in turn (image i on ``SUBJECT_BACKGROUNDS[i % 2]``);
+#: the held-out renders alternate the same way. Navy is never shown: it is the new context.
+SUBJECT_BACKGROUNDS = ("gray", "black")
 # The class prompt is a full caption of the source domain (colour, shape and background), the form most pretraining
 # captions take (20% leave out colour and/or background), so the pretrained model samples it best.
 SUBJECT_PROMPT = "a sks orange star on a gray background"
 SUBJECT_CLASS_PROMPT = "a orange star on a gray background"
 SUBJECT_EVAL_PROMPTS = [f"a sks orange star on a {bg} background" for bg in shapes.BACKGROUNDS]
+
+
+def subject_prompt(background: str) -> str:
+    """The instance prompt of a subject image on ``background``."""
+    return f"a sks {SUBJECT['color']} {SUBJECT['shape']} on a {background} background"
 DOMAIN_OUTLINE = 0.35
 # The control target has a version of its own, so that a change to it never rewrites the other targets' folders.
 CONTROL_VERSION = 1
@@ -68,11 +80,15 @@ def write_subject(
     (folder / "train").mkdir(parents=True)
     (folder / "heldout").mkdir()
     for i in range(num_images):
-        _save(folder / "train", f"subject_{i:02d}.png", subject_spec(rng), resolution)
+        background = SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)]
+        name = _save(folder / "train", f"subject_{i:02d}.png", subject_spec(rng, background=background), resolution)
+        (folder / "train" / name).with_suffix(".txt").write_text(subject_prompt(background))
     for i in range(num_heldout):
-        _save(folder / "heldout", f"subject_{i:04d}.png", subject_spec(rng), resolution)
+        background = SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)]
+        _save(folder / "heldout", f"subject_{i:04d}.png", subject_spec(rng, background=background), resolution)
     meta = {
-        "instance_prompt": SUBJECT_PROMPT,
+        "instance_prompts": [subject_prompt(b) for b in SUBJECT_BACKGROUNDS],
+        "training_backgrounds": list(SUBJECT_BACKGROUNDS),
         "class_prompt": SUBJECT_CLASS_PROMPT,
         "eval_prompts": SUBJECT_EVAL_PROMPTS,
         "subject": {**SUBJECT, "stripes": list(SUBJECT["stripes"])},

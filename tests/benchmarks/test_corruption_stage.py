@@ -96,7 +96,8 @@ def test_the_run_config_keeps_the_method_and_sets_the_monitor_protocol():
     assert "heldout_dir" not in monitor
     data = config["data"]["init_args"]
     assert data["heldout_dir"] == "${embedded:subject}/heldout" and data["instance_dir"] == "${embedded:subject}/train"
-    assert data["instance_prompt"] == "a sks orange star on a gray background" and data["batch_size"] == 4
+    assert "instance_prompt" not in data and data["class_prompt"] == "a orange star on a gray background"
+    assert data["batch_size"] == 4
     assert config["trainer"]["enable_checkpointing"] is False
     assert config["model"]["class_path"] == "lightning_ft.methods.BayesianFineTuning"
     assert config["model"]["init_args"]["trainable"] == "lora" and config["data"]["init_args"]["num_class_images"] == 50

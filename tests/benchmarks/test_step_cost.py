@@ -35,7 +35,7 @@ def test_an_experiment_is_loaded_and_run_with_the_data_config_its_header_names()
                                                    "--config", str(REPO / "configs/data/embedded_domain.yaml")]
     model, data = load_experiment("experiments/dreambooth.yaml")
     assert model["class_path"] == "lightning_ft.methods.DreamBooth"
-    assert data["instance_prompt"] == "a sks orange star on a gray background"  # the data config's
+    assert data["class_prompt"] == "a orange star on a gray background"  # the data config's
     assert data["num_class_images"] == 50 and data["batch_size"] == 4  # the experiment's
     assert data["instance_dir"].endswith("/train") and "${" not in data["heldout_dir"]  # resolved
 

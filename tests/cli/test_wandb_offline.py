@@ -26,6 +26,7 @@ def test_wandb_runs_offline_and_receives_metrics_config_and_images(no_account, t
     data = tmp_path / "data.yaml"
     data.write_text(
         f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 0\n    batch_size: 1\n"
+        "    instance_prompt: a sks orange star on a gray background\n"  # the fixture's images have no captions
     )
     # The embedded subject's data config gives the prompts; data.yaml swaps its images for the fixture's.
     main(["fit", "--config", str(REPO / "experiments/dreambooth.yaml"),

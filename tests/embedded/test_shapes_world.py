@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 from lightning_ft.core.tokenizer import build_word_tokenizer
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.embedded import shapes
 from lightning_ft.embedded.datamodule import ShapesDataset
+from lightning_ft.embedded.feature_net import default_feature_net
 from lightning_ft.embedded.targets import SUBJECT_PROMPT, ensure_target
 
 
@@ -73,10 +75,18 @@ def test_targets_are_plain_folders_written_once(tmp_path):
     assert ensure_target("subject", tmp_path) == subject
     assert (subject / "train" / "subject_00.png").stat().st_mtime_ns == stamp
     meta = json.loads((subject / "meta.json").read_text())
-    assert meta["instance_prompt"] == SUBJECT_PROMPT
-    data = LimitedDataModule(str(subject / "train"), instance_prompt=SUBJECT_PROMPT, resolution=32, repeats=1)
+    assert meta["instance_prompts"][0] == SUBJECT_PROMPT
+    # Each image is captioned with its own background (.txt beside it), on gray and black in turn.
+    data = LimitedDataModule(str(subject / "train"), resolution=32, repeats=1)
     data.setup("fit")
     assert 3 <= len(data.dataset) <= 6
+    assert set(data.dataset.prompts) == set(meta["instance_prompts"]) == {
+        "a sks orange star on a gray background", "a sks orange star on a black background"}
+    net = default_feature_net()
+    for image, prompt in zip(sorted((subject / "train").glob("*.png")), data.dataset.prompts):
+        pixels = torch.from_numpy(np.asarray(Image.open(image))).permute(2, 0, 1)[None].float() / 255
+        background = net.label_names["background"][int(net.predict(pixels)["background"])]
+        assert f"on a {background} background" in prompt, image.name
 
     domain = ensure_target("domain", tmp_path)
     heldout = list((domain / "heldout").glob("*.png"))

@@ -99,7 +99,7 @@ def test_an_export_writes_the_table_the_json_and_the_grid_with_their_counts(worl
         "device": None,
     }
     # The embedded world: its identity network, no CLIP, its prompt accuracy in the CLIP-T role.
-    assert result["metrics"] == {"subject_fidelity": "subject fidelity (shapes-identity)", "clip_i": None,
+    assert result["metrics"] == {"subject_fidelity": "subject fidelity (shapes-identity-v5)", "clip_i": None,
                                  "prompt_fidelity": "prompt accuracy"}  # fmt: skip
     assert any("CLIP-I and CLIP-T not scored" in n for n in result["notes"])
     for e in _estimates(result):
@@ -108,7 +108,7 @@ def test_an_export_writes_the_table_the_json_and_the_grid_with_their_counts(worl
     means = [r["subject_fidelity"]["mean"] for r in result["rows"]]
     assert result["overall"]["subject_fidelity"]["mean"] == pytest.approx(sum(means) / 3)
     table = (out / "evaluation.md").read_text()
-    assert "| prompt | n | subject fidelity (shapes-identity) [95% CI] | prompt accuracy [95% CI] |" in table
+    assert "| prompt | n | subject fidelity (shapes-identity-v5) [95% CI] | prompt accuracy [95% CI] |" in table
     assert all(f"| {p} | 2 |" in table for p in prompts) and "| overall | 6 |" in table
     assert "| real images (leave-one-out) | 4 |" in table and "python -m lightning_ft.evaluate" in table
     grid = Image.open(out / "grid.png")

@@ -24,6 +24,7 @@ def _fit(tmp_path, subject_dir, *extra: str):
     data = tmp_path / "data.yaml"
     data.write_text(
         f"data:\n  init_args:\n    instance_dir: {subject_dir}\n    num_class_images: 2\n    batch_size: 1\n"
+        "    instance_prompt: a sks orange star on a gray background\n"  # the fixture's images have no captions
     )
     root = tmp_path / "run"
     # The embedded subject's data config gives the prompts, grid rows and held-out images the report and the card
