@@ -215,7 +215,7 @@ def evaluate(model: str, loader: str, samples: int, reference: int, steps: int, 
         if renders is not None:
             images = torch.from_numpy(np.stack([shapes.render(spec) for spec in specs])).permute(0, 3, 1, 2) / 255
             return module.round_trip(images) if renders == "round_trip" else images
-        kwargs = {"labels": labels} if module.conditioning == "class" else {"prompts": prompts}
+        kwargs = {"labels": labels} if module.family.needs_labels() else {"prompts": prompts}
         if mask_rate is not None:
             kwargs = {"mask_rate": mask_rate}  # conditioned on the reference images, cycled over the seeds
         seeds = list(range(len(labels)))

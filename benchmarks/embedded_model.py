@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reference, _ = renders(4242, args.reference)
     scorer = FIDScorer(net).set_reference(reference)
     fresh, captions = renders(args.seed, args.samples)
-    class_model = module.conditioning == "class"
+    class_model = module.family.needs_labels()
     labels = [shapes.class_label(shapes.spec_for_index(args.seed, i)) for i in range(args.samples)]
     # What the model was asked for: a class names shape and colour only.
     asked = [shapes.class_name(label) for label in labels] if class_model else captions

@@ -44,12 +44,12 @@ SUBJECT, BACKGROUND, VARIANT, CEILING = "subject", "background", "variant", "cei
 @dataclasses.dataclass(frozen=True)
 class Decoy:
     """One decoy set: ``overrides`` applied to the subject's spec; ``attribute`` names what they change;
-    ``kind``: ``subject`` (the reference row), ``background`` (must score like the subject), ``variant`` (must
+    ``role``: ``subject`` (the reference row), ``background`` (must score like the subject), ``variant`` (must
     score ``GAP`` below it) or ``ceiling`` (the round trip, reported only)."""
 
     name: str
     attribute: str
-    kind: str
+    role: str
     overrides: dict = dataclasses.field(default_factory=dict)
     near: bool = False  # a near variant of the issue (stripe width, swapped colours)
 
@@ -93,7 +93,7 @@ def check(scores: dict[str, float], rows: list[Decoy]) -> dict[str, bool | None]
     out: dict[str, bool | None] = {}
     for d in rows:
         gap = subject - scores[d.name]
-        out[d.name] = {BACKGROUND: abs(gap) <= BACKGROUND_TOLERANCE, VARIANT: gap >= GAP}.get(d.kind)
+        out[d.name] = {BACKGROUND: abs(gap) <= BACKGROUND_TOLERANCE, VARIANT: gap >= GAP}.get(d.role)
     return out
 
 
@@ -118,8 +118,8 @@ def table(rows: list[Decoy], results: dict[str, dict[str, float]], n: dict[str, 
             ok = verdicts[net][d.name]
             mark = "" if ok is None else (" ok" if ok else " **fails**")
             line[f"{net} identity"] = f"{scores[d.name]:.3f}"
-            line[f"{net} gap"] = "" if d.kind == SUBJECT else f"{gap:+.3f}{mark}"
-            csv_rows.append({"network": net, "decoy": d.name, "changed": d.attribute, "kind": d.kind,
+            line[f"{net} gap"] = "" if d.role == SUBJECT else f"{gap:+.3f}{mark}"
+            csv_rows.append({"network": net, "decoy": d.name, "changed": d.attribute, "role": d.role,
                              "near": d.near, "n": n[d.name], "identity": round(scores[d.name], 4),
                              "gap": round(gap, 4), "meets": "" if ok is None else ok})  # fmt: skip
         wide.append(line)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     instances = load_folder(targets.ensure_target("subject") / "train")
     rows = decoys()
-    images = {d.name: render(decoy_specs(d, args.count, args.seed)) for d in rows if d.kind != CEILING}
+    images = {d.name: render(decoy_specs(d, args.count, args.seed)) for d in rows if d.role != CEILING}
     vae = AutoencoderKL.from_pretrained(args.autoencoder).eval()
     images[rows[-1].name] = autoencoder_round_trip(vae, images["subject"])
     results = {}

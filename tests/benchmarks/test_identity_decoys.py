@@ -23,7 +23,7 @@ def test_decoys_keep_the_subjects_poses_and_change_only_what_they_name():
                 "stripe width": {"stripes"}, "base colour": {"color", "stripes"}}  # fmt: skip
     for decoy in bench.decoys()[1:]:
         specs = bench.decoy_specs(decoy, 6)
-        if decoy.kind == bench.CEILING:
+        if decoy.role == bench.CEILING:
             assert specs == subject
             continue
         for s, ref in zip(specs, subject):
@@ -37,7 +37,7 @@ def test_near_variants_swap_colours_and_scale_the_stripe_period():
     assert swapped.overrides == {"color": stripe, "stripes": (colour, period)} and swapped.near
     widths = sorted(d.overrides["stripes"][1] / period for d in by_name.values() if d.attribute == "stripe width")
     assert widths == pytest.approx([0.5, 0.75, 1.5])
-    backgrounds = {d.overrides["background"] for d in by_name.values() if d.kind == bench.BACKGROUND}
+    backgrounds = {d.overrides["background"] for d in by_name.values() if d.role == bench.BACKGROUND}
     assert backgrounds == set(shapes.BACKGROUNDS) - {targets.SUBJECT["background"]}
 
 
@@ -53,7 +53,7 @@ def _scores(subject: float, background: float, variant: float) -> dict[str, floa
     out = {}
     for d in bench.decoys():
         out[d.name] = {bench.SUBJECT: subject, bench.BACKGROUND: background, bench.CEILING: subject}.get(
-            d.kind, variant
+            d.role, variant
         )
     return out
 
@@ -64,7 +64,7 @@ def test_check_applies_the_gap_and_the_background_tolerance():
     assert all(ok in (True, None) for ok in good.values())
     assert good["subject"] is None
     bad = bench.check(_scores(0.95, 0.85, 0.85), rows)
-    assert all(bad[d.name] is False for d in rows if d.kind in (bench.BACKGROUND, bench.VARIANT))
+    assert all(bad[d.name] is False for d in rows if d.role in (bench.BACKGROUND, bench.VARIANT))
 
 
 def test_table_has_a_column_pair_per_network_and_states_the_criterion():
