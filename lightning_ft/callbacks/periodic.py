@@ -12,7 +12,8 @@ class PeriodicEvaluation(L.Callback):
     attributes and implement ``evaluate``, which must skip a step it has already measured (resumes).
 
     A monitor that samples with prompts or labels only (``reads_controls`` False) cannot ask a model with a
-    ControlNet, whose samples need control images: ``off_for`` switches it off for that fit, with a warning."""
+    ControlNet, whose samples need control images, nor an editing model, whose samples need source images:
+    ``off_for`` switches it off for that fit, with a warning."""
 
     every_n_steps: int = 0
     at_start: bool = True
@@ -26,6 +27,12 @@ class PeriodicEvaluation(L.Callback):
             if not self.off:
                 rank_zero_warn(f"lightning-ft: {type(self).__name__} is off: the model has a ControlNet, whose samples "
                                "need control images (ControlAdherenceMonitor measures a ControlNet)")  # fmt: skip
+            self.off = True
+        family = getattr(pl_module, "family", None)
+        if not self.reads_controls and getattr(family, "needs_source", False):
+            if not self.off:
+                rank_zero_warn(f"lightning-ft: {type(self).__name__} is off: the {family.name} family is an editing "
+                               "model, whose samples need source images")  # fmt: skip
             self.off = True
         return self.off
 

@@ -113,6 +113,15 @@ class SampleGridLogger(L.Callback):
                 raise ValueError("SampleGridLogger: a ControlNet's grid needs data.validation_images, one control "
                                  "image per data.sample_prompts row")  # fmt: skip
             rows = pl_module.family.with_controls(rows, controls, True)
+        elif pl_module.family.needs_source:
+            # An editing model's rows: the data's validation pairs (data.validation_images: the source images), else
+            # the sources of the first training images.
+            datamodule = getattr(trainer, "datamodule", None)
+            sources = datamodule.sample_sources(len(rows)) if hasattr(datamodule, "sample_sources") else None
+            if sources is None or len(sources) != len(rows):
+                raise ValueError("SampleGridLogger: an editing model's grid needs source images: "
+                                 "data.validation_images, one per data.sample_prompts row, or the data's")  # fmt: skip
+            rows = pl_module.family.with_sources(rows, sources)
         return rows
 
     def sample(self, pl_module, rows=None) -> torch.Tensor:
@@ -135,9 +144,9 @@ class SampleGridLogger(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:06d}.png"
         columns = len(self.seeds)
-        if rows.controls is not None:  # each row starts with its control image: control | samples
+        if rows.images is not None:  # each row starts with its control or source image: control | samples
             per_row = images.view(len(rows), columns, *images.shape[1:])
-            controls = torch.stack(list(rows.controls)).to(images)[:, None]
+            controls = torch.stack(list(rows.images)).to(images)[:, None]
             if controls.shape[-2:] != images.shape[-2:]:
                 size = tuple(images.shape[-2:])
                 controls = torch.nn.functional.interpolate(controls[:, 0], size=size, mode="bilinear")[:, None]

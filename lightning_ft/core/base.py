@@ -38,7 +38,7 @@ from lightning_ft.core.components import Components, load_components, pipeline_c
 from lightning_ft.core.ema_resume import EMAResumeMixin
 from lightning_ft.core.encoding import EncodingMixin, decide_latent_cache
 from lightning_ft.core.encoding_cache import EncodingCache
-from lightning_ft.core.families import family_class, family_for_pipeline, make_family
+from lightning_ft.core.families import REGISTRY, family_class, family_for_pipeline, make_family
 from lightning_ft.core.noise_process import noise_process_for, process_kind
 from lightning_ft.core.objective import ObjectiveMixin
 from lightning_ft.core.optimization import OptimizationMixin
@@ -80,7 +80,8 @@ class DiffusionBase(
             DDPM models only: a flow-matching model predicts eps - x0).
         timestep_density: how training timesteps are drawn: ``uniform`` | ``logit_normal`` | ``mode`` (the last two
             for flow matching, SD3 paper; default None: the family's, diffusers' script default: ``logit_normal``
-            for SD3, ``uniform`` otherwise); ``logit_mean``, ``logit_std``, ``mode_scale`` (0.0, 1.0, 1.29).
+            for SD3, ``uniform`` otherwise); ``logit_mean``, ``logit_std``, ``mode_scale`` (0.0, None = the
+            family's: 1.0, Ideogram 4's 1.5, 1.29).
         loss_weighting: flow-matching loss weight ``none`` | ``sigma_sqrt`` | ``cosmap`` (default ``none``).
         flow_shift: flow-matching sigma shift (default None: the scheduler's fixed ``shift``, or its
             resolution-dependent shift with ``use_dynamic_shifting``, as its pipelines sample).
@@ -182,7 +183,7 @@ class DiffusionBase(
         prediction_type: str | None = None,
         timestep_density: str | None = None,
         logit_mean: float = 0.0,
-        logit_std: float = 1.0,
+        logit_std: float | None = None,
         mode_scale: float = 1.29,
         loss_weighting: str = "none",
         flow_shift: float | None = None,
@@ -229,7 +230,9 @@ class DiffusionBase(
         # The family of a folder is known from its model_index.json before its components load: it says which
         # optional components the folder may list (anything else is refused by name).
         known = family_class(family) if family else family_for_pipeline(pipeline_class_of(pretrained))
-        parts = load_components(pretrained, components, known.accepted_components() if known else ())
+        # Without a known family, a model may hold any family's frozen components (checked once it is recognised).
+        frozen = known.frozen_components if known else tuple(k for c in REGISTRY.values() for k in c.frozen_components)
+        parts = load_components(pretrained, components, known.accepted_components() if known else frozen, frozen)
         self.denoiser = parts.denoiser
         self.vae = parts.vae
         # Each text encoder (and tokenizer) is an attribute under its component key (text_encoder, text_encoder_2,
@@ -240,6 +243,17 @@ class DiffusionBase(
         self._pipeline_info = (parts.pipeline_class, parts.pipeline_config, parts.declared, parts.tokenizers,
                                parts.extras)  # fmt: skip
         self.family = make_family(parts, family, null_class)
+        self.frozen_component_keys = self.family.frozen_components
+        stray = sorted(set(parts.extras) - set(self.family.accepted_components()))
+        if stray:
+            raise ValueError(f"model.components: {', '.join(stray)}: not a component of the {self.family.name} family")
+        for key in self.frozen_component_keys:  # frozen submodules (devices, the denoiser's dtype); the pipeline's too
+            if parts.extras.get(key) is None:
+                raise ValueError(f"model: the {self.family.name} family needs its {key} (model.components.{key})")
+            component = parts.extras[key]  # a module, or a processor the pipeline takes (not trained either)
+            if isinstance(component, torch.nn.Module):
+                component = component.requires_grad_(False).eval()
+            setattr(self, key, component)
         for setting, value in self.family.vae_defaults.items():
             if self.vae is not None and self.vae.config.get(setting) is None:
                 # A VAE made for another family (e.g. the embedded SD-style one under an SD3 transformer) lacks a
@@ -251,9 +265,9 @@ class DiffusionBase(
             self.family.max_sequence_length = max_sequence_length
         # The process is read from the scheduler; an unknown one is refused here, naming it (core/noise_process.py).
         where = "model.pretrained" if pretrained else "model.components.scheduler"
-        flow = {"logit_mean": logit_mean, "logit_std": logit_std, "mode_scale": mode_scale,
-                "loss_weighting": loss_weighting, "shift": flow_shift,
-                "tokens_per_latent": self.family.tokens_per_latent,
+        flow = {"logit_mean": logit_mean, "mode_scale": mode_scale, "loss_weighting": loss_weighting,
+                "logit_std": self.family.default_logit_std if logit_std is None else logit_std, "shift": flow_shift,
+                "tokens_per_latent": self.family.tokens_per_latent, "shift_rule": self.family.flow_shift_rule(parts),
                 "precondition_outputs": self.family.precondition_outputs if precondition_outputs is None
                                         else precondition_outputs}  # fmt: skip
         try:
@@ -422,8 +436,8 @@ class DiffusionBase(
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen parts never leave eval mode (dropout off), whatever Lightning does to the module tree.
-        for frozen in (self.frozen_denoiser, self.vae):
-            if frozen is not None:
+        for frozen in (self.frozen_denoiser, self.vae, *(getattr(self, k) for k in self.frozen_component_keys)):
+            if isinstance(frozen, torch.nn.Module):
                 frozen.eval()
         if not self.hparams.train_text_encoder:
             for encoder in self.parts.encoders:
@@ -432,7 +446,8 @@ class DiffusionBase(
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Images in [0, 1] for ``batch['prompts']`` (or ``batch['class_labels']``) with ``batch['seeds']`` (and
-        ``batch['controls']``, a ControlNet's control images)."""
+        ``batch['controls']``, a ControlNet's control images; ``batch['sources']``, an editing model's source
+        images)."""
         seeds = [int(s) for s in batch["seeds"]]
         labels = batch.get("class_labels")
         labels = [int(label) for label in labels] if labels is not None else None
@@ -440,4 +455,7 @@ class DiffusionBase(
         controls = batch.get("controls")  # a ControlNet's: the control image of each sample
         if controls is not None:
             inputs = self.family.with_controls(inputs, controls.cpu(), self.controlnet is not None)
+        sources = batch.get("sources")  # an editing model's: the source image of each sample
+        if sources is not None:
+            inputs = self.family.with_sources(inputs, sources.cpu())
         return self.generate(**inputs.generate_kwargs(), seeds=seeds)

@@ -32,6 +32,12 @@ def is_text_key(key: str) -> bool:
     return bool(TEXT_ENCODER_KEY.fullmatch(key) or TOKENIZER_KEY.fullmatch(key))
 
 
+def is_component_entry(value) -> bool:
+    """A ``model_index.json`` entry naming a component: ``[library, class]`` (either may be null). Other lists are
+    pipeline settings (``Krea2Pipeline``'s ``text_encoder_select_layers``)."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
 def tokenizer_key(encoder_key: str) -> str:
     """``text_encoder_2`` -> ``tokenizer_2``: the tokenizer paired with a text encoder."""
     return "tokenizer" + encoder_key.removeprefix("text_encoder")
@@ -160,14 +166,17 @@ def pipeline_class_of(pretrained: str | None) -> str | None:
 
 
 def load_components(
-    pretrained: str | None = None, components: dict | None = None, extras: tuple[str, ...] = ()
+    pretrained: str | None = None, components: dict | None = None, extras: tuple[str, ...] = (),
+    frozen: tuple[str, ...] = (),
 ) -> Components:
     """Load ``pretrained`` (folder or hub id) and/or build ``components``; see the module docstring.
 
     ``extras``: the component keys, besides the denoiser, scheduler, VAE, text encoders and tokenizers, that the
     model's family accepts (e.g. an SD folder's ``safety_checker``): a folder's are not loaded (neither trained nor
     exported), ``components`` entries are kept in ``Components.extras``. A folder listing any other component is refused
-    by name: dropping it would train and export another model (an LDM's ``vqvae`` is its autoencoder)."""
+    by name: dropping it would train and export another model (an LDM's ``vqvae`` is its autoencoder). ``frozen``:
+    the keys of ``extras`` that are part of the model (its family's ``frozen_components``): a folder's are loaded
+    too, into ``Components.extras``."""
     components = dict(components or {})
     unknown = [k for k in components if k not in CORE_KEYS and not is_text_key(k) and k not in extras]
     if unknown:
@@ -194,14 +203,14 @@ def load_components(
         index = DiffusionPipeline.load_config(pretrained)
         parts["pipeline_class"] = index.get("_class_name")
         parts["pipeline_config"] = {
-            k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))
+            k: v for k, v in index.items() if not k.startswith("_") and not is_component_entry(v)
         }
         record = Path(pretrained).expanduser() / "lightning_ft.json"
         if record.is_file():
             import json
 
             parts["declared"] = json.loads(record.read_text())
-        listed = {n: v for n, v in index.items() if not n.startswith("_") and isinstance(v, (list, tuple))}
+        listed = {n: v for n, v in index.items() if not n.startswith("_") and is_component_entry(v)}
         strange = [f"{n} ({v[1]})" for n, v in listed.items()
                    if v[1] is not None and n not in DENOISER_KEYS and n not in CORE_KEYS and not is_text_key(n)
                    and n not in extras and n not in components]  # fmt: skip
@@ -212,7 +221,7 @@ def load_components(
                 "another model, so the folder is refused"
             )
         for name, value in listed.items():
-            if value[1] is None or name in extras:  # optional parts the family does not use (a safety checker)
+            if value[1] is None or (name in extras and name not in frozen):  # optional parts it does not use
                 continue
             key = "denoiser" if name in DENOISER_KEYS else name
             if key in components:

@@ -65,7 +65,8 @@ class EncodingMixin:
 
     # ------------------------------------------------------------------------------------------------ images
     def encode_images(
-        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, keys: list | None = None
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, keys: list | None = None,
+        sample: bool = True,
     ) -> torch.Tensor:
         """Images in [-1, 1] to the denoiser's space: VAE latents scaled by ``scaling_factor``, or the pixels.
 
@@ -73,7 +74,9 @@ class EncodingMixin:
         latent is still sampled from it every time, exactly as without the cache. A (CPU) ``generator`` draws
         that latent instead of the global RNG. ``keys``: the images' cache keys, as ``on_before_batch_transfer``
         puts them in a batch (``<field>_keys``, hashed on the CPU before the batch moves to the accelerator);
-        without them the images are hashed here, which on an accelerator copies them back to the host."""
+        without them the images are hashed here, which on an accelerator copies them back to the host. With
+        ``sample=False`` the latent is the posterior's mean (its mode; nothing is drawn), as pipelines encode the
+        images they condition on."""
         if self.vae is None:
             return pixel_values
 
@@ -88,6 +91,8 @@ class EncodingMixin:
         else:
             params = posterior(list(range(len(pixel_values))))
         mean, std = params[:, 0], params[:, 1]
+        if not sample:
+            return self.family.model_latents(self.vae, mean).to(pixel_values.dtype).contiguous()
         # randn(shape), not randn_like: the latter follows the (view's) strides, so the same seed would draw
         # different latents with and without the cache.
         if generator is None:
@@ -197,7 +202,23 @@ class EncodingMixin:
                 drop = flags if drop is None else drop | flags.to(drop.device)
             inputs = self.family.with_null(inputs, drop)
         geometry = self.batch_geometry(batch) if "pixel_values" in batch else None
-        return self.with_control(self.encode_inputs(inputs, n, geometry), batch.get("control_values"))
+        condition = self.with_control(self.encode_inputs(inputs, n, geometry), batch.get("control_values"))
+        return self.with_source(condition, inputs, batch.get("source_values"))
+
+    def with_source(self, condition: Condition, inputs, sources: torch.Tensor | None) -> Condition:
+        """``condition`` with what an editing model reads of its source images (``sources``: (B, 3, H, W) in [0, 1], a
+        batch's ``source_values``; the family's ``encode_sources``); unchanged without them. An editing model without
+        them, or source images for another model, fail naming the setting."""
+        if sources is None:
+            if self.family.needs_source:
+                raise ValueError(f"the {self.family.name} family is an editing model: its batches need source images "
+                                 "(data.source_dir, or a cond_image field in data.captions_file)")  # fmt: skip
+            return condition
+        condition = self.family.encode_sources(self, condition, inputs, sources.to(self.device))
+        dtype = parameter_dtype(self.denoiser)
+        if any(v.is_floating_point() and v.dtype != dtype for v in condition.fields.values()):
+            condition = condition.to(dtype=dtype)
+        return condition
 
     def with_control(self, condition: Condition, control: torch.Tensor | None) -> Condition:
         """``condition`` with its control images (``controlnet_cond``: (B, 3, H, W) in [0, 1], a batch's

@@ -237,6 +237,8 @@ class FlowMatchingProcess(NoiseProcess):
             DPM-Solver over flow sigmas); sampling and export use it (default None: ``scheduler``).
         precondition_outputs: score the implied x0 instead of the velocity, as diffusers' SD3 scripts do with
             ``--precondition_outputs 1``: the loss times sigma^2 (default False).
+        shift_rule: the resolution-dependent shift exponent mu of a latent shape, when ``shift`` is None: the
+            family's own rule (Ideogram 4's 0.5 log(pixels / 512^2)) in place of the scheduler's (default None).
     """
 
     kind = FLOW_MATCHING
@@ -253,6 +255,7 @@ class FlowMatchingProcess(NoiseProcess):
         tokens_per_latent: int = 4,
         model_scheduler=None,
         precondition_outputs: bool = False,
+        shift_rule=None,
     ):
         if density not in TIMESTEP_DENSITIES:
             raise ValueError(f"model.timestep_density={density!r} is not one of {TIMESTEP_DENSITIES}")
@@ -265,7 +268,7 @@ class FlowMatchingProcess(NoiseProcess):
         self.density, self.loss_weighting = density, loss_weighting
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.shift, self.tokens_per_latent = shift, tokens_per_latent
-        self.precondition_outputs = precondition_outputs
+        self.precondition_outputs, self.shift_rule = precondition_outputs, shift_rule
         self.image_shape: tuple[int, ...] | None = None  # the latent shape last noised (resolution-dependent shift)
 
     @property
@@ -278,10 +281,14 @@ class FlowMatchingProcess(NoiseProcess):
 
     @property
     def dynamic(self) -> bool:
-        return self.shift is None and bool(self.scheduler.config.get("use_dynamic_shifting", False))
+        dynamic = self.shift_rule is not None or bool(self.scheduler.config.get("use_dynamic_shifting", False))
+        return self.shift is None and dynamic
 
     def mu(self, shape) -> float:
-        """The resolution-dependent shift exponent of the family's pipelines (diffusers' ``calculate_shift``)."""
+        """The resolution-dependent shift exponent of the family's pipelines (``shift_rule``, else diffusers'
+        ``calculate_shift``)."""
+        if self.shift_rule is not None:
+            return self.shift_rule(shape)
         c = self.scheduler.config
         tokens = shape[-2] * shape[-1] / self.tokens_per_latent
         base, top = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)

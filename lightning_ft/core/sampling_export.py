@@ -61,17 +61,21 @@ class SamplingExportMixin:
         batch_size: int = 32,
         negative_prompt: str | None = None,
         controls: torch.Tensor | None = None,
+        sources: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample images in [0, 1], shape (N, C, H, W), one per prompt / label / seed.
 
         ``seeds[i]`` seeds image i alone, so a sample does not depend on the batch it was drawn in. ``controls``:
         one control image per sample, (N, 3, H, W) in [0, 1], for a model with a ControlNet (the samples then have
-        the controls' size)."""
+        the controls' size). ``sources``: one source image per sample, (N, 3, H, W) in [0, 1], for an editing model
+        (the image each sample is an edit of)."""
         n = len(prompts) if prompts is not None else len(labels) if labels is not None else len(seeds or [])
         steps, guidance, seeds = self.sampling_settings(n, seeds, steps, guidance_scale)
         inputs = self.family.sample_inputs(prompts, labels, n)
         if controls is not None:
             inputs = self.family.with_controls(inputs, controls, self.controlnet is not None)
+        if sources is not None:
+            inputs = self.family.with_sources(inputs, sources)
         chunks = []
         with self.sampling_weights():
             pipe = self.build_pipeline()

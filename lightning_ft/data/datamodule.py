@@ -23,7 +23,7 @@ from lightning_ft.data.buckets import (
 )
 from lightning_ft.data.captions import CaptionAugment, caption_rng, caption_setting_warnings, check_caption_settings
 from lightning_ft.data.class_images import class_cache_folder, generate_class_images
-from lightning_ft.data.controls import load_validation_controls, read_controls
+from lightning_ft.data.controls import load_validation_controls, read_controls, read_sources
 from lightning_ft.data.folder import (
     caption_sources,
     describe_folder,
@@ -66,8 +66,9 @@ class LimitedDataset(Dataset):
     long tensors of shape (2,) that the default collate stacks to (B, 2); the target size is the pixels' own.
     With ``masks`` (one ``L`` image per instance image), ``mask`` (1, H, W) in [0, 1], cropped and flipped with the
     pixels. With ``controls`` (a ControlNet's control image per instance image), ``control_values`` (3, H, W) in
-    [0, 1], cropped and flipped with the pixels. With caption dropout, ``drop_condition`` (a bool: train this
-    item with the null condition).
+    [0, 1], cropped and flipped with the pixels; with ``sources`` (an editing model's source image per instance
+    image), ``source_values`` (3, H, W) in [0, 1], cropped and flipped with the pixels. With caption dropout,
+    ``drop_condition`` (a bool: train this item with the null condition).
     With class images, also ``class_pixel_values``, ``class_prompts``, ``class_original_size`` and
     ``class_crop_top_left``, and ``class_class_labels`` (their class) for a class-conditional model; prior images
     are never masked or dropped (``class_mask`` is ones, ``class_drop_condition`` False)."""
@@ -89,13 +90,16 @@ class LimitedDataset(Dataset):
         masks=None,
         captions=None,
         controls=None,
+        sources=None,
     ):
+        if controls is not None and sources is not None:
+            raise ValueError("LimitedDataset: control images and source images are two models' data: give one")
         self.images, self.prompts, self.labels = images, prompts, labels
         self.class_image_labels = class_image_labels
         self.class_images, self.class_prompts = class_images or [], class_prompts or []
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.views = views if views is not None else [(i, resolution) for i in range(len(images))]
-        self.masks, self.captions, self.controls = masks, captions, controls
+        self.masks, self.captions, self.controls, self.sources = masks, captions, controls, sources
         self.length = max(len(self.views) * repeats, len(self.class_images))
         self.seed = seed
 
@@ -119,8 +123,12 @@ class LimitedDataset(Dataset):
         i, size = self.views[index % len(self.views)]
         mask = self.masks[i] if self.masks is not None else None
         control = self.controls[i] if self.controls is not None else None
+        if self.sources is not None:  # cropped and flipped with the image, as a control is (one or the other)
+            control = self.sources[i]
         pixels, geometry = to_tensor_with_geometry(self.images[i], size, self.center_crop, self.random_flip, rng, mask,
                                                    control)  # fmt: skip
+        if self.sources is not None:
+            geometry["source_values"] = geometry.pop("control_values")
         item = {"pixel_values": pixels, "prompts": self.prompts[i], **geometry}
         if self.captions is not None and self.captions.active:
             prompt, dropped = self.captions(self.prompts[i], caption_rng(self.seed, index))
@@ -194,6 +202,13 @@ def check_data_settings(h) -> None:
     if h.control_dir and h.num_class_images > 0:
         raise ValueError(f"data.control_dir with data.num_class_images={h.num_class_images}: class images have no "
                          "control images; ControlNet training has no prior preservation (set it to 0)")  # fmt: skip
+    if h.source_dir and h.control_dir:
+        raise ValueError(f"data.source_dir={h.source_dir!r} and data.control_dir={h.control_dir!r}: source images are "
+                         "an editing model's, control images a ControlNet's; give the one the model reads")  # fmt: skip
+    if h.source_dir and h.num_class_images > 0:
+        raise ValueError(f"data.source_dir with data.num_class_images={h.num_class_images}: class images have no "
+                         "source images; editing models train without prior preservation, as diffusers' Kontext "
+                         "script (set it to 0)")  # fmt: skip
     if h.mask_dir and h.alpha_mask:
         raise ValueError(f"data.mask_dir={h.mask_dir!r} and data.alpha_mask=true both give the loss masks: set one")
     if h.bucket_max_aspect < 1:
@@ -277,8 +292,13 @@ class LimitedDataModule(L.LightningDataModule):
         control_dir: ControlNet training (``model.trainable: controlnet``): a folder of control images, one per
             training image with its file name stem (default None); or a ``conditioning_image`` field per row of the
             captions file (a path relative to it), diffusers' dataset convention. See ``lightning_ft.data.controls``.
-        validation_images: control images the sample grids (and ``predict``) sample with, paired with
-            ``sample_prompts`` (diffusers' ``--validation_image`` / ``--validation_prompt``; default None).
+        source_dir: editing models (FLUX.1 Kontext, Qwen-Image-Edit): a folder of source images, one per training
+            image with its file name stem (default None): each training image is the edit of its source; or a
+            ``cond_image`` field per row of the captions file (a path relative to it). See
+            ``lightning_ft.data.controls``.
+        validation_images: control images (a ControlNet's) or source images (an editing model's) the sample grids
+            (and ``predict``) sample with, paired with ``sample_prompts`` (diffusers' ``--validation_image`` /
+            ``--validation_prompt``; default None).
 
     ``validate`` and ``test`` score the model on the instance images without augmentation (how well it fits the
     subject, at fixed timesteps and noise); ``predict`` generates ``predict_prompts`` x ``predict_seeds``.
@@ -320,6 +340,7 @@ class LimitedDataModule(L.LightningDataModule):
         tag_separator: str = ",",
         control_dir: str | None = None,
         validation_images: list[str] | None = None,
+        source_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -333,6 +354,7 @@ class LimitedDataModule(L.LightningDataModule):
         self.views: list | None = None  # (image index, (w, h)) of every instance view when bucketed, by check_inputs
         self.masks = None  # one L image per instance image with data.mask_dir / data.alpha_mask, by check_inputs
         self.controls = None  # one RGB control image per instance image (ControlNet training), by check_inputs
+        self.sources = None  # one RGB source image per instance image (editing models), by check_inputs
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -491,6 +513,13 @@ class LimitedDataModule(L.LightningDataModule):
             if self.controls is not None and h.num_class_images > 0:
                 raise ValueError("data: the captions file gives control images and data.num_class_images > 0: class "
                                  "images have none; ControlNet training has no prior preservation")  # fmt: skip
+            self.sources = read_sources(files, images, h.source_dir, h.captions_file, "data")
+            if self.sources is not None and self.controls is not None:
+                raise ValueError("data: the data gives both control images and source images: give the one the "
+                                 "model reads")  # fmt: skip
+            if self.sources is not None and h.num_class_images > 0:
+                raise ValueError("data: the captions file gives source images and data.num_class_images > 0: class "
+                                 "images have none; editing models train without prior preservation")  # fmt: skip
             self._instances = (files, prompts, images, labels)
             captions = caption_setting_warnings(h.caption_dropout, h.shuffle_tags, h.keep_tokens, h.tag_separator,
                                                 prompts, caption_sources(files, h.captions_file))  # fmt: skip
@@ -508,6 +537,14 @@ class LimitedDataModule(L.LightningDataModule):
                 raise ValueError("data: control images are given (data.control_dir or a conditioning_image field) but "
                                  "the model has no ControlNet: set model.trainable='controlnet'")  # fmt: skip
         family = getattr(module, "family", None)
+        if family is not None and self._instances is not None:
+            if family.needs_source and self.sources is None:
+                raise ValueError(f"data: the {family.name} family is an editing model: give the source image of "
+                                 "every training image (data.source_dir, or a cond_image field in "
+                                 "data.captions_file)")  # fmt: skip
+            if self.sources is not None and not family.needs_source:
+                raise ValueError(f"data: source images are given (data.source_dir or a cond_image field) but the "
+                                 f"{family.name} family is not an editing model")  # fmt: skip
         if self._instances[3] is None and family is not None and family.needs_labels():
             raise ValueError(
                 "data: this model is class-conditional; give data.class_label, or a jsonl data.captions_file "
@@ -599,6 +636,7 @@ class LimitedDataModule(L.LightningDataModule):
             masks=self.masks,
             captions=self._captions(),
             controls=self.controls,
+            sources=self.sources,
         )
         self._list_skipped()
 
@@ -612,7 +650,8 @@ class LimitedDataModule(L.LightningDataModule):
         h = self.hparams
         d = self.dataset
         plain = LimitedDataset(d.images, d.prompts, resolution=d.resolution, center_crop=True, seed=h.seed,
-                               labels=d.labels, views=d.views, masks=d.masks, controls=d.controls)  # fmt: skip
+                               labels=d.labels, views=d.views, masks=d.masks, controls=d.controls,
+                               sources=d.sources)  # fmt: skip
         kwargs = dict(num_workers=h.num_workers, pin_memory=self.pin_memory())
         if not self.bucketed:
             return DataLoader(plain, batch_size=h.batch_size, **kwargs)
@@ -627,10 +666,22 @@ class LimitedDataModule(L.LightningDataModule):
         return self._instances_in_order()
 
     def sample_controls(self) -> torch.Tensor | None:
-        """The control images of ``data.validation_images`` at the (largest) training resolution, (N, 3, R, R) in
-        [0, 1], one per ``sample_prompts`` row; None without them."""
+        """The control (or source) images of ``data.validation_images`` at the (largest) training resolution,
+        (N, 3, R, R) in [0, 1], one per ``sample_prompts`` row; None without them."""
         paths = self.hparams.validation_images
         return load_validation_controls(list(paths), self.sampling_resolution) if paths else None
+
+    def sample_sources(self, count: int) -> torch.Tensor | None:
+        """The source images an editing model's grid rows are edits of, (count, 3, R, R) in [0, 1] at the (largest)
+        training resolution: ``data.validation_images`` (one per ``sample_prompts`` row), else the sources of the
+        first ``count`` training images (cycled), centre-cropped; None without sources."""
+        if self.hparams.validation_images:
+            return self.sample_controls()
+        if self.sources is None:
+            return None
+        side = self.sampling_resolution
+        picked = [self.sources[i % len(self.sources)] for i in range(count)]
+        return torch.stack([(to_tensor_with_geometry(s, side, True, False, None)[0] + 1) / 2 for s in picked])
 
     def predict_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -639,6 +690,14 @@ class LimitedDataModule(L.LightningDataModule):
             if controls is None:
                 raise ValueError("predict with a ControlNet needs data.validation_images and data.sample_prompts")
             items = [{"prompts": p, "controls": c, "seeds": s} for p, c in zip(h.sample_prompts, controls)
+                     for s in h.predict_seeds]  # fmt: skip
+            return DataLoader(items, batch_size=max(h.batch_size, 8))
+        if self.dataset.sources is not None:  # an editing model samples the validation pairs (source, prompt)
+            sources = self.sample_controls()
+            if sources is None:
+                raise ValueError("predict with an editing model needs data.validation_images (source images) and "
+                                 "data.sample_prompts")  # fmt: skip
+            items = [{"prompts": p, "sources": c, "seeds": s} for p, c in zip(h.sample_prompts, sources)
                      for s in h.predict_seeds]  # fmt: skip
             return DataLoader(items, batch_size=max(h.batch_size, 8))
         prompts = h.predict_prompts or list(dict.fromkeys(self.dataset.prompts))

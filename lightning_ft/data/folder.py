@@ -23,6 +23,8 @@ from lightning_ft.images import (  # noqa: F401 - re-exported
 
 #: The header of a captions csv with a ControlNet's control image per row (diffusers' dataset column names).
 THREE_COLUMNS = ["file", "caption", "conditioning_image"]
+#: The header of a captions csv with an editing model's source image per row (the Kontext script's cond image).
+SOURCE_COLUMNS = ["file", "caption", "cond_image"]
 
 #: Why a file of an image folder is not used, by ``classify``'s kinds (and subfolders).
 SKIP_REASONS = {
@@ -183,16 +185,19 @@ def _read_caption_table(path: Path, key: str) -> dict[str, str]:
                     f"{key}: {str(path)!r} line {number} is not a JSON object with 'file' and 'caption' ({error})"
                 ) from None
     elif path.suffix == ".csv":
-        width = 2  # file,caption; a header file,caption,conditioning_image (a ControlNet's data) makes it 3
+        # file,caption; a header file,caption,conditioning_image (a ControlNet's data) or file,caption,cond_image (an
+        # editing model's) makes it 3
+        width, header = 2, THREE_COLUMNS
         with path.open(newline="", encoding="utf-8-sig") as handle:
             for number, row in enumerate(csv.reader(handle), 1):
                 if not any(field.strip() for field in row):  # blank lines, e.g. a trailing one
                     continue
-                if number == 1 and [c.strip().lower() for c in row] in (["file", "caption"], THREE_COLUMNS):
-                    width = len(row)
+                names = [c.strip().lower() for c in row]
+                if number == 1 and names in (["file", "caption"], THREE_COLUMNS, SOURCE_COLUMNS):
+                    width, header = len(row), names
                     continue
                 if len(row) != width:
-                    fields = ",".join(THREE_COLUMNS[:width])
+                    fields = ",".join(header[:width])
                     raise ValueError(f"{key}: {str(path)!r} line {number} does not have {width} fields {fields}")
                 table[Path(row[0]).name] = row[1]
     else:

@@ -20,6 +20,7 @@ because no maintained library (PEFT included) offers a time-conditioned adapter 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -38,7 +39,8 @@ class TimeEmbeddingTap:
 
     Hooks the module ``name`` (the model family's ``time_embedding``, e.g. Z-Image's ``t_embedder``), else the first
     ``TimestepEmbedding`` of the denoiser: ``time_embedding`` of a UNet, the first block's timestep embedder of a DiT.
-    The embedding's width is the output width of the hooked module's last linear layer."""
+    The embedding's width is the output width of the hooked module's last linear layer. A module that gives a table
+    of per-layer modulations (B, M, D) instead of one vector (Chroma's approximator) is read as their mean over M."""
 
     def __init__(self, denoiser: nn.Module, name: str | None = None):
         if name:
@@ -55,7 +57,7 @@ class TimeEmbeddingTap:
         module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
-        self.value = F.silu(output)
+        self.value = F.silu(output.mean(dim=1) if output.ndim == 3 else output)
 
 
 class TimeAwareAdapter(nn.Module):
@@ -100,10 +102,35 @@ class AdaptedProjection(nn.Module):
         return self.linear(a + self.adapter(a, time.to(a.dtype)))
 
 
+def output_projection(module: nn.Module) -> nn.Module | None:
+    """The own output projection of a diffusers attention: ``to_out[0]``, or ``to_out`` where it is one Linear over
+    the attention's ``inner_dim`` (HiDream's attention); None for another module, or an attention without one
+    (FLUX.2's single blocks project attention and MLP together through one ``to_out`` Linear: no adapter fits)."""
+    out = getattr(module, "to_out", None) if is_attention(module) else None
+    if isinstance(out, nn.ModuleList):
+        return out[0]
+    linear = out.linear if isinstance(out, AdaptedProjection) else out
+    return out if isinstance(linear, nn.Linear) and linear.in_features == getattr(module, "inner_dim", None) else None
+
+
+def set_output_projection(module: nn.Module, projection: nn.Module) -> None:
+    """Put ``projection`` where ``output_projection`` found the attention's own."""
+    if isinstance(module.to_out, nn.ModuleList):
+        module.to_out[0] = projection
+    else:
+        module.to_out = projection
+
+
 def has_output_projection(module: nn.Module) -> bool:
-    """A diffusers attention with its own output projection ``to_out[0]`` (FLUX.2's single blocks project attention
-    and MLP together through one ``to_out`` Linear: no adapter fits before it)."""
-    return is_attention(module) and isinstance(getattr(module, "to_out", None), nn.ModuleList)
+    """A diffusers attention with its own output projection (``output_projection``)."""
+    return output_projection(module) is not None
+
+
+def is_target(name: str, targets: tuple[str, ...]) -> bool:
+    """An attention module named ``name`` is targeted: the last part of its name is one of ``targets``, or a target
+    with a dot matches its whole name as a glob (``transformer_blocks.*.attn``: the blocks' attention, not another
+    stage's attention of the same name)."""
+    return name.rsplit(".", 1)[-1] in targets or any("." in t and fnmatch.fnmatchcase(name, t) for t in targets)
 
 
 def insert_adapters(
@@ -123,14 +150,14 @@ def insert_adapters(
     tap = TimeEmbeddingTap(denoiser, time_embedding)
     adapters = {}
     for name, module in list(denoiser.named_modules()):
-        if has_output_projection(module) and name.rsplit(".", 1)[-1] in targets:
-            projection = module.to_out[0]
+        if has_output_projection(module) and is_target(name, targets):
+            projection = output_projection(module)
             if isinstance(projection, AdaptedProjection):
                 raise ValueError(f"attention {name!r} already has an adapter")
             adapter = TimeAwareAdapter(projection.in_features, tap.dim, reduction, heads).to(
                 projection.weight.device, projection.weight.dtype
             )
-            module.to_out[0] = AdaptedProjection(projection, adapter, tap)
+            set_output_projection(module, AdaptedProjection(projection, adapter, tap))
             adapters[name] = adapter
     if not adapters:
         raise ValueError(f"A3FTA: no attention module named {list(targets)} in the denoiser")
@@ -142,16 +169,16 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.detach().clone()
         for name, module in denoiser.named_modules()
-        if has_output_projection(module) and isinstance(module.to_out[0], AdaptedProjection)
-        for key, value in module.to_out[0].adapter.state_dict().items()
+        if isinstance(output_projection(module), AdaptedProjection)
+        for key, value in output_projection(module).adapter.state_dict().items()
     }
 
 
 def without_adapters(denoiser: nn.Module) -> nn.Module:
     """Unwrap every adapted projection in place (the plain diffusers module); returns ``denoiser``."""
     for module in denoiser.modules():
-        if has_output_projection(module) and isinstance(module.to_out[0], AdaptedProjection):
-            module.to_out[0] = module.to_out[0].linear
+        if isinstance(output_projection(module), AdaptedProjection):
+            set_output_projection(module, output_projection(module).linear)
     return denoiser
 
 

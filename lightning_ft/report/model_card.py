@@ -270,6 +270,8 @@ def widget_conditions(trainer, pl_module, limit: int = 4):
             inputs = callback.grid_inputs(pl_module)
             if inputs.conditional:
                 return inputs.distinct()[:limit]
+    if getattr(pl_module.family, "needs_source", False):
+        return None  # an editing model's samples need source images: only the grid's rows (validation images) have them
     dataset = getattr(trainer.datamodule, "dataset", None)
     prompts = list(dict.fromkeys(getattr(dataset, "prompts", None) or [])) or None
     labels = list(dict.fromkeys(getattr(dataset, "labels", None) or [])) or None

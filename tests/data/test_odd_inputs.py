@@ -270,8 +270,9 @@ class _Sampler:
 
     def __init__(self):
         self.calls, self.hparams = 0, {}
-        self.family = SimpleNamespace(needs_labels=lambda: False, sample_inputs=lambda prompts=None, labels=None,
-                                      n=None, where="", required=True: SampleInputs.of(prompts=prompts))  # fmt: skip
+        self.family = SimpleNamespace(needs_labels=lambda: False, needs_source=False,
+                                      sample_inputs=lambda prompts=None, labels=None, n=None, where="",
+                                      required=True: SampleInputs.of(prompts=prompts))  # fmt: skip
 
     def to(self, device):
         return self

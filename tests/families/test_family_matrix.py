@@ -8,6 +8,8 @@ only callback. docs/families.md, "Every family with every method", reproduces th
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import REPO
 from diffusers import DiffusionPipeline
 
 from lightning_ft.callbacks import DiffusersExport
+from lightning_ft.core.families import REGISTRY
 from lightning_ft.run import main
 
 #: Every family with a tiny config: ``configs/model/tiny_<name>.yaml`` is row ``<name>`` (``tiny_t2i``: ``sd``), plus
@@ -38,6 +41,34 @@ METHODS = {
 }
 
 
+#: Editing families (``needs_source``): their data pairs every image with a source image (``data.source_dir``), their
+#: samples are asked with one, and they train without prior preservation (class images have no source).
+EDITING = {name for name in FAMILIES if getattr(REGISTRY.get(name), "needs_source", False)}
+
+
+@pytest.fixture(autouse=True)
+def tiny_family(request, monkeypatch):
+    """A row runs in its family's ``tiny_context`` if it declares one (e.g. a pipeline's hard-coded sizes shrunk for
+    CPU), and is skipped, naming them, when packages the family ``requires`` are not installed. When loading its
+    export needs packages that are not installed (``reload_requires``), the row fits, exports and samples, then skips
+    at the reload, naming them."""
+    callspec = getattr(request.node, "callspec", None)
+    family = REGISTRY.get(callspec.params.get("family")) if callspec else None
+    missing = [m for m in getattr(family, "requires", ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the {family.name} family needs {', '.join(missing)}, which is not installed")
+    unloadable = [m for m in getattr(family, "reload_requires", ()) if importlib.util.find_spec(m) is None]
+    if unloadable:
+
+        def skip_reload(module, folder):
+            pytest.skip(f"fit, export and samples ran; reloading the {family.name} export needs "
+                        f"{', '.join(unloadable)}, which is not installed")  # fmt: skip
+
+        monkeypatch.setitem(globals(), "_reload", skip_reload)
+    with getattr(family, "tiny_context", contextlib.nullcontext)():
+        yield
+
+
 def _has_resnets(family: str) -> bool:
     """Whether the family's tiny denoiser has diffusers ``ResnetBlock2D`` modules, where ANL inserts its modules (a
     transformer has none: ANL refuses it by name)."""
@@ -54,6 +85,8 @@ def not_applicable(family: str, method: str) -> str | None:
     """The error that says why (family, method) cannot apply, None when it applies."""
     if method == "anl" and not _has_resnets(family):
         return "no diffusers ResnetBlock2D"
+    if method == "diff_tuning" and family in EDITING:
+        return "Diff-Tuning.*editing model.*does not apply"
     return None
 
 
@@ -62,11 +95,28 @@ WITH_MODULES = {"a3fta", "anl"}
 PROMPTS = ["a sks star on a gray background", "a red circle"]
 
 
+def _sources(tmp_path, subject_dir) -> Path:
+    """A source folder for an editing family: per subject image, one of the same name (a flat colour per image)."""
+    from PIL import Image
+
+    folder = tmp_path / "sources"
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(sorted(subject_dir.glob("*.png"))):
+        Image.new("RGB", Image.open(image).size, (40 + 60 * (i % 4), 128, 200 - 50 * (i % 3))).save(folder / image.name)
+    return folder
+
+
+#: What an editing family's samples are edits of in the comparison of module and reload.
+SAMPLE_SOURCES = torch.stack([torch.full((3, 32, 32), 0.2), torch.linspace(0, 1, 32).expand(3, 32, 32)])
+
+
 def _overrides(tmp_path, subject_dir, family: str, method: str) -> str:
     experiment = yaml.safe_load((REPO / "experiments" / METHODS[method]).read_text())
     data = {"instance_dir": str(subject_dir), "captions_file": None, "instance_prompt": PROMPTS[0],
             "batch_size": 2, "repeats": 2}  # fmt: skip
-    if experiment["data"]["init_args"].get("num_class_images"):
+    if family in EDITING:  # paired data; no class images (they have no source)
+        data.update(source_dir=str(_sources(tmp_path, subject_dir)), num_class_images=0)
+    elif experiment["data"]["init_args"].get("num_class_images"):
         data.update(num_class_images=2, class_prompt="a star on a gray background")
     if family == "dit":
         data.update(class_label=3)
@@ -130,6 +180,8 @@ def test_family_method_fits_exports_and_reloads_to_the_same_images(family, metho
     if family == "sd2_v":
         assert module.noise_process.prediction_type == "v_prediction"
     inputs = module.family.sample_inputs(PROMPTS, [3, 7], 2)
+    if family in EDITING:
+        inputs = module.family.with_sources(inputs, SAMPLE_SOURCES)
     seeds = [11, 12]
     guidance = 2.0
     expected = module.generate(**inputs.generate_kwargs(), seeds=seeds, guidance_scale=guidance)

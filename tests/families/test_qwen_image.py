@@ -231,7 +231,7 @@ def test_variant_pipelines_are_refused_by_name(tmp_path):
     module.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImagePipeline"
-    for variant in ["QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline",
+    for variant in ["QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline",
                     "QwenImageInpaintPipeline", "QwenImageControlNetPipeline", "QwenImageLayeredPipeline"]:  # fmt: skip
         assert variant in QwenImage.refused
         (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": variant}))

@@ -78,7 +78,7 @@ def test_an_inpainting_unet_is_refused_by_name(tmp_path):
 
 def test_flux_editing_folders_are_refused_not_trained_as_flux(tmp_path):
     folder = _saved(tmp_path, "tiny_flux", sample_resolution=32)
-    for pipeline in ("FluxKontextPipeline", "FluxFillPipeline"):
+    for pipeline in ("FluxFillPipeline", "FluxControlPipeline"):  # FluxKontextPipeline: the flux_kontext family
         _relabel(folder, pipeline)
         with pytest.raises(NotImplementedError, match=f"{pipeline}.*reference or control image.*FluxPipeline"):
             DiffusionBase(pretrained=str(folder))

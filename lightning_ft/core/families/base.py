@@ -101,6 +101,10 @@ class ModelFamily:
     text_encoders: tuple[str, ...] = ()
     #: Other components its folders may list (kept aside, not trained); None: the pipeline's ``_optional_components``.
     extra_components: tuple[str, ...] | None = None
+    #: Components besides the denoiser, VAE and text encoders that its pipeline needs and that lightning-ft keeps
+    #: frozen (Ideogram 4's unconditional transformer): loaded from a folder or built from configs, held beside the
+    #: denoiser (its device and dtype: ``frozen_dtype`` leaves them), passed to the pipeline that samples and exports.
+    frozen_components: tuple[str, ...] = ()
     #: What it does, in words (model cards' tags, ``describe``).
     task: str = "unconditional image generation"
     #: ``matches`` is tried in this order (lower first) for a model without a known pipeline.
@@ -120,6 +124,8 @@ class ModelFamily:
     precondition_outputs: bool = False
     #: Training timestep density when ``model.timestep_density`` is not set (diffusers' script default).
     default_timestep_density: str = "uniform"
+    #: Flow matching: the logit-normal density's std when ``model.logit_std`` is not set (its script's).
+    default_logit_std: float = 1.0
     #: The attention modules A3FTA adapts by default, by the last part of their name (self- and cross-attention).
     attention_names: tuple[str, ...] = ("attn1", "attn2")
     #: The denoiser's module whose output is its time embedding, which A3FTA's adapters read (None: the first
@@ -138,6 +144,10 @@ class ModelFamily:
     #: The pipeline that samples and exports this family's models with a ControlNet (``model.trainable:
     #: controlnet``); None: the family has no ControlNet training (refused by name).
     controlnet_pipeline: str | None = None
+    #: True for an editing family: every training image pairs with a source image (``data.source_dir``), the
+    #: condition holds what the model reads of it (``encode_sources``) and samples are asked with one
+    #: (``with_sources``).
+    needs_source: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -154,14 +164,15 @@ class ModelFamily:
 
     @classmethod
     def accepted_components(cls) -> tuple[str, ...]:
-        """Component keys besides denoiser, scheduler, VAE, text encoders and tokenizers that its folders may list."""
+        """Component keys besides denoiser, scheduler, VAE, text encoders and tokenizers that its folders may list
+        (its ``frozen_components`` first)."""
         if cls.extra_components is not None:
-            return cls.extra_components
+            return (*cls.frozen_components, *cls.extra_components)
         import diffusers
 
         pipeline = getattr(diffusers, cls.pipeline_class or "", None)
         optional = getattr(pipeline, "_optional_components", None) or []
-        return tuple(k for k in optional if not k.startswith(("text_encoder", "tokenizer")))
+        return (*cls.frozen_components, *(k for k in optional if not k.startswith(("text_encoder", "tokenizer"))))
 
     def __init__(self, parts: Components, null_class: int | None = None):
         if null_class is not None and not self.uses_null_class:
@@ -258,6 +269,28 @@ class ModelFamily:
                              "tensors)")  # fmt: skip
         return inputs.with_controls(controls.float().cpu())
 
+    # ---------------------------------------------------------------------------------------------- editing
+    def with_sources(self, inputs: SampleInputs, sources) -> SampleInputs:
+        """``inputs`` with their source images (``generate(sources=...)``), checked: one per sample, (3, H, W) in
+        [0, 1]; refused for a family that is not an editing one (``needs_source``)."""
+        if not self.needs_source:
+            having = sorted(name for name, cls in REGISTRY.items() if cls.needs_source)
+            raise ValueError(f"generate(sources=...): the {self.name} family is not an editing model; source images "
+                             f"are for {', '.join(having) or 'editing families'}")  # fmt: skip
+        sources = torch.as_tensor(sources)
+        if sources.ndim != 4 or sources.shape[1] != 3 or len(sources) != len(inputs):
+            raise ValueError(f"generate: sources of shape {tuple(sources.shape)}: need ({len(inputs)}, 3, H, W), "
+                             "one source image per sample")  # fmt: skip
+        if sources.min() < 0 or sources.max() > 1:
+            raise ValueError("generate: source images must be in [0, 1]")
+        return inputs.with_sources(sources.float().cpu())
+
+    def encode_sources(self, module, condition: Condition, inputs, sources: torch.Tensor) -> Condition:
+        """An editing family's condition of a batch (``condition``: its ``encode`` of ``inputs``) with what its
+        denoiser reads of the source images (B, 3, H, W) in [0, 1]; refused for the other families."""
+        raise ValueError(f"the batch has source images (data.source_dir or a cond_image column), but the {self.name} "
+                         "family is not an editing model")  # fmt: skip
+
     # ------------------------------------------------------------------------------------------- latent space
     def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE posterior of images in [-1, 1] as (N, 2, ...): mean and std (a deterministic autoencoder such as
@@ -307,6 +340,12 @@ class ModelFamily:
             kwargs[key] = parts.text_encoders.get(key)
             kwargs[tokenizer_key(key)] = parts.tokenizers.get(tokenizer_key(key))
         return {**kwargs, **parts.extras, **self.pipeline_options()}
+
+    def flow_shift_rule(self, parts: Components):
+        """Flow matching: the shift exponent mu of a latent shape (sigmas shifted by exp(mu)) that its pipelines
+        sample with and its script trains at, when ``model.flow_shift`` is not set; None (default): the
+        scheduler's (its fixed ``shift``, or the token-linear rule of ``use_dynamic_shifting``)."""
+        return None
 
     def pipeline_options(self) -> dict:
         """Pipeline arguments that are settings, not components (default: none)."""

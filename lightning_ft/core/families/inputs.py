@@ -16,15 +16,17 @@ from dataclasses import dataclass
 class SampleInputs:
     """The inputs of ``count`` samples: ``prompts`` (one per sample), ``labels`` (one per sample), or neither; and
     ``controls``, one control image per sample ((3, H, W) in [0, 1]) for a model with a ControlNet
-    (``ModelFamily.with_controls`` adds them)."""
+    (``ModelFamily.with_controls`` adds them); ``sources``, one source image per sample ((3, H, W) in [0, 1]) for an
+    editing model, the image its samples are edits of (``ModelFamily.with_sources`` adds them)."""
 
     count: int
     prompts: tuple[str, ...] | None = None
     labels: tuple[int, ...] | None = None
     controls: tuple | None = None
+    sources: tuple | None = None
 
     def __post_init__(self):
-        for name in ("prompts", "labels", "controls"):
+        for name in ("prompts", "labels", "controls", "sources"):
             values = getattr(self, name)
             if values is not None and len(values) != self.count:
                 raise ValueError(f"SampleInputs: {len(values)} {name} for {self.count} samples")
@@ -36,7 +38,8 @@ class SampleInputs:
         prompts = tuple(pick(self.prompts)) if self.prompts is not None else None
         labels = tuple(pick(self.labels)) if self.labels is not None else None
         controls = tuple(pick(self.controls)) if self.controls is not None else None
-        return SampleInputs(len(pick(range(self.count))), prompts, labels, controls)
+        sources = tuple(pick(self.sources)) if self.sources is not None else None
+        return SampleInputs(len(pick(range(self.count))), prompts, labels, controls, sources)
 
     def __getitem__(self, index: slice) -> SampleInputs:
         return self._map(lambda values: values[index])
@@ -54,15 +57,26 @@ class SampleInputs:
         return self._map(lambda values: [v for v in values for _ in range(times)])
 
     def distinct(self) -> SampleInputs:
-        """The inputs without repeats, in order (controls: the samples whose prompt or label is new)."""
-        if self.controls is not None:
-            keys = [(value, id(control)) for value, control in zip(self.values(), self.controls)]
+        """The inputs without repeats, in order (with control or source images: the samples whose (prompt or label,
+        image) pair is new)."""
+        images = self.controls if self.controls is not None else self.sources
+        if images is not None:
+            keys = [(value, id(image)) for value, image in zip(self.values(), images)]
             return self.take([i for i, key in enumerate(keys) if keys.index(key) == i])
         return self._map(lambda values: list(dict.fromkeys(values)))
 
     def with_controls(self, controls) -> SampleInputs:
         """These inputs with one control image per sample (a (N, 3, H, W) tensor or a sequence of (3, H, W))."""
-        return SampleInputs(self.count, self.prompts, self.labels, tuple(controls))
+        return SampleInputs(self.count, self.prompts, self.labels, tuple(controls), self.sources)
+
+    def with_sources(self, sources) -> SampleInputs:
+        """These inputs with one source image per sample (a (N, 3, H, W) tensor or a sequence of (3, H, W))."""
+        return SampleInputs(self.count, self.prompts, self.labels, self.controls, tuple(sources))
+
+    @property
+    def images(self) -> tuple | None:
+        """The image each sample is asked with besides its prompt or label (its control or source image), or None."""
+        return self.controls if self.controls is not None else self.sources
 
     @property
     def conditional(self) -> bool:
@@ -96,13 +110,19 @@ class SampleInputs:
             import torch
 
             kwargs["controls"] = torch.stack([torch.as_tensor(c) for c in self.controls])
+        if self.sources is not None:
+            import torch
+
+            kwargs["sources"] = torch.stack([torch.as_tensor(s) for s in self.sources])
         return kwargs
 
     def meta(self) -> dict:
-        """The inputs as JSON-ready values (a sampled folder's record; control images as their count)."""
+        """The inputs as JSON-ready values (a sampled folder's record; control and source images as their count)."""
         kwargs = self.generate_kwargs()
         if "controls" in kwargs:
             kwargs["controls"] = f"{len(self.controls)} control images"
+        if "sources" in kwargs:
+            kwargs["sources"] = f"{len(self.sources)} source images"
         return kwargs
 
     @staticmethod

@@ -126,8 +126,6 @@ class Flux(JointTransformerFamily):
     pipelines = ("FluxPipeline",)
     pipeline_class = "FluxPipeline"
     refused = {
-        "FluxKontextPipeline": "FLUX.1 Kontext is an editing model (reference-image latents beside the target's); "
-        + _EDIT,
         "FluxFillPipeline": _EDIT,
         "FluxControlPipeline": _EDIT,
         "FluxImg2ImgPipeline": _EDIT,

@@ -50,7 +50,7 @@ from lightning_ft.core.families.text import TextFamily
 
 _NOT_YET = "which lightning-ft does not train yet (QwenImagePipeline is)"
 _IMAGE = f"it starts from an input image, {_NOT_YET}"
-_EDIT = f"Qwen-Image-Edit conditions on a reference image (its latents and Qwen2.5-VL vision tokens), {_NOT_YET}"
+_EDIT_LATER = "which lightning-ft does not train yet (QwenImageEditPipeline is: the qwen_image_edit family)"
 _PIPELINE_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
 #: Transformer settings of other Qwen-Image models (Edit-2511's zero_cond_t, Layered's extra timestep condition and 3-D
 #: RoPE, a guidance-distilled one's guidance_embeds) that QwenImagePipeline never uses.
@@ -64,9 +64,9 @@ class QwenImage(TextFamily):
     pipelines = ("QwenImagePipeline",)
     pipeline_class = "QwenImagePipeline"
     refused = {
-        "QwenImageEditPipeline": _EDIT,
-        "QwenImageEditPlusPipeline": _EDIT,
-        "QwenImageEditInpaintPipeline": _EDIT,
+        "QwenImageEditPlusPipeline": "Qwen-Image-Edit-2509/2511 edits from several source images (each sized on its "
+        f"own, in the VL prompt and as latents), {_EDIT_LATER}",
+        "QwenImageEditInpaintPipeline": f"it inpaints a masked region of the source image, {_EDIT_LATER}",
         "QwenImageImg2ImgPipeline": _IMAGE,
         "QwenImageInpaintPipeline": _IMAGE,
         "QwenImageControlNetPipeline": "ControlNet training is not in lightning-ft yet",
@@ -74,6 +74,8 @@ class QwenImage(TextFamily):
         "QwenImageLayeredPipeline": f"Qwen-Image-Layered decomposes an input image into RGBA layers, {_NOT_YET}",
     }
     text_encoders = ("text_encoder",)
+    #: The pipeline's components (a shell built from them, all None, gives its prompt template).
+    pipeline_components = _PIPELINE_COMPONENTS
     lora_prefix = "transformer"
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     # BNN (inferred, as for the other transformers): the image stream of every block; not its adaLN modulation
@@ -105,7 +107,7 @@ class QwenImage(TextFamily):
         import diffusers
 
         # The template and the count of its tokens to drop are set in the pipeline's __init__: read, not copied.
-        shell = getattr(diffusers, self.pipeline_class)(**dict.fromkeys(_PIPELINE_COMPONENTS))
+        shell = getattr(diffusers, self.pipeline_class)(**dict.fromkeys(self.pipeline_components))
         self.template, self.drop = shell.prompt_template_encode, shell.prompt_template_encode_start_idx
         self.max_sequence_length = min(pipeline_max_sequence_length(self.pipeline_class),
                                        parts.tokenizer.model_max_length)  # fmt: skip
