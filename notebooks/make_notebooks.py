@@ -147,8 +147,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_ft.data import LimitedDataModule
 from lightning_ft.embedded.targets import SUBJECT_PROMPT, ensure_target
 
-data = LimitedDataModule(str(ensure_target("subject") / "train"), instance_prompt=SUBJECT_PROMPT, resolution=32,
-                         batch_size=4, repeats=50)
+# Each training image is captioned by the .txt file beside it (the subject on gray or on black).
+data = LimitedDataModule(str(ensure_target("subject") / "train"), resolution=32, batch_size=4, repeats=50)
 trainer = L.Trainer(max_steps=6 if QUICK else 100, accelerator="cpu", logger=CSVLogger("runs/notebook_new_method"),
                     enable_checkpointing=False, log_every_n_steps=2, callbacks=[TQDMProgressBar()])
 trainer.fit(module, data)
