@@ -7,12 +7,11 @@ pipeline's image-conditioned variants are refused by name."""
 
 from __future__ import annotations
 
-import json
-
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_components, tiny_module
-from diffusers import ChromaPipeline, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
 from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
@@ -31,12 +30,6 @@ LENGTH = 12  # the pipeline's 512, capped by the tiny tokenizer's model_max_leng
 
 def chroma(**kwargs):
     return tiny_module(DreamBooth, "tiny_chroma", **kwargs)
-
-
-def pipe_sample(module, pipe, seeds, guidance):
-    """The family's pipeline call (what ``generate`` makes) on another pipeline: an export reloaded by diffusers."""
-    pipe.set_progress_bar_config(disable=True)
-    return module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), seeds, 2, guidance)
 
 
 def test_chroma_is_a_sibling_of_flux_and_is_detected_from_its_transformer():
@@ -125,13 +118,7 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, seed, prior=False, m
     b, c, h, w = model_input.shape
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, model_input.device, model_input.dtype)
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]  # get_sigmas
-    sigmas = scheduler.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
-    if mu is not None:
-        sigmas = scheduler.time_shift(mu, 1.0, sigmas)
-        timesteps = sigmas.flatten() * 1000
+    timesteps, sigmas = checks.script_draw(scheduler, u, mu)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     packed = pipe._pack_latents(noisy_model_input, b, c, h, w)
     # Chroma's conditioning as the pipeline builds it: T5 states, zero txt_ids, the text mask extended over the image.
@@ -146,48 +133,7 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, seed, prior=False, m
     model_pred = pipe._unpack_latents(model_pred, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = noise - model_input
-    prior_loss = 0.0
-    if prior:
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
-        prior_loss = torch.mean(
-            (weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(
-                target_prior.shape[0], -1
-            ),
-            1,
-        ).mean()
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
-    return loss.mean() + 1.0 * prior_loss
-
-
-def module_loss(module, batch, t, noise, seed):
-    """``DreamBooth.training_loss`` with the timesteps and noise fixed and the VAE draw seeded as the script's."""
-    module.sample_timesteps = lambda n: t
-    module.make_noise = lambda x0: noise
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        loss, _ = module.training_loss(batch)
-    return loss
-
-
-def batch_and_draws(prior: bool, seed: int = 1):
-    """A batch (4 instance images with their own prompts, or one instance and one class image: the prior-preservation
-    batch), its noise and the script's u."""
-    generator = torch.Generator().manual_seed(seed)
-    if prior:
-        batch = {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "class_pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "prompts": PROMPTS[:1], "class_prompts": CLASS_PROMPTS[:1]}  # fmt: skip
-        pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        prompts = PROMPTS[:1] + CLASS_PROMPTS[:1]
-        u = torch.tensor([0.12, 0.83])
-    else:
-        prompts = PROMPTS + CLASS_PROMPTS
-        batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1, "prompts": prompts}
-        pixels, u = batch["pixel_values"], torch.tensor([0.03, 0.41, 0.68, 0.97])
-    noise = torch.randn(len(pixels), 4, 16, 16, generator=generator)
-    return batch, pixels, prompts, noise, u
+    return checks.script_mse(model_pred, target, weighting, prior, chunk_weighting=True)
 
 
 @pytest.mark.parametrize("prior", [False, True])
@@ -195,7 +141,7 @@ def test_the_training_loss_is_the_references_with_flow_shift_1_and_the_default_i
     """The tiny scheduler is dynamic (Flux's): the script trains on its unshifted table, ``flow_shift=1.0`` gives
     that loss; lightning-ft's default trains at the shift ChromaPipeline samples 32 px images with (exp(mu))."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_components("tiny_chroma")["scheduler"]["config"])
-    batch, pixels, prompts, noise, u = batch_and_draws(prior)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, (4, 16, 16), prior)
     t = 999 - (u * 1000).long()  # lightning-ft's t counts up with the noise; diffusers' table index counts down
     losses = {}
     for shift in (1.0, None):
@@ -206,7 +152,7 @@ def test_the_training_loss_is_the_references_with_flow_shift_1_and_the_default_i
         mu = None if shift == 1.0 else calculate_shift(8 * 8, 256, 4096, 0.5, 1.15)
         with torch.no_grad():
             expected = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u, 7, prior, mu)
-        losses[shift] = module_loss(module, batch, t, noise, 7)
+        losses[shift] = checks.fixed_draws_loss(module, batch, t, noise, seed=7)
         print(f"prior={prior} flow_shift={shift}: reference {expected.item():.8f} lightning-ft {losses[shift]:.8f}")
         assert abs(losses[shift].item() - expected.item()) <= 1e-6
     assert abs(losses[None] - losses[1.0]) > 1e-4  # the default is the other objective, on purpose
@@ -216,13 +162,7 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = chroma()
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5)
-    assert not torch.allclose(expected[0], expected[1])
-    module.save_pretrained(tmp_path / "export")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "ChromaPipeline"
-    torch.testing.assert_close(pipe_sample(module, pipe, [3, 4], 2.5), expected, rtol=0, atol=1e-5)
+    expected, pipe = checks.export_and_load(module, tmp_path / "export", "ChromaPipeline", PROMPTS)
     # A plain call: guidance_scale is the framework's w, the negative prompt the pipeline's default "".
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     plain = pipe(list(PROMPTS), height=32, width=32, num_inference_steps=2, guidance_scale=2.5, generator=generators,
@@ -236,51 +176,34 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.testing.assert_close(alone, unguided, rtol=0, atol=1e-5)
     assert not torch.allclose(unguided, expected, atol=1e-3)
     # lightning-ft loads the export back as a Chroma model.
-    reloaded = DreamBooth(pretrained=str(tmp_path / "export"), sample_steps=2, sample_resolution=32)
-    assert reloaded.family.name == "chroma" and reloaded.family.max_sequence_length == LENGTH
-    torch.testing.assert_close(reloaded.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    generate = {"prompts": PROMPTS, "seeds": [3, 4], "guidance_scale": 2.5}
+    reloaded = checks.check_loads_back(tmp_path / "export", "chroma", expected, generate, sample_resolution=32)
+    assert reloaded.family.max_sequence_length == LENGTH
 
 
 def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = chroma(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == set(Flux.lora_targets)
+    assert checks.lora_targets(module) == set(Flux.lora_targets)
     lora = {n.split(".")[0] for n, _ in module.denoiser.named_parameters() if "lora" in n}
     assert lora == {"transformer_blocks", "single_transformer_blocks"}
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
     with pytest.raises(NotImplementedError, match="'chroma' family has no kohya LoRA layout"):
         module.save_pretrained(tmp_path / "kohya", lora_only=True, lora_format="kohya")
-    torch.manual_seed(0)
-    chroma().save_pretrained(tmp_path / "base")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipe_sample(module, pipe, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    without = pipe_sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), [0, 1], 2.0)
-    assert not torch.allclose(without, expected, atol=1e-3)  # the LoRA is what made them equal
+    checks.check_lora_only_export(module, tmp_path, chroma, PROMPTS)
 
 
 @pytest.mark.parametrize("variant", ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline"])
 def test_image_conditioned_variants_are_refused_by_name(variant, tmp_path):
     torch.manual_seed(0)
     chroma().save_pretrained(tmp_path / "folder")
-    index = tmp_path / "folder" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": variant}))
-    with pytest.raises(NotImplementedError, match=variant):
-        DreamBooth(pretrained=str(tmp_path / "folder"))
+    checks.check_refused_by_name(tmp_path / "folder", variant)
 
 
 def test_bnn_fsdp_and_a3fta_find_their_layers():
     torch.manual_seed(0)
     module = chroma()
-    family = module.family
-    from lightning_ft.nn.bayesian import _matches
-
-    linears = [n for n, m in module.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = [n for n in linears if _matches(n, family.bnn_include) and not _matches(n, family.bnn_exclude)]
+    chosen = checks.bnn_chosen(module)
     assert {n.split(".")[0] for n in chosen} == {"transformer_blocks", "single_transformer_blocks"}
     assert any(n.endswith("attn.to_q") for n in chosen) and any(n.endswith("proj_mlp") for n in chosen)
     assert not any("add_" in n or "ff_context" in n or "distilled_guidance_layer" in n for n in chosen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_module
@@ -27,10 +28,6 @@ def kontext(cls=DreamBooth, **kwargs):
     return tiny_module(cls, "tiny_flux_kontext", family="flux_kontext", **kwargs)
 
 
-def sources(n: int = 2, side: int = 32, seed: int = 3) -> torch.Tensor:
-    return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
-
-
 def pipeline_call(pipe, prompts, images, seeds, guidance):
     """A plain ``FluxKontextPipeline`` call on sources kept at their size (what the family documents)."""
     pipe.set_progress_bar_config(disable=True)
@@ -46,7 +43,7 @@ def test_conditions_source_latents_and_ids_are_the_pipelines():
     perturb(module)
     pipe = module.build_pipeline()
     assert module.family.name == "flux_kontext" and type(pipe).__name__ == "FluxKontextPipeline"
-    images = sources()
+    images = checks.sources()
     embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=512)
     cond = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, images)
     torch.testing.assert_close(cond.fields["encoder_hidden_states"], embeds, rtol=0, atol=1e-6)
@@ -78,7 +75,7 @@ def test_conditions_source_latents_and_ids_are_the_pipelines():
                               img_ids=torch.cat([latent_ids, image_ids])).sample[:, :64]  # fmt: skip
         torch.testing.assert_close(got, FluxKontextPipeline._unpack_latents(out, 32, 32, 2), rtol=0, atol=1e-5)
         # The source matters: another source, another prediction.
-        other = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, sources(seed=4))
+        other = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, checks.sources(seed=4))
         assert not torch.allclose(module.predict(x, t, other), got, atol=1e-4)
     # Condition dropout keeps the source: the null input is the empty prompt with the same image.
     module.train()
@@ -124,57 +121,18 @@ def script_loss(module, batch, x0, noise, indices):
     model_pred = FluxKontextPipeline._unpack_latents(model_pred, h * vae_scale_factor, w * vae_scale_factor,
                                                      vae_scale_factor)  # fmt: skip
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
-    target = noise - model_input
-    return torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
+    return checks.script_mse(model_pred, noise - model_input, weighting, prior=False, chunk_weighting=True)
 
 
 def test_training_loss_is_the_scripts_with_flow_shift_1_and_the_default_shift_is_the_pipelines():
-    generator = torch.Generator().manual_seed(5)
-    images = sources()
-    batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, "prompts": PROMPTS,
-             "source_values": images}  # fmt: skip
-    x0 = torch.randn(2, 4, 16, 16, generator=generator)
-    noise = torch.randn(2, 4, 16, 16, generator=generator)
-    index = torch.tensor([100, 700])
-    losses, modules = {}, {}
-    for shift in (1.0, None):
-        torch.manual_seed(0)
-        module = kontext(flow_shift=shift, trainable="lora", lora_rank=2)
-        perturb(module)
-        module.train()
-        t = module.noise_process.num_train_timesteps - 1 - index  # schedule position -> lightning-ft's timestep
-        losses[shift] = module.diffusion_loss(x0, module.encode_conditions(batch), t, noise).mean()
-        assert module.noise_process.dynamic == (shift is None)
-        modules[shift] = module
-    module = modules[1.0]
-    with torch.no_grad():
-        script = script_loss(module, batch, x0, noise, index)
-    torch.testing.assert_close(losses[1.0].detach(), script, rtol=1e-6, atol=1e-6)
-    assert abs(losses[None].item() - script.item()) > 1e-4  # the default is another objective, on purpose
-    # The whole training step (model.flow_shift 1.0): the target latents are a posterior draw (the script's
-    # --vae_encode_mode sample; its default, mode, is the draw's mean); given them, the loss is the script's too.
-    monkey = {"x0": None}
-    encode = module.encode_images
-
-    def spy(*args, **kwargs):
-        out = encode(*args, **kwargs)
-        if kwargs.get("sample", True):
-            monkey["x0"] = out
-        return out
-
-    module.encode_images = spy
-    module.make_noise = lambda x: noise
-    module.sample_timesteps = lambda n: module.noise_process.num_train_timesteps - 1 - index
-    loss, _ = module.training_loss(batch)
-    with torch.no_grad():
-        assert loss.item() == pytest.approx(script_loss(module, batch, monkey["x0"], noise, index).item(), abs=1e-6)
+    checks.check_edit_loss_at_both_shifts(kontext, script_loss, PROMPTS, (4, 16, 16))
 
 
 def test_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = kontext()
     perturb(module)
-    images = sources()
+    images = checks.sources()
     expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=images)
     assert expected.shape == (2, 3, 32, 32)
     module.save_pretrained(tmp_path)
@@ -186,7 +144,7 @@ def test_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
                                atol=1e-5)  # fmt: skip
     assert not torch.allclose(expected[0], expected[1])
     # The sources matter, and the reloaded folder is the flux_kontext family again.
-    other = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=sources(seed=9))
+    other = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=checks.sources(seed=9))
     assert not torch.allclose(other, expected, atol=1e-4)
     assert DreamBooth(pretrained=str(tmp_path), sample_steps=2, sample_resolution=32).family.name == "flux_kontext"
 
@@ -195,18 +153,10 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = kontext(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    images = sources()
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=images)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    kontext().save_pretrained(tmp_path / "base")  # the same random base
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    before = pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0)
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(before, expected, atol=1e-4)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert {"to_q", "add_q_proj", "proj_mlp", "ff.net.2"} <= targets  # Flux's (the Kontext script's) targets
+    images = checks.sources()
+    sample = lambda pipe: pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0)
+    checks.check_lora_only_export(module, tmp_path, kontext, PROMPTS, sample=sample, differs=1e-4, sources=images)
+    assert {"to_q", "add_q_proj", "proj_mlp", "ff.net.2"} <= checks.lora_targets(module)  # Flux's targets
 
 
 def test_variant_pipelines_and_what_does_not_apply_are_refused_by_name(tmp_path):
@@ -215,22 +165,22 @@ def test_variant_pipelines_and_what_does_not_apply_are_refused_by_name(tmp_path)
     # A bare FluxTransformer2DModel is Flux.1; Kontext is chosen by its pipeline or by model.family.
     assert detect_family(module.parts) == "flux"
     module.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextInpaintPipeline"}))
-    with pytest.raises(NotImplementedError, match="FluxKontextInpaintPipeline.*inpaints"):
-        DreamBooth(pretrained=str(tmp_path), sample_steps=2)
+    name = "FluxKontextInpaintPipeline"
+    checks.check_refused_by_name(tmp_path, name, f"{name}.*inpaints", sample_steps=2)
     # Samples need sources; a text-to-image family takes none.
     with pytest.raises(ValueError, match="flux_kontext family is an editing model: give sources"):
         module.generate(prompts=PROMPTS, seeds=[0, 1])
     with pytest.raises(ValueError, match=r"sources of shape \(1, 3, 32, 32\)"):
-        module.generate(prompts=PROMPTS, seeds=[0, 1], sources=sources(1))
+        module.generate(prompts=PROMPTS, seeds=[0, 1], sources=checks.sources(1))
     flux = tiny_module(DreamBooth, "tiny_flux")
     with pytest.raises(ValueError, match="flux family is not an editing model.*flux_kontext"):
-        flux.generate(prompts=PROMPTS, seeds=[0, 1], sources=sources())
+        flux.generate(prompts=PROMPTS, seeds=[0, 1], sources=checks.sources())
     with pytest.raises(ValueError, match="not an editing model"):
-        flux.encode_conditions({"pixel_values": sources() * 2 - 1, "prompts": PROMPTS, "source_values": sources()})
+        flux.encode_conditions(
+            {"pixel_values": checks.sources() * 2 - 1, "prompts": PROMPTS, "source_values": checks.sources()}
+        )
     with pytest.raises(ValueError, match="editing model: its batches need source images"):
-        module.encode_conditions({"pixel_values": sources() * 2 - 1, "prompts": PROMPTS})
+        module.encode_conditions({"pixel_values": checks.sources() * 2 - 1, "prompts": PROMPTS})
     # Diff-Tuning's memory bank is sampled from the null input without a source: refused by name.
     with pytest.raises(ValueError, match="Diff-Tuning.*editing model.*does not apply"):
         kontext(DiffTuning, memory_size=2)

@@ -7,12 +7,11 @@ fixed-area sizing included), the editing pipeline is refused by name, and BNN / 
 
 from __future__ import annotations
 
-import json
-
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_backbones, tiny_components, tiny_module
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
 from diffusers.models.transformers.transformer_hidream_image import (
     HiDreamImageSingleTransformerBlock,
     HiDreamImageTransformer2DModel,
@@ -30,12 +29,6 @@ FIELDS = ("encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_em
 
 def hidream(**kwargs):
     return tiny_module(DreamBooth, "tiny_hidream", **kwargs)
-
-
-def pipe_sample(module, pipe, seeds, guidance):
-    """The family's pipeline call (what ``generate`` makes) on another pipeline: an export reloaded by diffusers."""
-    pipe.set_progress_bar_config(disable=True)
-    return module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), seeds, 2, guidance)
 
 
 def text_pipeline(module):
@@ -93,14 +86,8 @@ def test_the_transformer_is_called_as_the_pipeline_calls_it():
     perturb(module)
     pipe = module.build_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    seen = {}
-
-    def keep(layer, args, kwargs, output):
-        seen.update(kwargs, out=output[0])
-
-    hook = module.denoiser.register_forward_hook(keep, with_kwargs=True)
-    module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), [0, 1], 2, 1.0)
-    hook.remove()
+    with checks.last_denoiser_call(module) as seen:
+        module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), [0, 1], 2, 1.0)
     assert pipe.default_sample_size == 128  # put back after the call
     x, t = seen["hidden_states"], seen["timesteps"]
     assert x.shape == (2, 4, 16, 16) and 0 < t[0] < 1000  # 32 px at the tiny VAE's factor 2; 1000 sigma
@@ -143,10 +130,7 @@ def script_loss(module, pixels, prompts, noise, u, prior=False, transformer=None
     torch.manual_seed(1234)  # the posterior draw
     model_input = vae.encode(pixels).latent_dist.sample()
     model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]  # get_sigmas
-    sigmas = scheduler.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    timesteps, sigmas = checks.script_draw(scheduler, u)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     model_pred = transformer(hidden_states=noisy_model_input, encoder_hidden_states_t5=t5,
                              encoder_hidden_states_llama3=llama, pooled_embeds=pooled, timesteps=timesteps,
@@ -154,34 +138,8 @@ def script_loss(module, pixels, prompts, noise, u, prior=False, transformer=None
     model_pred = model_pred * -1
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = noise - model_input
-    prior_loss = 0.0
-    if prior:
-        # As the script: predictions and targets chunked, ``weighting`` not (ones; one image per half broadcasts).
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        prior_loss = torch.mean((weighting.float() * (model_pred_prior.float() - target_prior.float()) ** 2)
-                                .reshape(target_prior.shape[0], -1), 1).mean()  # fmt: skip
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
-    return loss.mean() + 1.0 * prior_loss
-
-
-def batch_and_draws(prior: bool, seed: int = 1):
-    """A batch (4 instance images with their own prompts; or one instance and one class image, the prior-preservation
-    batch the script can run), its noise and the script's u."""
-    generator = torch.Generator().manual_seed(seed)
-    if prior:
-        batch = {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "class_pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "prompts": PROMPTS[:1], "class_prompts": CLASS_PROMPTS[:1]}  # fmt: skip
-        pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        prompts = PROMPTS[:1] + CLASS_PROMPTS[:1]
-        u = torch.tensor([0.12, 0.83])
-    else:
-        prompts = PROMPTS + CLASS_PROMPTS
-        batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1, "prompts": prompts}
-        pixels, u = batch["pixel_values"], torch.tensor([0.03, 0.41, 0.68, 0.97])
-    noise = torch.randn(len(pixels), 4, 16, 16, generator=generator)
-    return batch, pixels, prompts, noise, u
+    # As the script: predictions and targets chunked, ``weighting`` not (ones; one image per half broadcasts).
+    return checks.script_mse(model_pred, target, weighting, prior, chunk_weighting=False)
 
 
 @pytest.mark.parametrize("prior", [False, True])
@@ -189,7 +147,7 @@ def test_the_training_loss_is_the_scripts(prior):
     torch.manual_seed(0)
     module = hidream()
     perturb(module)
-    batch, pixels, prompts, noise, u = batch_and_draws(prior)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, (4, 16, 16), prior)
     t = 999 - (u * 1000).long()  # lightning-ft's t counts up with the noise; diffusers' table index counts down
     module.sample_timesteps = lambda n: t
     module.make_noise = lambda x0: noise
@@ -209,7 +167,7 @@ def test_gradients_reach_the_routed_experts_where_the_scripts_do_not():
     torch.manual_seed(0)
     module = hidream()
     perturb(module)
-    batch, pixels, prompts, noise, u = batch_and_draws(False)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, (4, 16, 16), False)
     module.sample_timesteps = lambda n: 999 - (u * 1000).long()
     module.make_noise = lambda x0: noise
     torch.manual_seed(1234)  # the posterior draw, as in script_loss
@@ -235,14 +193,8 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = hidream()
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5)
-    assert expected.shape == (2, 3, 32, 32) and not torch.allclose(expected[0], expected[1])
-    module.save_pretrained(tmp_path / "export")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "HiDreamImagePipeline"
-    got = pipe_sample(module, pipe, [3, 4], 2.5)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    expected, pipe = checks.export_and_load(module, tmp_path / "export", "HiDreamImagePipeline", PROMPTS)
+    assert expected.shape == (2, 3, 32, 32)
     # A plain call samples at the area of default_sample_size (128 latent px) x vae_scale_factor whatever height and
     # width it is given (why the family sets that attribute when it samples) ...
     assert pipe.default_sample_size == 128
@@ -262,30 +214,18 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.testing.assert_close(alone, unguided, rtol=0, atol=1e-5)
     assert not torch.allclose(unguided, expected, atol=1e-3)
     # lightning-ft loads the export back as a HiDream model.
-    reloaded = DreamBooth(pretrained=str(tmp_path / "export"), sample_steps=2, sample_resolution=32)
-    assert reloaded.family.name == "hidream"
-    torch.testing.assert_close(reloaded.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    generate = {"prompts": PROMPTS, "seeds": [3, 4], "guidance_scale": 2.5}
+    checks.check_loads_back(tmp_path / "export", "hidream", expected, generate, sample_resolution=32)
 
 
 def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = hidream(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_k", "to_q", "to_v", "to_out"}  # the script's default
+    assert checks.lora_targets(module) == {"to_k", "to_q", "to_v", "to_out"}  # the script's default
     lora = {n.split(".lora")[0].split(".", 2)[-1] for n, _ in module.denoiser.named_parameters() if "lora" in n}
     assert lora == {"block.attn1.to_q", "block.attn1.to_k", "block.attn1.to_v", "block.attn1.to_out"}  # image stream
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    hidream().save_pretrained(tmp_path / "base")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_lora_weights(tmp_path / "lora")
-    got = pipe_sample(module, pipe, [0, 1], 2.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    without = pipe_sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), [0, 1], 2.0)
-    assert not torch.allclose(without, expected, atol=1e-3)  # the LoRA is what made them equal
+    checks.check_lora_only_export(module, tmp_path, hidream, PROMPTS)
 
 
 def test_the_editing_pipeline_is_refused_by_name_and_components_are_recognised(tmp_path):
@@ -293,10 +233,7 @@ def test_the_editing_pipeline_is_refused_by_name_and_components_are_recognised(t
     module = hidream()
     assert detect_family(module.parts) == "hidream"  # built from configs: recognised by its transformer
     module.save_pretrained(tmp_path / "folder")
-    index = tmp_path / "folder" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "HiDreamImageEditingPipeline"}))
-    with pytest.raises(NotImplementedError, match="HiDreamImageEditingPipeline"):
-        DreamBooth(pretrained=str(tmp_path / "folder"))
+    checks.check_refused_by_name(tmp_path / "folder", "HiDreamImageEditingPipeline")
 
 
 def test_a_model_without_its_llama_is_refused_naming_it():
@@ -310,16 +247,13 @@ def test_bnn_fsdp_and_a3fta_find_their_layers():
     module = hidream()
     family = module.family
     from lightning_ft.nn.adapters import insert_adapters
-    from lightning_ft.nn.bayesian import _matches
 
-    linears = [n for n, m in module.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = [n for n in linears if _matches(n, family.bnn_include) and not _matches(n, family.bnn_exclude)]
+    chosen = checks.bnn_chosen(module)
     assert {n.split(".")[0] for n in chosen} == {"double_stream_blocks", "single_stream_blocks"}
     assert not any("adaLN" in n or n.endswith(("_t", "_t.w1")) or ".ff_t." in n for n in chosen)
     assert any(n.endswith("attn1.to_q") for n in chosen) and any(".ff_i.experts.0.w2" in n for n in chosen)
     assert {HiDreamImageTransformerBlock, HiDreamImageSingleTransformerBlock} <= fsdp_block_classes()
-    names = {n.rsplit(".", 1)[-1] for n, _ in module.denoiser.named_modules()}
-    assert set(family.attention_names) <= names
+    assert set(family.attention_names) <= checks.leaf_names(module)
     adapters = insert_adapters(module.denoiser, family.attention_names, time_embedding=family.time_embedding)
     assert sorted(adapters) == ["double_stream_blocks.0.block.attn1", "single_stream_blocks.0.block.attn1"]
     assert (REPO / "configs/model/tiny_hidream.yaml").is_file()

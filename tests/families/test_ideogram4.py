@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_components, tiny_module
@@ -41,12 +42,6 @@ def perturb_all(module, weights: bool = True) -> None:
     with torch.no_grad():
         bn.running_mean.copy_(0.5 * torch.randn(bn.running_mean.shape, generator=generator))
         bn.running_var.copy_(0.5 + 1.5 * torch.rand(bn.running_var.shape, generator=generator))
-
-
-def pipe_sample(module, pipe, seeds, guidance, prompts=PROMPTS):
-    """The family's pipeline call (what ``generate`` makes) on another pipeline: an export reloaded by diffusers."""
-    pipe.set_progress_bar_config(disable=True)
-    return module.family.sample(module, pipe, module.family.sample_inputs(prompts=prompts), seeds, 2, guidance)
 
 
 def test_conditions_are_the_pipelines_encode_prompt():
@@ -85,15 +80,9 @@ def test_the_transformer_is_called_as_the_pipeline_calls_it():
     perturb_all(module)
     pipe = module.build_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    seen = {}
-
-    def keep(layer, args, kwargs, output):
-        seen.update(kwargs, out=output[0])
-
-    hook = module.denoiser.register_forward_hook(keep, with_kwargs=True)
-    pipe(list(PROMPTS), guidance_scale=2.0, guidance_schedule=None, num_inference_steps=2, output_type="latent",
-         generator=torch.Generator().manual_seed(0), **module.family.pipeline_call_kwargs(module))  # fmt: skip
-    hook.remove()
+    with checks.last_denoiser_call(module) as seen:
+        pipe(list(PROMPTS), guidance_scale=2.0, guidance_schedule=None, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **module.family.pipeline_call_kwargs(module))  # fmt: skip
     assert seen["hidden_states"].shape == (2, 24 + 64, 16)  # 24 text positions, then 8 x 8 tokens of 4 x 2 x 2
     tokens = seen["hidden_states"][:, 24:]
     latents = tokens.transpose(1, 2).reshape(2, 16, 8, 8)  # model space: (B, 4C, h, w)
@@ -144,47 +133,14 @@ def script_loss(pipe, pixels, prompts, noise, sigmas, max_sequence_length, prior
     model_pred = model_pred[:, max_sequence_length:]
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="logit_normal", sigmas=sigmas)
     target = model_input - noise
-    prior_loss = 0.0
-    if prior:
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
-        prior_loss = torch.mean(
-            (weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(
-                target_prior.shape[0], -1
-            ),
-            1,
-        ).mean()
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
-    return loss.mean() + 1.0 * prior_loss
-
-
-def module_loss(module, batch, t, noise):
-    """``DreamBooth.training_loss`` with the timesteps and noise fixed (where the base draws them)."""
-    module.sample_timesteps = lambda n: t
-    module.make_noise = lambda x0: noise
-    with torch.no_grad():
-        loss, _ = module.training_loss(batch)
-    return loss
+    return checks.script_mse(model_pred, target, weighting, prior, chunk_weighting=True)
 
 
 def batch_and_noise(prior: bool, seed: int = 1):
-    """A batch (4 instance images with their own prompts; or one instance and one class image, the
-    prior-preservation batch), its noise in model space and in the script's token layout."""
-    generator = torch.Generator().manual_seed(seed)
-    if prior:
-        batch = {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "class_pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "prompts": PROMPTS[:1], "class_prompts": CLASS_PROMPTS[:1]}  # fmt: skip
-        pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        prompts = PROMPTS[:1] + CLASS_PROMPTS[:1]
-        t = torch.tensor([120, 830])
-    else:
-        prompts = PROMPTS + CLASS_PROMPTS
-        batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1, "prompts": prompts}
-        pixels, t = batch["pixel_values"], torch.tensor([30, 410, 680, 970])
-    noise = torch.randn(len(pixels), 16, 8, 8, generator=generator)
-    return batch, pixels, prompts, noise, noise.flatten(2).transpose(1, 2), t
+    """The DreamBooth batch (``dreambooth_batch``), its noise in model space and in the script's token layout, and
+    lightning-ft's t at the batch's u (t = 1000 u: 30, 410, 680, 970 or 120, 830)."""
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, (16, 8, 8), prior, seed)
+    return batch, pixels, prompts, noise, noise.flatten(2).transpose(1, 2), (u * 1000).round().long()
 
 
 SHAPE = (1, 16, 8, 8)  # model-space latents of a 32 px image
@@ -201,7 +157,7 @@ def test_the_training_loss_is_the_scripts(prior):
     sigmas = module.noise_process.sigmas(t, SHAPE)
     with torch.no_grad():
         expected = script_loss(module.build_pipeline(), pixels, prompts, tokens, sigmas, 24, prior)
-    got = module_loss(module, batch, t, noise)
+    got = checks.fixed_draws_loss(module, batch, t, noise)
     print(f"prior={prior}: script {expected.item():.8f} lightning-ft {got.item():.8f}")
     assert abs(got.item() - expected.item()) <= 1e-6
 
@@ -248,7 +204,7 @@ def test_a_fixed_flow_shift_trains_elsewhere_with_the_scripts_loss_there():
         sigmas = module.noise_process.sigmas(t, SHAPE)
         with torch.no_grad():
             expected = script_loss(module.build_pipeline(), pixels, prompts, tokens, sigmas, 24)
-        losses[shift] = module_loss(module, batch, t, noise)
+        losses[shift] = checks.fixed_draws_loss(module, batch, t, noise)
         print(f"flow_shift={shift}: the script's loss at these sigmas {expected.item():.8f} lightning-ft "
               f"{losses[shift]:.8f}")  # fmt: skip
         assert abs(losses[shift].item() - expected.item()) <= 1e-6
@@ -298,14 +254,7 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = ideogram4()
     perturb_all(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5)
-    assert not torch.allclose(expected[0], expected[1])
-    module.save_pretrained(tmp_path / "export")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "Ideogram4Pipeline"
-    got = pipe_sample(module, pipe, [3, 4], 2.5)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    expected, pipe = checks.export_and_load(module, tmp_path / "export", "Ideogram4Pipeline", PROMPTS)
     # A plain call: guidance w is the pipeline's constant guidance_scale, the blend w cond + (1 - w) uncond.
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     plain = pipe(list(PROMPTS), height=32, width=32, num_inference_steps=2, guidance_scale=2.5, guidance_schedule=None,
@@ -315,7 +264,7 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     with torch.no_grad():
         for p in pipe.unconditional_transformer.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert not torch.allclose(pipe_sample(module, pipe, [3, 4], 2.5), expected, atol=1e-3)
+    assert not torch.allclose(checks.pipe_sample(module, pipe, PROMPTS, [3, 4], 2.5), expected, atol=1e-3)
     record = json.loads((tmp_path / "export" / "lightning_ft.json").read_text())
     assert record["pipeline_call"] == {"max_sequence_length": 24}  # the tokenizer's cap, not the pipeline's 2048
     with pytest.raises(ValueError, match="no negative prompt"):
@@ -326,21 +275,15 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = ideogram4(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb_all(module)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"}  # the script's default
+    assert checks.lora_targets(module) == {"to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"}  # the script's default
     assert not any("lora" in n for n, _ in module.unconditional_transformer.named_parameters())
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    base = ideogram4()
-    perturb_all(base, weights=False)  # the module's base weights and statistics
-    base.save_pretrained(tmp_path / "base")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_lora_weights(tmp_path / "lora")
-    got = pipe_sample(module, pipe, [0, 1], 2.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    without = pipe_sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), [0, 1], 2.0)
-    assert not torch.allclose(without, expected, atol=1e-3)  # the LoRA is what made them equal
+
+    def base():
+        base = ideogram4()
+        perturb_all(base, weights=False)  # the module's base weights and statistics
+        return base
+
+    checks.check_lora_only_export(module, tmp_path, base, PROMPTS)
 
 
 def test_the_modular_pipeline_is_refused_by_name_and_the_family_is_recognised(tmp_path):
@@ -349,10 +292,7 @@ def test_the_modular_pipeline_is_refused_by_name_and_the_family_is_recognised(tm
     parts = module.parts
     assert detect_family(Components(parts.denoiser, parts.scheduler, parts.vae)) == "ideogram4"
     module.save_pretrained(tmp_path / "folder")
-    index = tmp_path / "folder" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "Ideogram4ModularPipeline"}))
-    with pytest.raises(NotImplementedError, match="Ideogram4ModularPipeline"):
-        DreamBooth(pretrained=str(tmp_path / "folder"))
+    checks.check_refused_by_name(tmp_path / "folder", "Ideogram4ModularPipeline")
 
 
 def test_a_model_without_its_unconditional_transformer_is_refused():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_components, tiny_module
@@ -92,7 +93,6 @@ def script_loss(module, batch, noise, u_seed, mu=None):
                          tokenizer=module.tokenizer)  # fmt: skip
     latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
     latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
-    n = len(batch["prompts"])
     # compute_text_embeddings of each prompt, then concat_prompt_embedding_batches (one fixed length: a plain cat).
     pairs = [pipe.encode_prompt(prompt=p, max_sequence_length=16) for p in batch["prompts"] + batch["class_prompts"]]
     prompt_embeds = torch.cat([e for e, _ in pairs])
@@ -127,13 +127,7 @@ def script_loss(module, batch, noise, u_seed, mu=None):
     model_pred = model_pred.reshape(bsz, c, 1, h, w)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = noise - model_input
-    model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-    target, target_prior = torch.chunk(target, 2, dim=0)
-    weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
-    prior = torch.mean((weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2)
-                       .reshape(target_prior.shape[0], -1), 1).mean()  # fmt: skip
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(n, -1), 1).mean()
-    return loss + 1.0 * prior
+    return checks.script_mse(model_pred, target, weighting, prior=True, chunk_weighting=True)
 
 
 @pytest.mark.parametrize("flow_shift", [1.0, None])
@@ -141,31 +135,7 @@ def test_training_loss_is_the_scripts(flow_shift, monkeypatch):
     torch.manual_seed(0)
     module = krea(flow_shift=flow_shift, trainable="lora", lora_rank=2)
     perturb(module)
-    module.train()
-    generator = torch.Generator().manual_seed(5)
-    batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, "prompts": PROMPTS,
-             "class_pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1,
-             "class_prompts": ["a star", "a star"]}  # fmt: skip
-    noise = torch.randn(4, 4, 8, 8, generator=generator)
-    monkeypatch.setattr(module, "make_noise", lambda x0: noise)
-
-    def timesteps(n):  # the framework's own draw, from u of the generator script_loss seeds alike
-        return module.noise_process.sample_timesteps(n, generator=torch.Generator().manual_seed(9))
-
-    monkeypatch.setattr(module, "sample_timesteps", timesteps)
-    torch.manual_seed(1234)  # the posterior draw, as in script_loss
-    loss, _ = module.training_loss(batch)
-    with torch.no_grad():
-        script = script_loss(module, batch, noise, 9).item()
-        # The pipeline's shift at this size: calculate_shift over the 16 image tokens of a 32 px image.
-        config = module.noise_scheduler.config
-        mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
-                             config.max_shift)  # fmt: skip
-        shifted = script_loss(module, batch, noise, 9, mu=mu).item()
-    assert abs(script - shifted) > 1e-4  # the two tables differ enough to tell apart
-    expected = script if flow_shift == 1.0 else shifted  # default: where Krea2Pipeline samples
-    assert loss.item() == pytest.approx(expected, abs=1e-6, rel=0)
-    assert module.noise_process.dynamic == (flow_shift is None)
+    checks.check_loss_at_both_shifts(module, script_loss, calculate_shift, flow_shift, monkeypatch, PROMPTS)
 
 
 def test_export_samples_the_modules_images_in_plain_diffusers_and_loads_back(tmp_path):
@@ -182,10 +152,8 @@ def test_export_samples_the_modules_images_in_plain_diffusers_and_loads_back(tmp
     torch.testing.assert_close(pipeline_call(pipe, PROMPTS, [0, 1], 2.0).float(), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(expected[0], expected[1])
     # The folder loads back in lightning-ft: its list-valued setting is a setting, not a component.
-    again = DreamBooth(pretrained=str(tmp_path), sample_steps=2, sample_resolution=32)
-    assert again.family.name == "krea2" and again.family.layers == TAPS
-    torch.testing.assert_close(again.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    generate = {"prompts": PROMPTS, "seeds": [0, 1], "guidance_scale": 2.0}
+    assert checks.check_loads_back(tmp_path, "krea2", expected, generate, sample_resolution=32).family.layers == TAPS
 
 
 def test_the_pipelines_settings_are_read_from_the_folder_and_kept_in_the_export(tmp_path):
@@ -212,18 +180,10 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = krea(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    krea().save_pretrained(tmp_path / "base")  # the same random base
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    before = pipeline_call(pipe, PROMPTS, [0, 1], 2.0)
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipeline_call(pipe, PROMPTS, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(before, expected, atol=1e-4)
+    sample = lambda pipe: pipeline_call(pipe, PROMPTS, [0, 1], 2.0)
+    checks.check_lora_only_export(module, tmp_path, krea, PROMPTS, sample=sample, differs=1e-4)
     # The script's default targets (the Krea 2 authors' set), on the blocks and outside them.
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == set(Krea2.lora_targets)
+    assert checks.lora_targets(module) == set(Krea2.lora_targets)
     lora = {n.removesuffix(".lora_A.default.weight") for n, _ in module.denoiser.named_parameters() if "lora_A" in n}
     assert {"img_in", "final_layer.linear", "time_mod_proj", "text_fusion.projector", "txt_in.linear_1",
             "time_embed.linear_2", "transformer_blocks.1.attn.to_gate", "transformer_blocks.0.ff.down",
@@ -234,14 +194,7 @@ def test_guidance_is_the_pipelines_g_with_the_empty_negative_prompt(monkeypatch)
     torch.manual_seed(0)
     module = krea()
     perturb(module)
-    calls = []
-    call = Krea2Pipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(Krea2Pipeline, "__call__", spy)
+    calls = checks.record_calls(monkeypatch, Krea2Pipeline)
     guided = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=3.0)
     plain = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=1.0)
     assert calls[0]["guidance_scale"] == 2.0 and calls[1]["guidance_scale"] == 0.0  # w - 1: 0 is unguided
@@ -259,11 +212,8 @@ def test_variant_pipelines_are_refused_by_name(variant, tmp_path):
     module = krea()
     assert detect_family(module.parts) == "krea2"
     module.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
     assert variant in Krea2.refused
-    (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": variant}))
-    with pytest.raises(NotImplementedError, match=variant):
-        DreamBooth(pretrained=str(tmp_path), sample_steps=2)
+    checks.check_refused_by_name(tmp_path, variant, sample_steps=2)
 
 
 def test_bnn_fsdp_and_a3fta_find_their_layers():

@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import json
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_backbones, tiny_components, tiny_module
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
 from diffusers.models.transformers.transformer_lumina2 import Lumina2TransformerBlock
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -23,16 +24,11 @@ from lightning_ft.methods import DreamBooth
 PROMPTS = ["a sks star on a gray background", "a red circle"]
 CLASS_PROMPTS = ["a star on a gray background", "a blue square"]
 SHIFT = 3.0  # the tiny scheduler's fixed shift
+LATENT = (4, 4, 4)  # model-space latents of a 32 px image
 
 
 def lumina(**kwargs):
     return tiny_module(DreamBooth, "tiny_lumina2", **kwargs)
-
-
-def pipe_sample(module, pipe, seeds, guidance):
-    """The family's pipeline call (what ``generate`` makes) on another pipeline: an export reloaded by diffusers."""
-    pipe.set_progress_bar_config(disable=True)
-    return module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), seeds, 2, guidance)
 
 
 def test_conditions_are_the_pipelines_encode_prompt():
@@ -74,15 +70,9 @@ def test_the_transformer_is_called_as_the_pipeline_calls_it():
     perturb(module)
     pipe = module.build_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    seen = {}
-
-    def keep(layer, args, kwargs, output):
-        seen.update(kwargs, out=output[0])
-
-    hook = module.denoiser.register_forward_hook(keep, with_kwargs=True)
-    pipe(list(PROMPTS), guidance_scale=1.0, num_inference_steps=2, output_type="latent",
-         generator=torch.Generator().manual_seed(0), **module.family.pipeline_call_kwargs(module))  # fmt: skip
-    hook.remove()
+    with checks.last_denoiser_call(module) as seen:
+        pipe(list(PROMPTS), guidance_scale=1.0, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **module.family.pipeline_call_kwargs(module))  # fmt: skip
     assert seen["hidden_states"].shape == (2, 4, 4, 4)  # 32 px / 8
     cond = module.encode_prompts(PROMPTS)
     torch.testing.assert_close(seen["encoder_hidden_states"], cond.fields["encoder_hidden_states"], rtol=0, atol=1e-6)
@@ -111,10 +101,7 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, prior=False, mirrore
     vae, transformer = pipe.vae, pipe.transformer
     model_input = vae.encode(pixels).latent_dist.sample()
     model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]  # get_sigmas
-    sigmas = scheduler.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    timesteps, sigmas = checks.script_draw(scheduler, u)
     if mirrored:
         noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
         timesteps = 1000 - timesteps
@@ -127,50 +114,9 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, prior=False, mirrore
                              return_dict=False)[0]  # fmt: skip
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = model_input - noise  # "flow matching loss (reversed)"
-    prior_loss = 0.0
-    if prior:
-        # The script chunks the predictions and targets but not ``weighting`` (ones here): with one image per half
-        # it broadcasts to a copy of the same values.
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        prior_loss = torch.mean(
-            (weighting.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(
-                target_prior.shape[0], -1
-            ),
-            1,
-        ).mean()
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
-    return loss.mean() + 1.0 * prior_loss
-
-
-def module_loss(module, batch, t, noise):
-    """``DreamBooth.training_loss`` with the timesteps and noise fixed (where the base draws them) and the posterior
-    draw from the global generator seeded as for ``script_loss``."""
-    module.sample_timesteps = lambda n: t
-    module.make_noise = lambda x0: noise
-    torch.manual_seed(1234)
-    with torch.no_grad():
-        loss, _ = module.training_loss(batch)
-    return loss
-
-
-def batch_and_draws(prior: bool, seed: int = 1):
-    """A batch (4 instance images with their own prompts; or one instance and one class image, the
-    prior-preservation batch the script can run), its noise and the script's u."""
-    generator = torch.Generator().manual_seed(seed)
-    if prior:
-        batch = {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "class_pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "prompts": PROMPTS[:1], "class_prompts": CLASS_PROMPTS[:1]}  # fmt: skip
-        pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        prompts = PROMPTS[:1] + CLASS_PROMPTS[:1]
-        u = torch.tensor([0.12, 0.83])
-    else:
-        prompts = PROMPTS + CLASS_PROMPTS
-        batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1, "prompts": prompts}
-        pixels, u = batch["pixel_values"], torch.tensor([0.03, 0.41, 0.68, 0.97])
-    noise = torch.randn(len(pixels), 4, 4, 4, generator=generator)
-    return batch, pixels, prompts, noise, u
+    # The script chunks the predictions and targets but not ``weighting`` (ones here): with one image per half it
+    # broadcasts to a copy of the same values.
+    return checks.script_mse(model_pred, target, weighting, prior, chunk_weighting=False)
 
 
 @pytest.mark.parametrize("prior", [False, True])
@@ -180,7 +126,7 @@ def test_the_training_loss_is_the_scripts_with_flow_shift_one_over_the_scheduler
     torch.manual_seed(0)
     module = lumina(flow_shift=1 / SHIFT)
     perturb(module)
-    batch, pixels, prompts, noise, u = batch_and_draws(prior)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, LATENT, prior)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_components("tiny_lumina2")["scheduler"]["config"])
     index = (u * 1000).long()
     t = index - 1
@@ -188,7 +134,7 @@ def test_the_training_loss_is_the_scripts_with_flow_shift_one_over_the_scheduler
     torch.manual_seed(1234)
     with torch.no_grad():
         expected = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u, prior)
-    got = module_loss(module, batch, t, noise)
+    got = checks.fixed_draws_loss(module, batch, t, noise, seed=1234)
     print(f"prior={prior}: script {expected.item():.8f} lightning-ft {got.item():.8f}")
     assert abs(got.item() - expected.item()) <= 1e-6
 
@@ -200,7 +146,7 @@ def test_the_default_trains_where_the_pipeline_samples():
     torch.manual_seed(0)
     module = lumina()
     perturb(module)
-    batch, pixels, prompts, noise, u = batch_and_draws(False)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, LATENT, False)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_components("tiny_lumina2")["scheduler"]["config"])
     index = (u * 1000).long()
     t = 999 - index
@@ -213,7 +159,7 @@ def test_the_default_trains_where_the_pipeline_samples():
         mirrored = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u, mirrored=True)
         torch.manual_seed(1234)
         script = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u)
-    got = module_loss(module, batch, t, noise)
+    got = checks.fixed_draws_loss(module, batch, t, noise, seed=1234)
     print(f"default: pipeline's reading {mirrored.item():.8f} script {script.item():.8f} lightning-ft {got.item():.8f}")
     assert abs(got.item() - mirrored.item()) <= 1e-6 and abs(got.item() - script.item()) > 1e-3
 
@@ -222,13 +168,7 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = lumina()
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5)
-    assert not torch.allclose(expected[0], expected[1])
-    module.save_pretrained(tmp_path / "export")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "Lumina2Pipeline"
-    torch.testing.assert_close(pipe_sample(module, pipe, [3, 4], 2.5), expected, rtol=0, atol=1e-5)
+    expected, pipe = checks.export_and_load(module, tmp_path / "export", "Lumina2Pipeline", PROMPTS)
     # A plain call (its own 256 tokens, system prompt and normalised guidance) samples the same images.
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     plain = pipe(list(PROMPTS), num_inference_steps=2, guidance_scale=2.5, generator=generators,
@@ -238,10 +178,8 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     unguided = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=1.0)
     assert not torch.allclose(unguided, expected, atol=1e-3)
     # lightning-ft loads the export back as a Lumina 2 model.
-    reloaded = DreamBooth(pretrained=str(tmp_path / "export"), sample_steps=2)
-    assert reloaded.family.name == "lumina2" and reloaded.family.max_sequence_length == 48
-    torch.testing.assert_close(reloaded.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    generate = {"prompts": PROMPTS, "seeds": [3, 4], "guidance_scale": 2.5}
+    assert checks.check_loads_back(tmp_path / "export", "lumina2", expected, generate).family.max_sequence_length == 48
 
 
 def test_another_system_prompt_is_trained_recorded_and_read_back(tmp_path):
@@ -264,28 +202,16 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = lumina(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_k", "to_q", "to_v", "to_out.0"}  # the script's default
+    assert checks.lora_targets(module) == {"to_k", "to_q", "to_v", "to_out.0"}  # the script's default
     lora = {n.split(".")[0] for n, _ in module.denoiser.named_parameters() if "lora" in n}
     assert lora == {"layers", "noise_refiner", "context_refiner"}
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    lumina().save_pretrained(tmp_path / "base")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipe_sample(module, pipe, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    without = pipe_sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), [0, 1], 2.0)
-    assert not torch.allclose(without, expected, atol=1e-3)  # the LoRA is what made them equal
+    checks.check_lora_only_export(module, tmp_path, lumina, PROMPTS)
 
 
 def test_lumina_next_is_refused_by_name(tmp_path):
     torch.manual_seed(0)
     lumina().save_pretrained(tmp_path / "folder")
-    index = tmp_path / "folder" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "LuminaPipeline"}))
-    with pytest.raises(NotImplementedError, match="LuminaPipeline"):
-        DreamBooth(pretrained=str(tmp_path / "folder"))
+    checks.check_refused_by_name(tmp_path / "folder", "LuminaPipeline")
 
 
 def test_a_vae_of_another_compression_is_refused():
@@ -301,17 +227,13 @@ def test_bnn_fsdp_and_a3fta_find_their_layers():
     torch.manual_seed(0)
     module = lumina()
     family = module.family
-    from lightning_ft.nn.bayesian import _matches
-
-    linears = [n for n, m in module.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = [n for n in linears if _matches(n, family.bnn_include) and not _matches(n, family.bnn_exclude)]
+    chosen = checks.bnn_chosen(module)
     assert {n.split(".")[0] for n in chosen} == {"layers", "noise_refiner"}
     assert not any("norm1" in n for n in chosen) and any(n.endswith("attn.to_q") for n in chosen)
     assert any(n.endswith("feed_forward.linear_2") for n in chosen)
     assert Lumina2TransformerBlock in fsdp_block_classes()  # 2 layers + the two refiners' blocks here
     assert sum(isinstance(m, Lumina2TransformerBlock) for m in module.denoiser.modules()) == 2 + 1 + 1
-    names = {n.rsplit(".", 1)[-1] for n, _ in module.denoiser.named_modules()}
-    assert set(family.attention_names) <= names
+    assert set(family.attention_names) <= checks.leaf_names(module)
     embedder = module.denoiser.get_submodule(family.time_embedding)
     assert type(embedder).__name__ == "TimestepEmbedding"
     assert (REPO / "configs/model/tiny_lumina2.yaml").is_file()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import perturb, tiny_components, tiny_module
@@ -89,7 +90,6 @@ def script_loss(module, batch, noise, u_seed, mu=None):
     vae_scale_factor = 2 ** len(vae.temperal_downsample)
     latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
     latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
-    n = len(batch["prompts"])
     # compute_text_embeddings of the instance and class prompts, concatenated as concat_prompt_embedding_batches.
     pairs = [pipe.encode_prompt(prompt=p, max_sequence_length=16) for p in batch["prompts"] + batch["class_prompts"]]
     longest = max(e.shape[1] for e, _ in pairs)
@@ -125,13 +125,7 @@ def script_loss(module, batch, noise, u_seed, mu=None):
     )
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = noise - model_input
-    model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-    target, target_prior = torch.chunk(target, 2, dim=0)
-    weighting, weighting_prior = torch.chunk(weighting, 2, dim=0)
-    prior = torch.mean((weighting_prior.float() * (model_pred_prior.float() - target_prior.float()) ** 2)
-                       .reshape(target_prior.shape[0], -1), 1).mean()  # fmt: skip
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(n, -1), 1).mean()
-    return loss + 1.0 * prior
+    return checks.script_mse(model_pred, target, weighting, prior=True, chunk_weighting=True)
 
 
 @pytest.mark.parametrize("flow_shift", [1.0, None])
@@ -139,31 +133,7 @@ def test_training_loss_is_the_scripts(flow_shift, monkeypatch):
     torch.manual_seed(0)
     module = qwen(flow_shift=flow_shift, trainable="lora", lora_rank=2)
     perturb(module)
-    module.train()
-    generator = torch.Generator().manual_seed(5)
-    batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, "prompts": PROMPTS,
-             "class_pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1,
-             "class_prompts": ["a star", "a star"]}  # fmt: skip
-    noise = torch.randn(4, 4, 8, 8, generator=generator)
-    monkeypatch.setattr(module, "make_noise", lambda x0: noise)
-
-    def timesteps(n):  # the framework's own draw, from u of the generator script_loss seeds alike
-        return module.noise_process.sample_timesteps(n, generator=torch.Generator().manual_seed(9))
-
-    monkeypatch.setattr(module, "sample_timesteps", timesteps)
-    torch.manual_seed(1234)  # the posterior draw, as in script_loss
-    loss, _ = module.training_loss(batch)
-    with torch.no_grad():
-        script = script_loss(module, batch, noise, 9).item()
-        # The pipeline's shift at this size: mu of calculate_shift over the 16 image tokens of a 32 px image.
-        config = module.noise_scheduler.config
-        mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
-                             config.max_shift)  # fmt: skip
-        shifted = script_loss(module, batch, noise, 9, mu=mu).item()
-    assert abs(script - shifted) > 1e-4  # the two tables differ enough to tell apart
-    expected = script if flow_shift == 1.0 else shifted  # default: where QwenImagePipeline samples
-    assert loss.item() == pytest.approx(expected, abs=1e-6, rel=0)
-    assert module.noise_process.dynamic == (flow_shift is None)
+    checks.check_loss_at_both_shifts(module, script_loss, calculate_shift, flow_shift, monkeypatch, PROMPTS)
 
 
 def test_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
@@ -182,18 +152,10 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = qwen(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    qwen().save_pretrained(tmp_path / "base")  # the same random base
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    before = pipeline_call(pipe, PROMPTS, [0, 1], 2.0)
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipeline_call(pipe, PROMPTS, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(before, expected, atol=1e-4)
+    sample = lambda pipe: pipeline_call(pipe, PROMPTS, [0, 1], 2.0)
+    checks.check_lora_only_export(module, tmp_path, qwen, PROMPTS, sample=sample, differs=1e-4)
     # The script's default targets: q/k/v/out of the image stream of every block's joint attention.
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert checks.lora_targets(module) == {"to_q", "to_k", "to_v", "to_out.0"}
     lora = {n for n, _ in module.denoiser.named_parameters() if "lora_A" in n}
     assert len(lora) == 2 * 4 and all(".attn.to_" in n for n in lora)
 
@@ -201,14 +163,7 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
 def test_guidance_is_the_pipelines_true_cfg_with_the_empty_negative_prompt(monkeypatch):
     torch.manual_seed(0)
     module = qwen()
-    calls = []
-    call = QwenImagePipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(QwenImagePipeline, "__call__", spy)
+    calls = checks.record_calls(monkeypatch, QwenImagePipeline)
     guided = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=3.0)
     plain = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=1.0)
     assert calls[0]["true_cfg_scale"] == 3.0 and calls[0]["negative_prompt"] == ["", ""]
@@ -229,14 +184,11 @@ def test_variant_pipelines_are_refused_by_name(tmp_path):
     module = qwen()
     assert detect_family(module.parts) == "qwen_image"
     module.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == "QwenImagePipeline"
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
     for variant in ["QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline",
                     "QwenImageInpaintPipeline", "QwenImageControlNetPipeline", "QwenImageLayeredPipeline"]:  # fmt: skip
         assert variant in QwenImage.refused
-        (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": variant}))
-        with pytest.raises(NotImplementedError, match=variant):
-            DreamBooth(pretrained=str(tmp_path), sample_steps=2)
+        checks.check_refused_by_name(tmp_path, variant, sample_steps=2)
 
 
 def test_variant_transformers_are_refused_naming_the_setting():

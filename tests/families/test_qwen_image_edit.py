@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_backbones, tiny_components, tiny_module
@@ -51,10 +52,6 @@ def qwen_edit(cls=DreamBooth, **kwargs):
     return tiny_module(cls, "tiny_qwen_image_edit", family="qwen_image_edit", **kwargs)
 
 
-def sources(n: int = 2, side: int = 32, seed: int = 3) -> torch.Tensor:
-    return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
-
-
 def pipeline_call(pipe, prompts, images, seeds, guidance):
     """A plain ``QwenImageEditPipeline`` call: PIL sources, true CFG with the empty negative prompt."""
     pipe.set_progress_bar_config(disable=True)
@@ -82,7 +79,7 @@ def test_conditions_and_transformer_inputs_are_the_pipelines():
     assert module.family.name == "qwen_image_edit" and type(pipe).__name__ == "QwenImageEditPipeline"
     assert isinstance(pipe.processor, Qwen2VLProcessor)
     assert isinstance(pipe.processor, ImageQwen2VLProcessor) != has_torchvision()
-    images = sources()
+    images = checks.sources()
     cond = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, images)
     # encode_prompt with the image (the pipeline passes a batch's sources as the list of PIL images).
     embeds, mask = pipe.encode_prompt(PROMPTS, image=to_pil(images))
@@ -91,7 +88,7 @@ def test_conditions_and_transformer_inputs_are_the_pipelines():
     assert (own_mask is None) == (mask is None) and (mask is None or torch.equal(own_mask, mask))
     assert mask is not None  # prompts of different lengths: padded, as the pipeline pads them
     # The vision tokens are in the sequence: another source, other states.
-    other = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, sources(seed=4))
+    other = module.with_source(module.encode_prompts(PROMPTS), PROMPTS, checks.sources(seed=4))
     assert not torch.allclose(other.fields["encoder_hidden_states"], cond.fields["encoder_hidden_states"])
     # prepare_latents' image latents of the pipeline's preprocessed (resized) sources.
     processed = pipe.image_processor.preprocess(to_pil(images), 32, 32).unsqueeze(2)
@@ -172,60 +169,21 @@ def script_loss(module, batch, x0, noise, indices):
         model_pred, latent_height * vae_scale_factor, latent_width * vae_scale_factor, vae_scale_factor
     )
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
-    target = noise - model_input
-    return torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
+    return checks.script_mse(model_pred, noise - model_input, weighting, prior=False, chunk_weighting=True)
 
 
 def test_training_loss_is_the_scripts_with_flow_shift_1_and_the_default_shift_is_the_pipelines():
-    generator = torch.Generator().manual_seed(5)
-    images = sources()
-    batch = {"pixel_values": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, "prompts": PROMPTS,
-             "source_values": images}  # fmt: skip
-    x0 = torch.randn(2, 4, 8, 8, generator=generator)
-    noise = torch.randn(2, 4, 8, 8, generator=generator)
-    index = torch.tensor([100, 700])
-    losses, modules = {}, {}
-    for shift in (1.0, None):
-        torch.manual_seed(0)
-        module = qwen_edit(flow_shift=shift, trainable="lora", lora_rank=2)
-        perturb(module)
-        module.train()
-        t = module.noise_process.num_train_timesteps - 1 - index  # schedule position -> lightning-ft's timestep
-        losses[shift] = module.diffusion_loss(x0, module.encode_conditions(batch), t, noise).mean()
-        assert module.noise_process.dynamic == (shift is None)
-        modules[shift] = module
-    module = modules[1.0]
-    with torch.no_grad():
-        script = script_loss(module, batch, x0, noise, index)
-    torch.testing.assert_close(losses[1.0].detach(), script, rtol=1e-6, atol=1e-6)
-    assert abs(losses[None].item() - script.item()) > 1e-4  # the default is another objective, on purpose
-    # The whole training step: the target latents are the framework's posterior draw (the script's too); given
-    # them, the loss is the script's.
-    drawn = {}
-    encode = module.encode_images
-
-    def spy(*args, **kwargs):
-        out = encode(*args, **kwargs)
-        if kwargs.get("sample", True):
-            drawn["x0"] = out
-        return out
-
-    module.encode_images = spy
-    module.make_noise = lambda x: noise
-    module.sample_timesteps = lambda n: module.noise_process.num_train_timesteps - 1 - index
-    loss, _ = module.training_loss(batch)
-    with torch.no_grad():
-        assert loss.item() == pytest.approx(script_loss(module, batch, drawn["x0"], noise, index).item(), abs=1e-6)
+    checks.check_edit_loss_at_both_shifts(qwen_edit, script_loss, PROMPTS, (4, 8, 8))
 
 
 def test_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = qwen_edit()
     perturb(module)
-    images = sources()
+    images = checks.sources()
     expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=images)
     assert expected.shape == (2, 3, 32, 32)
-    other = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=sources(seed=9))
+    other = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=checks.sources(seed=9))
     assert not torch.allclose(other, expected, atol=1e-4)
     module.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -254,18 +212,16 @@ def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = qwen_edit(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    images = sources()
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0, sources=images)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    pipe = qwen_edit().build_pipeline()  # a plain QwenImageEditPipeline of the same random base
-    assert type(pipe) is QwenImageEditPipeline
-    before = pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0)
-    pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0), expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(before, expected, atol=1e-4)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_k", "to_q", "to_v", "to_out.0"}  # the Qwen-Image script's default
+    images = checks.sources()
+
+    def base():
+        pipe = qwen_edit().build_pipeline()  # a plain QwenImageEditPipeline of the same random base
+        assert type(pipe) is QwenImageEditPipeline
+        return pipe
+
+    sample = lambda pipe: pipeline_call(pipe, PROMPTS, images, [0, 1], 2.0)
+    checks.check_lora_only_export(module, tmp_path, base, PROMPTS, sample=sample, differs=1e-4, sources=images)
+    assert checks.lora_targets(module) == {"to_k", "to_q", "to_v", "to_out.0"}  # the Qwen-Image script's default
 
 
 def test_variant_pipelines_and_what_does_not_apply_are_refused_by_name(tmp_path):
@@ -278,19 +234,16 @@ def test_variant_pipelines_and_what_does_not_apply_are_refused_by_name(tmp_path)
         and "QwenImageEditPipeline" not in QwenImage.refused
     )
     module.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
     for name, reason in {"QwenImageEditPlusPipeline": "several source images",
                          "QwenImageEditInpaintPipeline": "inpaints"}.items():  # fmt: skip
-        (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
-        with pytest.raises(NotImplementedError, match=f"{name}.*{reason}"):
-            DreamBooth(pretrained=str(tmp_path), sample_steps=2)
+        checks.check_refused_by_name(tmp_path, name, f"{name}.*{reason}", sample_steps=2)
     with pytest.raises(ValueError, match="qwen_image_edit family is an editing model: give sources"):
         module.generate(prompts=PROMPTS, seeds=[0, 1])
     with pytest.raises(ValueError, match="editing model: its batches need source images"):
-        module.encode_conditions({"pixel_values": sources() * 2 - 1, "prompts": PROMPTS})
+        module.encode_conditions({"pixel_values": checks.sources() * 2 - 1, "prompts": PROMPTS})
     qwen = tiny_module(DreamBooth, "tiny_qwen_image")
     with pytest.raises(ValueError, match="qwen_image family is not an editing model.*qwen_image_edit"):
-        qwen.generate(prompts=PROMPTS, seeds=[0, 1], sources=sources())
+        qwen.generate(prompts=PROMPTS, seeds=[0, 1], sources=checks.sources())
     with pytest.raises(ValueError, match="needs its processor"):
         DreamBooth(
             components={**tiny_components("tiny_qwen_image_edit"), "processor": None},

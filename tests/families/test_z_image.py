@@ -7,12 +7,12 @@ in plain diffusers, and the pipeline's image-conditioned variants are refused by
 from __future__ import annotations
 
 import copy
-import json
 
+import family_checks as checks
 import pytest
 import torch
 from conftest import REPO, perturb, tiny_backbones, tiny_components, tiny_module
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
@@ -22,16 +22,11 @@ from lightning_ft.methods import DreamBooth
 
 PROMPTS = ["a sks star on a gray background", "a red circle"]
 CLASS_PROMPTS = ["a star on a gray background", "a blue square"]
+LATENT = (4, 16, 16)  # model-space latents of a 32 px image
 
 
 def z_image(**kwargs):
     return tiny_module(DreamBooth, "tiny_z_image", **kwargs)
-
-
-def pipe_sample(module, pipe, seeds, guidance):
-    """The family's pipeline call (what ``generate`` makes) on another pipeline: an export reloaded by diffusers."""
-    pipe.set_progress_bar_config(disable=True)
-    return module.family.sample(module, pipe, module.family.sample_inputs(prompts=PROMPTS), seeds, 2, guidance)
 
 
 def valid(cond) -> list[torch.Tensor]:
@@ -107,14 +102,7 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, max_sequence_length,
     vae, transformer = pipe.vae, pipe.transformer
     model_input = vae.encode(pixels).latent_dist.mode()
     model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
-    indices = (u * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    # get_sigmas: the sigma of each timestep in the scheduler's table.
-    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
-    sigmas = scheduler.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
-    if mu is not None:
-        sigmas = scheduler.time_shift(mu, 1.0, sigmas)
-        timesteps = sigmas.flatten() * 1000
+    timesteps, sigmas = checks.script_draw(scheduler, u, mu)
     noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
     timestep_normalized = (1000 - timesteps) / 1000
     prompt_embeds, _ = pipe.encode_prompt(prompt=list(prompts), max_sequence_length=max_sequence_length)
@@ -124,48 +112,9 @@ def script_loss(pipe, scheduler, pixels, prompts, noise, u, max_sequence_length,
     model_pred = -torch.stack(model_pred_list, dim=0).squeeze(2)
     weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
     target = noise - model_input
-    prior_loss = 0.0
-    if prior:
-        # The script chunks the predictions and targets but not ``weighting`` (the whole batch's, ones here): with
-        # one image per half it broadcasts to a copy of the same values; with more it fails to broadcast.
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        prior_loss = torch.mean(
-            (weighting.float() * (model_pred_prior.float() - target_prior.float()) ** 2).reshape(
-                target_prior.shape[0], -1
-            ),
-            1,
-        ).mean()
-    loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
-    return loss.mean() + 1.0 * prior_loss
-
-
-def module_loss(module, batch, t, noise):
-    """``DreamBooth.training_loss`` with the timesteps and noise fixed (where the base draws them)."""
-    module.sample_timesteps = lambda n: t
-    module.make_noise = lambda x0: noise
-    with torch.no_grad():
-        loss, _ = module.training_loss(batch)
-    return loss
-
-
-def batch_and_draws(prior: bool, seed: int = 1):
-    """A batch (4 instance images with their own prompts: the script's default batch size; or one instance and one
-    class image, the prior-preservation batch the script can run), its noise and the script's u."""
-    generator = torch.Generator().manual_seed(seed)
-    if prior:
-        batch = {"pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "class_pixel_values": torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
-                 "prompts": PROMPTS[:1], "class_prompts": CLASS_PROMPTS[:1]}  # fmt: skip
-        pixels = torch.cat([batch["pixel_values"], batch["class_pixel_values"]])
-        prompts = PROMPTS[:1] + CLASS_PROMPTS[:1]
-        u = torch.tensor([0.12, 0.83])
-    else:
-        prompts = PROMPTS + CLASS_PROMPTS
-        batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=generator) * 2 - 1, "prompts": prompts}
-        pixels, u = batch["pixel_values"], torch.tensor([0.03, 0.41, 0.68, 0.97])
-    noise = torch.randn(len(pixels), 4, 16, 16, generator=generator)
-    return batch, pixels, prompts, noise, u
+    # The script chunks the predictions and targets but not ``weighting`` (the whole batch's, ones here): with one
+    # image per half it broadcasts to a copy of the same values; with more it fails to broadcast.
+    return checks.script_mse(model_pred, target, weighting, prior, chunk_weighting=False)
 
 
 @pytest.mark.parametrize("prior", [False, True])
@@ -173,12 +122,12 @@ def test_the_training_loss_is_the_scripts(prior):
     torch.manual_seed(0)
     module = z_image()
     perturb(module)
-    batch, pixels, prompts, noise, u = batch_and_draws(prior)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, LATENT, prior)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_components("tiny_z_image")["scheduler"]["config"])
     t = 999 - (u * 1000).long()  # lightning-ft's t counts up with the noise; diffusers' table index counts down
     with torch.no_grad():
         expected = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u, 24, prior)
-    got = module_loss(module, batch, t, noise)
+    got = checks.fixed_draws_loss(module, batch, t, noise)
     print(f"prior={prior}: script {expected.item():.8f} lightning-ft {got.item():.8f}")
     assert abs(got.item() - expected.item()) <= 1e-6
     assert module.noise_process.sigmas(t)[0] > (t[0] + 1) / 1000  # Z-Image's fixed shift 3, in both
@@ -193,7 +142,7 @@ def test_a_dynamic_shift_trains_where_the_pipeline_samples_and_flow_shift_1_is_t
         "base_image_seq_len": 256, "max_image_seq_len": 4096,
     }  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"]["config"])
-    batch, pixels, prompts, noise, u = batch_and_draws(False, seed=2)
+    batch, pixels, prompts, noise, u = checks.dreambooth_batch(PROMPTS, CLASS_PROMPTS, LATENT, False, seed=2)
     t = 999 - (u * 1000).long()
     losses, dynamic = {}, {}
     for shift in (None, 1.0):
@@ -205,7 +154,7 @@ def test_a_dynamic_shift_trains_where_the_pipeline_samples_and_flow_shift_1_is_t
         mu = None if shift == 1.0 else calculate_shift(8 * 8, 256, 4096, 0.5, 1.15)
         with torch.no_grad():
             expected = script_loss(module.build_pipeline(), scheduler, pixels, prompts, noise, u, 24, mu=mu)
-        losses[shift], dynamic[shift] = module_loss(module, batch, t, noise), module.noise_process.dynamic
+        losses[shift], dynamic[shift] = checks.fixed_draws_loss(module, batch, t, noise), module.noise_process.dynamic
         print(f"flow_shift={shift}: script {expected.item():.8f} lightning-ft {losses[shift].item():.8f}")
         assert abs(losses[shift].item() - expected.item()) <= 1e-6
     assert dynamic == {None: True, 1.0: False} and abs(losses[None] - losses[1.0]) > 1e-3
@@ -215,14 +164,7 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.manual_seed(0)
     module = z_image()
     perturb(module)
-    expected = module.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5)
-    assert not torch.allclose(expected[0], expected[1])
-    module.save_pretrained(tmp_path / "export")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "export")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "ZImagePipeline"
-    got = pipe_sample(module, pipe, [3, 4], 2.5)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    expected, pipe = checks.export_and_load(module, tmp_path / "export", "ZImagePipeline", PROMPTS)
     # A plain call (its own 512 tokens) with the pipeline's guidance g = w - 1 samples the same images.
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     # (A copy: ZImagePipeline.encode_prompt writes the templated prompts into the list it is given.)
@@ -237,56 +179,37 @@ def test_the_export_samples_the_modules_images_in_plain_diffusers(tmp_path):
     torch.testing.assert_close(alone, unguided, rtol=0, atol=1e-5)
     assert not torch.allclose(unguided, expected, atol=1e-3)
     # lightning-ft loads the export back as a Z-Image model (its tokenizer's chat template and length with it).
-    reloaded = DreamBooth(pretrained=str(tmp_path / "export"), sample_steps=2, sample_resolution=32)
-    assert reloaded.family.name == "z_image" and reloaded.family.max_sequence_length == 24
-    torch.testing.assert_close(reloaded.generate(prompts=PROMPTS, seeds=[3, 4], guidance_scale=2.5), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    generate = {"prompts": PROMPTS, "seeds": [3, 4], "guidance_scale": 2.5}
+    reloaded = checks.check_loads_back(tmp_path / "export", "z_image", expected, generate, sample_resolution=32)
+    assert reloaded.family.max_sequence_length == 24
 
 
 def test_lora_only_export_loads_with_load_lora_weights(tmp_path):
     torch.manual_seed(0)
     module = z_image(trainable="lora", lora_rank=2, lora_alpha=4)
     perturb(module)
-    targets = set(next(iter(module.denoiser.peft_config.values())).target_modules)
-    assert targets == {"to_k", "to_q", "to_v", "to_out.0"}  # the script's default
+    assert checks.lora_targets(module) == {"to_k", "to_q", "to_v", "to_out.0"}  # the script's default
     lora = {n.split(".")[0] for n, _ in module.denoiser.named_parameters() if "lora" in n}
     assert lora == {"layers", "noise_refiner", "context_refiner"}
-    expected = module.generate(prompts=PROMPTS, seeds=[0, 1], guidance_scale=2.0)
-    module.save_pretrained(tmp_path / "lora", lora_only=True)
-    torch.manual_seed(0)
-    z_image().save_pretrained(tmp_path / "base")
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "base")
-    pipe.load_lora_weights(tmp_path / "lora")
-    pipe.set_progress_bar_config(disable=True)
-    got = pipe_sample(module, pipe, [0, 1], 2.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    without = pipe_sample(module, DiffusionPipeline.from_pretrained(tmp_path / "base"), [0, 1], 2.0)
-    assert not torch.allclose(without, expected, atol=1e-3)  # the LoRA is what made them equal
+    checks.check_lora_only_export(module, tmp_path, z_image, PROMPTS)
 
 
 @pytest.mark.parametrize("variant", ["ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline"])
 def test_image_conditioned_variants_are_refused_by_name(variant, tmp_path):
     torch.manual_seed(0)
     z_image().save_pretrained(tmp_path / "folder")
-    index = tmp_path / "folder" / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": variant}))
-    with pytest.raises(NotImplementedError, match=variant):
-        DreamBooth(pretrained=str(tmp_path / "folder"))
+    checks.check_refused_by_name(tmp_path / "folder", variant)
 
 
 def test_bnn_fsdp_and_a3fta_find_their_layers():
     torch.manual_seed(0)
     module = z_image()
     family = module.family
-    from lightning_ft.nn.bayesian import _matches
-
-    linears = [n for n, m in module.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = [n for n in linears if _matches(n, family.bnn_include) and not _matches(n, family.bnn_exclude)]
+    chosen = checks.bnn_chosen(module)
     assert {n.split(".")[0] for n in chosen} == {"layers", "noise_refiner"}
     assert not any("adaLN" in n for n in chosen) and any(n.endswith("attention.to_q") for n in chosen)
     assert any(n.endswith("feed_forward.w2") for n in chosen)
     assert ZImageTransformerBlock in fsdp_block_classes()  # 2 layers + the two refiners' blocks here
     assert sum(isinstance(m, ZImageTransformerBlock) for m in module.denoiser.modules()) == 2 + 1 + 1
-    names = {n.rsplit(".", 1)[-1] for n, _ in module.denoiser.named_modules()}
-    assert set(family.attention_names) <= names
+    assert set(family.attention_names) <= checks.leaf_names(module)
     assert (REPO / "configs/model/tiny_z_image.yaml").is_file()

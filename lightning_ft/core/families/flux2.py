@@ -36,7 +36,7 @@ from lightning_ft.core.families.base import (
     batch_timesteps,
     pipeline_max_sequence_length,
 )
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _MODULE = "diffusers.models.transformers.transformer_flux2"
 
@@ -47,7 +47,7 @@ def _lora_targets(single_blocks: int) -> tuple[str, ...]:
     return (*attention, *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(single_blocks)))
 
 
-class Flux2Family(TextFamily):
+class Flux2Family(SequenceLengthCall, TextFamily):
     """What FLUX.2 dev and klein share (module docstring): latent space, packing, ids, transformer call, LoRA."""
 
     pipeline_class = "Flux2Pipeline"
@@ -150,16 +150,6 @@ class Flux2Family(TextFamily):
         out = pipe(prompt=list(inputs.prompts), num_inference_steps=steps, guidance_scale=guidance,
                    generator=generators, output_type="pt", **self.pipeline_call_kwargs(module)).images  # fmt: skip
         return out.float().clamp(0, 1)
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
-
-    def export(self, parts, scheduler, path) -> dict:
-        record = super().export(parts, scheduler, path)
-        if self.max_sequence_length != self.default_length:  # a plain pipeline call must be given it
-            record["pipeline_call"] = {"max_sequence_length": self.max_sequence_length}
-        return record
 
 
 class Flux2(Flux2Family):

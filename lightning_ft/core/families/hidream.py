@@ -41,14 +41,14 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, batch_timesteps, pipeline_max_sequence_length
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _MODULE = "diffusers.models.transformers.transformer_hidream_image"
 #: ``_get_clip_prompt_embeds``: CLIP tokens padded to min(max_sequence_length, 218).
 CLIP_LIMIT = 218
 
 
-class HiDream(TextFamily):
+class HiDream(SequenceLengthCall, TextFamily):
     """HiDream-I1 (module docstring): CLIP pooled, T5 and stacked Llama states; a MoE transformer; flow matching."""
 
     name = "hidream"
@@ -164,10 +164,6 @@ class HiDream(TextFamily):
             return super().sample(module, pipe, inputs, seeds, steps, guidance, negative_prompt)
         finally:
             pipe.default_sample_size = before
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
 
     def describe(self) -> str:
         return f"{self.name} (text-to-image, CLIP x2 + T5 + Llama 3.1, {self.max_sequence_length} tokens)"

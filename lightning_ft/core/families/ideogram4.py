@@ -40,7 +40,7 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, batch_timesteps, pipeline_max_sequence_length
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _MODULE = "diffusers.models.transformers.transformer_ideogram4"
 
@@ -52,7 +52,7 @@ def _schedule_mu(token_side: int, shape) -> float:
     return _resolution_aware_mu(shape[-2] * token_side, shape[-1] * token_side, base_mu=0.0)
 
 
-class Ideogram4(TextFamily):
+class Ideogram4(SequenceLengthCall, TextFamily):
     """Ideogram 4 (module docstring): Qwen3-VL layer states, a packed text + image sequence, a frozen unconditional
     transformer for guidance."""
 
@@ -189,16 +189,6 @@ class Ideogram4(TextFamily):
             **self.pipeline_call_kwargs(module),
         ).images
         return out.float().clamp(0, 1)
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
-
-    def export(self, parts, scheduler, path) -> dict:
-        record = super().export(parts, scheduler, path)
-        if self.max_sequence_length != self.default_length:  # a plain pipeline call must be given it
-            record["pipeline_call"] = {"max_sequence_length": self.max_sequence_length}
-        return record
 
     def usage_example(self, prompt: str, settings: str) -> str | None:
         # A guidance_scale replaces the pipeline's default guidance_schedule, which must then be None.

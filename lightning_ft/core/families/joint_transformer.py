@@ -23,12 +23,12 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, TRANSFORMER_BNN_EXCLUDE, TRANSFORMER_BNN_INCLUDE, pack_2x2, unpack_2x2
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _EDIT = "it conditions on a reference or control image, which lightning-ft does not train yet"
 
 
-class JointTransformerFamily(TextFamily):
+class JointTransformerFamily(SequenceLengthCall, TextFamily):
     """What SD3 and Flux.1 share: a joint-attention transformer on the flow-matching process, CLIP tokenizers padded
     to the first one's length and a T5 context of ``max_sequence_length`` tokens, LoRA in the ``transformer``
     layout, the transformer blocks as BNN's and FSDP's units. Their pipelines decode with ``shift_factor``, so a VAE
@@ -49,10 +49,6 @@ class JointTransformerFamily(TextFamily):
     def token_length(self, parts: Components, key: str) -> int:
         # The CLIP tokenizers pad to the first one's length (the pipelines' tokenizer_max_length); T5 to its own.
         return self.max_sequence_length if key == self.t5_tokenizer else parts.tokenizer.model_max_length
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"max_sequence_length": self.max_sequence_length, "height": side, "width": side}
 
 
 class StableDiffusion3(JointTransformerFamily):

@@ -37,7 +37,8 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, TRANSFORMER_BNN_EXCLUDE, batch_timesteps, pipeline_max_sequence_length
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.qwen_image import QwenImageLatents
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _MODULE = "diffusers.models.transformers.transformer_krea2"
 _MODULAR = ("a modular pipeline (blocks assembled at load time), which lightning-ft does not load; it trains and "
@@ -46,7 +47,7 @@ _PIPELINE_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "transf
 _SETTINGS = ("text_encoder_select_layers", "is_distilled", "patch_size")
 
 
-class Krea2(TextFamily):
+class Krea2(QwenImageLatents, SequenceLengthCall, TextFamily):
     """Krea 2 (module docstring): stacked Qwen3-VL layers of a fixed-length prompt block, packed one-frame latents."""
 
     name = "krea2"
@@ -143,21 +144,6 @@ class Krea2(TextFamily):
         )[0]
         return self.unpack(out, h, w)
 
-    # ------------------------------------------------------------------------------------------- latent space
-    def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        # A video autoencoder: images are one-frame clips (B, 3, 1, H, W), as the script collates them.
-        return super().vae_posterior(vae, pixels.unsqueeze(2))
-
-    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """(z - latents_mean) * (1 / latents_std) per channel, as the script; the frame axis dropped."""
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
-        inverse_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(latents.device)
-        return ((latents - mean) * inverse_std)[:, :, 0]
-
-    def round_trip(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        return super().round_trip(vae, pixels.unsqueeze(2))[:, :, 0]
-
     # ---------------------------------------------------------------------------------------- sizes
     def vae_scale_factor(self, parts: Components) -> int:
         return 2 ** len(parts.vae.config.temperal_downsample)  # the pipeline's
@@ -181,10 +167,6 @@ class Krea2(TextFamily):
         # The card's settings give lightning-ft's w: the pipeline's guidance_scale is g = w - 1.
         settings = re.sub(r"guidance_scale=([-+.\deE]+)", lambda m: f"guidance_scale={float(m[1]) - 1.0!r}", settings)
         return super().usage_example(prompt, settings)
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
 
     def describe(self) -> str:
         return f"{self.name} (text-to-image, Qwen3-VL, {self.max_sequence_length} tokens)"

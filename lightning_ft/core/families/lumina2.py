@@ -42,7 +42,7 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, batch_timesteps, pipeline_max_sequence_length
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 #: ``Lumina2Pipeline.__init__``: ``self.vae_scale_factor = 8``, whatever the VAE.
 PIPELINE_VAE_SCALE = 8
@@ -58,7 +58,7 @@ def pipeline_system_prompt(pipeline_class: str = "Lumina2Pipeline") -> str:
     return empty.system_prompt
 
 
-class Lumina2(TextFamily):
+class Lumina2(SequenceLengthCall, TextFamily):
     """Lumina 2 (module docstring): Gemma2 states of the system-prompted prompt with its mask, flow matching."""
 
     name = "lumina2"
@@ -135,8 +135,7 @@ class Lumina2(TextFamily):
 
     # ------------------------------------------------------------------------------------- sampling, export
     def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length,
+        return {**super().pipeline_call_kwargs(module),
                 "system_prompt": self.system_prompt, "cfg_normalization": True, "cfg_trunc_ratio": 1.0}  # fmt: skip
 
     def export(self, parts: Components, scheduler, path) -> dict:

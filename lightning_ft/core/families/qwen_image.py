@@ -46,7 +46,7 @@ from lightning_ft.core.families.base import (
     pipeline_max_sequence_length,
     unpack_2x2,
 )
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _NOT_YET = "which lightning-ft does not train yet (QwenImagePipeline is)"
 _IMAGE = f"it starts from an input image, {_NOT_YET}"
@@ -57,7 +57,27 @@ _PIPELINE_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "transf
 _VARIANT_SETTINGS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
 
 
-class QwenImage(TextFamily):
+class QwenImageLatents:
+    """Mixin of the families on Qwen-Image's video autoencoder (AutoencoderKLQwenImage): images are encoded as one-frame
+    clips, and model space is ``(z - latents_mean) * (1 / latents_std)`` per channel with the frame axis dropped."""
+
+    def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        # A video autoencoder: images are one-frame clips (B, 3, 1, H, W), as the script collates them.
+        return super().vae_posterior(vae, pixels.unsqueeze(2))
+
+    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """(z - latents_mean) * (1 / latents_std) per channel, as the script (the pipeline decodes z = x / (1 / std)
+        + mean); the frame axis dropped."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
+        inverse_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(latents.device)
+        return ((latents - mean) * inverse_std)[:, :, 0]
+
+    def round_trip(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        return super().round_trip(vae, pixels.unsqueeze(2))[:, :, 0]
+
+
+class QwenImage(QwenImageLatents, SequenceLengthCall, TextFamily):
     """Qwen-Image (module docstring): Qwen2.5-VL states of the templated prompt, 2x2-packed one-frame latents."""
 
     name = "qwen_image"
@@ -151,22 +171,6 @@ class QwenImage(TextFamily):
         ).sample
         return unpack_2x2(out, h, w)
 
-    # ------------------------------------------------------------------------------------------- latent space
-    def vae_posterior(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        # A video autoencoder: images are one-frame clips (B, 3, 1, H, W), as the script collates them.
-        return super().vae_posterior(vae, pixels.unsqueeze(2))
-
-    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """(z - latents_mean) * (1 / latents_std) per channel, as the script (the pipeline decodes z = x / (1 / std)
-        + mean); the frame axis dropped."""
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
-        inverse_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(latents.device)
-        return ((latents - mean) * inverse_std)[:, :, 0]
-
-    def round_trip(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        return super().round_trip(vae, pixels.unsqueeze(2))[:, :, 0]
-
     # ---------------------------------------------------------------------------------------- sizes
     def vae_scale_factor(self, parts: Components) -> int:
         return 2 ** len(parts.vae.config.temperal_downsample) if parts.vae is not None else 8  # the pipeline's
@@ -191,10 +195,6 @@ class QwenImage(TextFamily):
             **self.pipeline_call_kwargs(module),
         ).images
         return out.float().clamp(0, 1)
-
-    def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
 
     def describe(self) -> str:
         return f"{self.name} (text-to-image, Qwen2.5-VL, {self.max_sequence_length} tokens)"

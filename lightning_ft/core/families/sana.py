@@ -63,7 +63,7 @@ from lightning_ft.core.families.base import (
     batch_timesteps,
     pipeline_max_sequence_length,
 )
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 #: ``SanaPipeline.check_inputs``: height and width must be multiples of 32.
 PIXEL_MULTIPLE = 32
@@ -77,7 +77,7 @@ def pipeline_complex_human_instruction(pipeline_class: str = "SanaPipeline") -> 
     return list(signature.parameters["complex_human_instruction"].default)
 
 
-class Sana(TextFamily):
+class Sana(SequenceLengthCall, TextFamily):
     """Sana (module docstring): Gemma2 states and mask with the complex human instruction, DC-AE, flow matching."""
 
     name = "sana"
@@ -206,11 +206,8 @@ class Sana(TextFamily):
     def pipeline_call_kwargs(self, module) -> dict:
         """The ``SanaPipeline.__call__`` arguments sampling needs to match training: the native size, the token
         length and instruction trained with, no caption cleaning and no resolution binning."""
-        side = module.native_resolution()
         return {
-            "height": side,
-            "width": side,
-            "max_sequence_length": self.max_sequence_length,
+            **super().pipeline_call_kwargs(module),
             "complex_human_instruction": list(self.complex_human_instruction or []) or None,
             "clean_caption": False,
             "use_resolution_binning": False,

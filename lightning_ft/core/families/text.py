@@ -78,3 +78,24 @@ class TextFamily(ModelFamily):
     def encode_ids(self, parts: Components, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-sample text features from token ids (one tensor per tokenizer, on the encoders' device)."""
         raise NotImplementedError
+
+
+class SequenceLengthCall:
+    """Mixin of the text families whose pipeline's ``__call__`` takes ``height``, ``width`` and
+    ``max_sequence_length``: samples are asked at the module's native side with the token length the family trains
+    with (its ``max_sequence_length``; a family adds its own call arguments to ``super().pipeline_call_kwargs``). A
+    family that sets ``default_length`` (the pipeline's own default) and trains with another length records it in its
+    export as the ``pipeline_call`` a plain pipeline call must be given."""
+
+    max_sequence_length: int
+    default_length: int | None = None
+
+    def pipeline_call_kwargs(self, module) -> dict:
+        side = module.native_resolution()
+        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length}
+
+    def export(self, parts: Components, scheduler, path) -> dict:
+        record = super().export(parts, scheduler, path)
+        if self.default_length is not None and self.max_sequence_length != self.default_length:
+            record["pipeline_call"] = {"max_sequence_length": self.max_sequence_length}
+        return record

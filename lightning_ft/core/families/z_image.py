@@ -34,12 +34,12 @@ import torch
 
 from lightning_ft.core.components import Components
 from lightning_ft.core.families.base import FLOW, batch_timesteps, pipeline_max_sequence_length
-from lightning_ft.core.families.text import TextFamily
+from lightning_ft.core.families.text import SequenceLengthCall, TextFamily
 
 _EDIT = "it conditions on an input image, which lightning-ft does not train yet (ZImagePipeline is)"
 
 
-class ZImage(TextFamily):
+class ZImage(SequenceLengthCall, TextFamily):
     """Z-Image (module docstring): Qwen3 states of the chat-templated prompt, per-sample token lists, flow matching."""
 
     name = "z_image"
@@ -137,9 +137,7 @@ class ZImage(TextFamily):
         return super().sample(module, pipe, inputs, seeds, steps, guidance - 1.0, negative_prompt)
 
     def pipeline_call_kwargs(self, module) -> dict:
-        side = module.native_resolution()
-        return {"height": side, "width": side, "max_sequence_length": self.max_sequence_length,
-                "cfg_normalization": False, "cfg_truncation": 1.0}  # fmt: skip
+        return {**super().pipeline_call_kwargs(module), "cfg_normalization": False, "cfg_truncation": 1.0}
 
     def describe(self) -> str:
         return f"{self.name} (text-to-image, Qwen3, {self.max_sequence_length} tokens)"
