@@ -271,10 +271,7 @@ MODEL_CARD = """# shapes-features: the embedded world's metric backbone
 `ShapesFeatureNet` ({params:,} parameters, {size_kb:.0f} kB): a small CNN over 32x32 RGB images in [0, 1] of the
 procedural shapes world (`lightning_ft/embedded/shapes.py`). It returns a {dim}-d feature vector and has {heads}.
 
-**Used for** the embedded models only (their `lightning_ft.json` declares it; real models get DINO, Inception and
-CLIP): subject identity, memorisation and diversity ({identity}), FID and KID (torchmetrics with the raw features as
-the custom `feature` module), ANL's image conditions (the last feature map as tokens), and prompt fidelity as
-attribute accuracy of samples (the CLIP-T role). See `lightning_ft.embedded.backbones`.
+**Used for** the embedded models only {used_for} See `lightning_ft.embedded.backbones`.
 
 **Trained** from scratch for {steps} steps (batch {batch_size}, Adam with one-cycle schedule, seed {seed}) on fresh
 random renders, {stripe:.0%} with two-tone stripes (period {periods} of the width) and {outline:.0%} outlined (colour
@@ -312,6 +309,12 @@ CARD_V4 = {
     "periods": "0.08-0.3",
     "colour_label": "main colour",
     "title": "shapes-features",
+    "used_for": "(their `lightning_ft.json` declares it; real models get DINO, Inception and\nCLIP): FID and KID "
+    "(torchmetrics with the raw features as the custom `feature` module), ANL's image conditions (the\nlast feature "
+    "map as tokens), and prompt fidelity as attribute accuracy of samples (the CLIP-T role). Subject identity,\n"
+    "memorisation and diversity of the subject (the DINO role) moved to `shapes-features-v5`, whose identity embedding "
+    "tells\nthe subject from its near variants; this network's identity ({identity}) could not\n"
+    "(`benchmarks/results/identity_decoys.md`).",
 }
 CARD_V5 = {
     "heads": "six linear\nheads on it: shape (6), colour (8, the one covering most of the shape), background (3), "
@@ -326,6 +329,9 @@ CARD_V5 = {
     "periods": "{:g}-{:g}, log-uniform,".format(*PERIOD_RANGE),
     "colour_label": "the colour covering most of the shape, stripe colour the other",
     "title": "shapes-features-v5",
+    "used_for": "(their `lightning_ft.json` declares `lightning_ft.embedded.backbones:identity`,\nwhich loads it; "
+    "real models get DINO): subject identity, memorisation and diversity ({identity}). FID/KID, ANL's image "
+    "conditions and\nprompt accuracy stay on version 4 (`shapes-features`), so that their numbers stay comparable.",
 }
 
 
@@ -335,7 +341,7 @@ def write_model_card(out: Path, metrics: dict) -> None:
     card = CARD_V5 if metrics.get("version", 4) >= 5 else CARD_V4
     text = MODEL_CARD.replace("# shapes-features:", f"# {card['title']}:").format(
         heads=card["heads"],
-        identity=card["identity"],
+        used_for=card["used_for"].format(identity=card["identity"]),
         periods=card["periods"],
         colour_label=card["colour_label"],
         params=metrics["parameters"],
