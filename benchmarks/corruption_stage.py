@@ -353,12 +353,13 @@ def write_outputs(rows: list[dict], curves: dict, summaries: list[dict], out: Pa
         f"Command: `python -m benchmarks.corruption_stage {' '.join(args.argv)}`; wall time of this invocation "
         f"{wall / 60:.1f} min ({ran} fits run, {len(rows) - ran} reused); the fits took "
         f"{total('fit_seconds') / 60:.1f} min of wall time (each fit's own, also for runs reused from an earlier "
-        f"invocation) and {cpu_note}, one training process at a time, one thread each.",
+        f"invocation) and {cpu_note}, {args.jobs} training process(es) at a time, one thread each.",
         f"Arms ({arms}); seeds {args.seeds} (seed_everything and data seed); the CorruptionStageMonitor evaluates "
-        f"at step 0, every {args.every} steps and at the end, on the instance prompt with {args.sample_seeds} fixed "
-        "sampling seeds (25 DDIM steps, guidance 2).",
-        "Identity = the monitor's fidelity (cosine of the embedded feature network's centred features to the 5 "
-        "instance images); class prior and ceiling = the levels the monitor measured at the start of each fit; "
+        f"at step 0, every {args.every} steps and at the end, on the instance prompts (the training captions, "
+        f"pooled) with {args.sample_seeds} fixed sampling seeds (25 DDIM steps, guidance 2).",
+        "Identity = the monitor's fidelity (cosine of the identity embeddings of the backbone the model declares, "
+        "the embedded world's `shapes-identity-v5`, to the 5 instance images); class prior and ceiling = the levels "
+        "the monitor measured at the start of each fit; "
         "span = ceiling - class prior; progress = (identity - prior) / span.",
         "Dip depth = the largest drop of identity below its running max (any step, flagged or not); threshold = "
         "max(0.1 x span, 0.3 x rise so far) at the dip. Monitor rule: dip beyond the threshold AND corruption score "
