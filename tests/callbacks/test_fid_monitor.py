@@ -20,7 +20,8 @@ FEATURES = "lightning_ft.embedded.backbones:features"  # the tiny test model dec
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this module's fit; put back after it, so that later test modules run as they would alone
     root = tmp_path_factory.mktemp("fid")
     data_dir = write_images(root / "train", 3)
     reference = write_images(root / "reference", 12, seed=5)
@@ -31,8 +32,11 @@ def run(tmp_path_factory):
     data = LimitedDataModule(str(data_dir), instance_prompt="a red star", resolution=32, batch_size=2, repeats=4)
     torch.manual_seed(0)
     module = tiny_module(lr=1e-3)
-    trainer.fit(module, data)
-    return root, reference, trainer, monitor, module
+    try:
+        trainer.fit(module, data)
+        yield root, reference, trainer, monitor, module
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_scores_at_start_every_n_steps_and_end_with_their_counts(run):
