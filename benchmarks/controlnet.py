@@ -52,7 +52,7 @@ import numpy as np
 import yaml
 
 from benchmarks.fits import SavesSamples, run_fit, t_interval
-from benchmarks.launch import REPO, data_config
+from benchmarks.launch import REPO, merged_experiment
 from benchmarks.tables import fmt, markdown_table, write_csv
 from lightning_ft.callbacks.control_monitor import ControlAdherenceMonitor, convergence_step
 from lightning_ft.callbacks.sample_grid import save_grid
@@ -150,9 +150,7 @@ def bench_config(method: str, every: int, threshold: float) -> dict:
     """The experiment merged with its data config (the embedded control task), with the monitor evaluating every
     ``every`` steps at ``threshold`` and saving its samples; checkpoints, the export and the grids dropped."""
     experiment = f"experiments/{method}.yaml"
-    config = yaml.safe_load((REPO / experiment).read_text())
-    data = yaml.safe_load((REPO / data_config(experiment)).read_text())["data"]
-    config["data"] = {**config["data"], **data, "init_args": {**config["data"]["init_args"], **data["init_args"]}}
+    config = merged_experiment(experiment)
     callbacks = []
     for callback in config["trainer"].get("callbacks", []):
         path = callback["class_path"]

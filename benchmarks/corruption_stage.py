@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 from benchmarks.fits import SavesSamples, run_fit
-from benchmarks.launch import REPO, data_config
+from benchmarks.launch import REPO, merged_experiment
 from benchmarks.perf import add_device_arguments, device_overrides
 from benchmarks.tables import fmt, markdown_table, write_csv
 from lightning_ft.callbacks.corruption_monitor import CorruptionStageMonitor
@@ -141,12 +141,7 @@ def bench_config(method: str, every: int, sample_seeds: int, grid_every: int) ->
     """The experiment file merged with its data config (the embedded subject: images, prompts, held-out images),
     with the monitor evaluating every ``every`` steps on ``sample_seeds`` seeds (and saving its samples), the
     sample grid every ``grid_every`` steps, and checkpoints, exports and FID dropped."""
-    experiment = f"experiments/{method}.yaml"
-    config = yaml.safe_load((REPO / experiment).read_text())
-    # The experiment holds no data. Merged as `--config EXPERIMENT --config DATA` merges them (the data config's
-    # init args win), so the copy alone runs the fit and the settings that decide reuse include the data.
-    data = yaml.safe_load((REPO / data_config(experiment)).read_text())["data"]
-    config["data"] = {**config["data"], **data, "init_args": {**config["data"]["init_args"], **data["init_args"]}}
+    config = merged_experiment(f"experiments/{method}.yaml")  # the experiment holds no data
     callbacks = []
     for callback in config["trainer"].get("callbacks", []):
         path = callback["class_path"]

@@ -32,6 +32,18 @@ def config_args(experiment: str | Path) -> list[str]:
     return ["--config", str(REPO / experiment), *(["--config", str(REPO / data)] if data else [])]
 
 
+def merged_experiment(experiment: str) -> dict:
+    """The experiment file merged with the data config its header names, as ``--config EXPERIMENT --config DATA``
+    merges them (the data config's init args win): one config that runs the fit alone, so that a benchmark's copy of
+    it also records the data its reuse decisions depend on."""
+    import yaml
+
+    config = yaml.safe_load((REPO / experiment).read_text())
+    data = yaml.safe_load((REPO / data_config(experiment)).read_text())["data"]
+    config["data"] = {**config["data"], **data, "init_args": {**config["data"]["init_args"], **data["init_args"]}}
+    return config
+
+
 def fit_run(config: str, seed: int, steps: int, root: Path, extra: list[str] = ()) -> Path:
     """``python -m lightning_ft.run fit --config CONFIG`` (and its data config) with seed, steps and output folder
     set; returns the log dir.

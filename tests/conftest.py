@@ -71,6 +71,20 @@ def write_images(folder: Path, count: int, resolution: int = 32, seed: int = 0, 
     return folder
 
 
+def write_pairs(root: Path, second: str, names=("a", "b", "c"), size=(40, 32)) -> tuple[Path, Path]:
+    """``root/images`` and ``root/<second>`` (controls or sources) of random pictures of ``size``, the same picture
+    under the same name in both (the pair of ``c`` saved as JPEG: any format pairs by file stem)."""
+    images, paired = root / "images", root / second
+    images.mkdir(parents=True)
+    paired.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(images / f"{name}.png")
+        Image.fromarray(array).save(paired / (f"{name}.jpg" if name == "c" else f"{name}.png"))
+    return images, paired
+
+
 @pytest.fixture
 def subject_dir(tmp_path) -> Path:
     return write_images(tmp_path / "subject", 3)

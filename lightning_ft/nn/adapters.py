@@ -121,11 +121,6 @@ def set_output_projection(module: nn.Module, projection: nn.Module) -> None:
         module.to_out = projection
 
 
-def has_output_projection(module: nn.Module) -> bool:
-    """A diffusers attention with its own output projection (``output_projection``)."""
-    return output_projection(module) is not None
-
-
 def is_target(name: str, targets: tuple[str, ...]) -> bool:
     """An attention module named ``name`` is targeted: the last part of its name is one of ``targets``, or a target
     with a dot matches its whole name as a glob (``transformer_blocks.*.attn``: the blocks' attention, not another
@@ -150,8 +145,8 @@ def insert_adapters(
     tap = TimeEmbeddingTap(denoiser, time_embedding)
     adapters = {}
     for name, module in list(denoiser.named_modules()):
-        if has_output_projection(module) and is_target(name, targets):
-            projection = output_projection(module)
+        projection = output_projection(module) if is_target(name, targets) else None
+        if projection is not None:
             if isinstance(projection, AdaptedProjection):
                 raise ValueError(f"attention {name!r} already has an adapter")
             adapter = TimeAwareAdapter(projection.in_features, tap.dim, reduction, heads).to(

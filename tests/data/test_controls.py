@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_module
+from conftest import REPO, tiny_module, write_pairs
 from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image
 
@@ -18,15 +18,7 @@ from lightning_ft.run import main
 
 
 def _pairs(root, names=("a", "b", "c"), size=(40, 32)):
-    images, controls = root / "images", root / "controls"
-    images.mkdir(parents=True)
-    controls.mkdir()
-    rng = np.random.default_rng(0)
-    for name in names:
-        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(array).save(images / f"{name}.png")
-        Image.fromarray(array).save(controls / f"{name}.jpg" if name == "c" else controls / f"{name}.png")
-    return images, controls
+    return write_pairs(root, "controls", names, size)
 
 
 def _data(images, **kwargs) -> LimitedDataModule:

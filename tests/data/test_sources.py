@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_module
+from conftest import REPO, tiny_module, write_pairs
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
@@ -19,15 +19,7 @@ from lightning_ft.run import main
 
 
 def _pairs(root, names=("a", "b", "c"), size=(40, 32)):
-    images, sources = root / "images", root / "sources"
-    images.mkdir(parents=True)
-    sources.mkdir()
-    rng = np.random.default_rng(0)
-    for name in names:
-        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(array).save(images / f"{name}.png")
-        Image.fromarray(array).save(sources / f"{name}.jpg" if name == "c" else sources / f"{name}.png")
-    return images, sources
+    return write_pairs(root, "sources", names, size)
 
 
 def _data(images, **kwargs) -> LimitedDataModule:
